@@ -1,0 +1,188 @@
+"""The XConv estimator against exact PyTorch gradients, on fresh random inputs.
+
+Forward outputs, input and bias gradients must equal the torch layer's; the weight-gradient
+estimate must be unbiased (checked with a variance-derived statistic, see ``stats.py``) for
+every geometry, and its variance must fall as 1/r.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import xconv
+from stats import bias_statistic, total_variance
+
+TORCH = {
+    (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+    (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d,
+}
+XCONV = {key: xconv.nn.XCONV_CLASSES[cls] for key, cls in TORCH.items()}
+
+# (id, spatial dims, transposed, constructor kwargs, input spatial shape)
+GEOMETRIES = [
+    ("1d-k3-p1", 1, False, dict(kernel_size=3, padding=1), (12,)),
+    ("1d-k4-s2-valid", 1, False, dict(kernel_size=4, stride=2, padding="valid"), (13,)),
+    ("1d-d2-circular", 1, False, dict(kernel_size=3, dilation=2, padding=2, padding_mode="circular"), (11,)),
+    ("2d-k3-p1", 2, False, dict(kernel_size=3, padding=1), (6, 6)),
+    ("2d-k3x1", 2, False, dict(kernel_size=(3, 1), padding=(1, 0)), (6, 5)),
+    ("2d-k4-s2-p1-dcgan", 2, False, dict(kernel_size=4, stride=2, padding=1), (8, 8)),
+    ("2d-k4-same-even", 2, False, dict(kernel_size=4, padding="same"), (6, 7)),
+    ("2d-k2x3-same-reflect", 2, False, dict(kernel_size=(2, 3), padding="same", padding_mode="reflect"), (6, 6)),
+    ("2d-reflect", 2, False, dict(kernel_size=3, padding=1, padding_mode="reflect"), (6, 6)),
+    ("2d-replicate-s2", 2, False, dict(kernel_size=3, stride=2, padding=2, padding_mode="replicate"), (7, 6)),
+    ("2d-circular", 2, False, dict(kernel_size=3, padding=1, padding_mode="circular"), (6, 6)),
+    ("2d-groups2", 2, False, dict(kernel_size=3, padding=1, groups=2), (6, 6)),
+    ("2d-depthwise", 2, False, dict(kernel_size=3, padding=1, groups=4, out_channels=8), (6, 6)),
+    ("2d-d2-s2-nobias", 2, False, dict(kernel_size=3, dilation=2, stride=2, padding=2, bias=False), (9, 8)),
+    ("2d-1x1", 2, False, dict(kernel_size=1), (5, 5)),
+    ("3d-k3-s122", 3, False, dict(kernel_size=3, stride=(1, 2, 2), padding=1), (4, 5, 5)),
+    ("t1d-s2-op1", 1, True, dict(kernel_size=3, stride=2, padding=1, output_padding=1), (10,)),
+    ("t2d-k4-s2-p1-dcgan", 2, True, dict(kernel_size=4, stride=2, padding=1), (4, 4)),
+    ("t2d-groups2-d2", 2, True, dict(kernel_size=3, dilation=2, padding=1, groups=2), (5, 5)),
+    ("t2d-k3x2-s21-op", 2, True, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0)), (4, 5)),
+    ("t3d-s2", 3, True, dict(kernel_size=2, stride=2), (3, 3, 3)),
+]
+GEOMETRY_IDS = [g[0] for g in GEOMETRIES]
+
+# (id, estimator kwargs): every geometry is checked with all of these.
+ESTIMATORS = [
+    ("independent-probes", dict(mode="independent", contraction="probes")),
+    ("independent-decompress", dict(mode="independent", contraction="decompress")),
+    ("per-sample-rademacher", dict(mode="independent", per_sample=True, distribution="rademacher")),
+    ("multi", dict(mode="multi")),
+    ("orthogonal", dict(mode="orthogonal")),
+]
+
+
+def make_pair(geometry, probes=8, **xkw):
+    """A torch layer and an XConv layer with the same weights, plus a fresh input."""
+    _, dims, transposed, kwargs, spatial = geometry
+    kwargs = dict(kwargs)
+    in_channels, out_channels = 4, kwargs.pop("out_channels", 6)
+    ref = TORCH[dims, transposed](in_channels, out_channels, **kwargs)
+    layer = XCONV[dims, transposed](in_channels, out_channels, probes=probes, **kwargs, **xkw)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(3, in_channels, *spatial)
+    return ref, layer, x
+
+
+def exact_grads(ref, x):
+    x = x.clone().requires_grad_(True)
+    y = ref(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    return y.detach(), grad_y, x.grad, ref.weight.grad, None if ref.bias is None else ref.bias.grad
+
+
+def weight_grad_draws(layer, x, grad_y, draws):
+    samples = []
+    for _ in range(draws):
+        (gw,) = torch.autograd.grad(layer(x), layer.weight, grad_y)
+        samples.append(gw)
+    return torch.stack(samples)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=[e[0] for e in ESTIMATORS])
+def test_forward_and_input_grad_exact(geometry, estimator):
+    ref, layer, x = make_pair(geometry, **estimator[1])
+    y, grad_y, gx, _, gb = exact_grads(ref, x)
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    assert layer.uses_estimator(x)
+    out.backward(grad_y)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
+    if gb is not None:
+        torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=[e[0] for e in ESTIMATORS])
+def test_weight_grad_unbiased(geometry, estimator):
+    ref, layer, x = make_pair(geometry, **estimator[1])
+    _, grad_y, _, gw, _ = exact_grads(ref, x)
+    samples = weight_grad_draws(layer, x, grad_y, draws=600)
+    t, threshold = bias_statistic(samples, gw)
+    assert t < threshold, f"Monte-Carlo mean deviates from the exact gradient: T={t:.2f} > {threshold:.2f}"
+
+
+def rolled_estimate(x, grad_y, weight_shape, probes, padding):
+    """The reference code's fault: probes shifted by a circular roll of the flattened image."""
+    b, c_in, h, w = x.shape
+    k = weight_shape[-1]
+    z = torch.randn(h * w, probes) / math.sqrt(probes)
+    sketch = x.flatten(2) @ z  # [B, C_in, r]
+    d = grad_y.flatten(2)  # [B, C_out, n]
+    dw = torch.empty(weight_shape)
+    for kh in range(k):
+        for kw in range(k):
+            shift = (kh - padding) * w + (kw - padding)
+            zk = torch.roll(z, -shift, dims=0)  # wraps rows into each other
+            dw[:, :, kh, kw] = torch.einsum("bon,nj,bij->oi", d, zk, sketch)
+    return dw
+
+
+def test_bias_statistic_rejects_circular_roll_estimator():
+    """The unbiasedness check must fail for the roll-based estimator it exists to catch."""
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(3, 4, 6, 6)
+    _, grad_y, _, gw, _ = exact_grads(ref, x)
+    samples = torch.stack([rolled_estimate(x, grad_y, gw.shape, 8, 1) for _ in range(600)])
+    t, threshold = bias_statistic(samples, gw)
+    assert t > threshold
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(mode="independent"), dict(mode="independent", distribution="rademacher"), dict(mode="multi")],
+    ids=["independent", "rademacher", "multi"],
+)
+def test_variance_falls_as_one_over_r(kwargs):
+    geometry = GEOMETRIES[GEOMETRY_IDS.index("2d-k3-p1")]
+    ref, layer, x = make_pair(geometry, probes=4, **kwargs)
+    _, grad_y, _, _, _ = exact_grads(ref, x)
+    var_4 = total_variance(weight_grad_draws(layer, x, grad_y, draws=800))
+    layer.probes = 16
+    var_16 = total_variance(weight_grad_draws(layer, x, grad_y, draws=800))
+    # Exactly 4x in expectation; 800 draws estimate each trace within ~10%.
+    assert 3.0 < var_4 / var_16 < 5.3
+
+
+def test_contraction_orders_agree_for_the_same_probes():
+    geometry = GEOMETRIES[GEOMETRY_IDS.index("2d-k4-s2-p1-dcgan")]
+    grads = []
+    for order in ("probes", "decompress"):
+        ref, layer, x = make_pair(geometry, contraction=order)
+        torch.manual_seed(1)
+        layer.load_state_dict(nn.Conv2d(4, 6, 4, stride=2, padding=1).state_dict())
+        x = torch.randn(3, 4, 8, 8)
+        grad_y = torch.randn(3, 6, 4, 4)
+        grads.append(torch.autograd.grad(layer(x), layer.weight, grad_y)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_probes_zero_is_the_torch_layer():
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    layer = xconv.XConv2d(4, 6, 3, padding=1, probes=0)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    _, grad_y, _, gw, _ = exact_grads(ref, x)
+    assert not layer.uses_estimator(x.requires_grad_())
+    (got,) = torch.autograd.grad(layer(x), layer.weight, grad_y)
+    torch.testing.assert_close(got, gw)
+
+
+def test_error_shrinks_towards_exact_as_r_grows():
+    """r -> infinity recovers the exact gradient (estimator.md, section 2)."""
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    layer = xconv.XConv2d(4, 6, 3, padding=1, probes=4096)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    _, grad_y, _, gw, _ = exact_grads(ref, x)
+    (got,) = torch.autograd.grad(layer(x), layer.weight, grad_y)
+    # relative error ~ sqrt(n / r) = sqrt(64 / 4096) = 0.125 per draw
+    assert (got - gw).norm() / gw.norm() < 0.4

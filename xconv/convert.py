@@ -1,0 +1,127 @@
+"""Convert a model's convolutions and (leaky) ReLUs to XConv layers in place, and back."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from collections import OrderedDict
+
+from torch import nn
+
+from .functional import validate_sketch_config
+from .nn import XCONV_CLASSES, BitLeakyReLU, BitReLU, _XConvMixin
+
+log = logging.getLogger(__name__)
+
+_TORCH_CLASSES = {xcls: tcls for tcls, xcls in XCONV_CLASSES.items()}
+_ACTIVATIONS = {nn.ReLU: BitReLU, nn.LeakyReLU: BitLeakyReLU}
+
+
+def _rebuild(module: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` instance sharing ``module``'s parameters, buffers, hooks and mode."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        setattr(new, key, OrderedDict(getattr(module, key)))
+    return new
+
+
+def _torch_conv_class(module: nn.Module) -> type | None:
+    """The torch conv class ``module`` can be converted from, or None.
+
+    A subclass that overrides ``forward`` or ``_conv_forward`` computes something else than
+    the torch layer (e.g. weight standardisation, "same" padding by hand), so it is not
+    converted.
+    """
+    for tcls in XCONV_CLASSES:
+        if isinstance(module, tcls) and not isinstance(module, _XConvMixin):
+            cls = type(module)
+            overrides = any(getattr(cls, f, None) is not getattr(tcls, f, None) for f in ("forward", "_conv_forward"))
+            return None if overrides else tcls
+    return None
+
+
+def _selected(name: str, include, exclude) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return exclude is None or not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def convert(
+    model: nn.Module,
+    probes: int = 8,
+    mode: str = "independent",
+    distribution: str = "gaussian",
+    relu: bool = True,
+    min_pixels: int | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    per_sample: bool = False,
+) -> nn.Module:
+    """Replace every torch conv (and ReLU/LeakyReLU when ``relu``) by its XConv layer, in place.
+
+    The new layers reuse the same ``Parameter`` objects, buffers and hooks, so
+    ``state_dict`` keys and values, device, dtype, train/eval mode and existing optimizers
+    are unchanged. Subclasses of convs that override ``forward`` are skipped with a warning.
+
+    Args:
+        model: any ``nn.Module``; the model itself may be a conv.
+        probes, mode, distribution, per_sample: see :class:`xconv.XConv2d`.
+        relu: also swap ``nn.ReLU`` / ``nn.LeakyReLU`` for ``BitReLU`` / ``BitLeakyReLU``.
+        min_pixels: see :class:`xconv.XConv2d`; ``None`` skips where the sketch would not be
+            smaller than the input.
+        include, exclude: ``fnmatch`` patterns on module names (``"encoder.*"``) selecting
+            the convs to convert; activations follow the same selection.
+    Returns:
+        ``model`` (or the new layer when ``model`` itself is a conv).
+    Raises:
+        TypeError, ValueError: invalid estimator options, before anything is replaced.
+    """
+    validate_sketch_config(probes, mode, distribution, per_sample)
+    converted, skipped = [], []
+    for name, module in list(model.named_modules()):
+        if not _selected(name, include, exclude):
+            continue
+        tcls = _torch_conv_class(module)
+        if tcls is not None:
+            new = _rebuild(module, XCONV_CLASSES[tcls])
+            new._init_xconv(probes, mode, distribution, per_sample, "auto", min_pixels)
+            model = _replace(model, name, new)
+            converted.append(name)
+        elif isinstance(module, tuple(XCONV_CLASSES)) and not isinstance(module, _XConvMixin):
+            skipped.append(f"{name} ({type(module).__name__})")
+        elif relu and type(module) in _ACTIVATIONS:
+            model = _replace(model, name, _rebuild(module, _ACTIVATIONS[type(module)]))
+    if skipped:
+        warnings.warn(f"xconv.convert skipped conv subclasses that override forward: {', '.join(skipped)}")
+    log.info("xconv.convert: %d convs converted (probes=%d, mode=%s)", len(converted), probes, mode)
+    return model
+
+
+def set_probes(model: nn.Module, probes: int) -> nn.Module:
+    """Set the probe count of every XConv layer in ``model`` (0 = exact gradients)."""
+    for module in model.modules():
+        if isinstance(module, _XConvMixin):
+            module.probes = probes
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Replace XConv layers and 1-bit activations by plain torch layers, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _XConvMixin):
+            new = _rebuild(module, _TORCH_CLASSES[type(module)])
+            for attr in ("sketch_config", "min_pixels"):
+                new.__dict__.pop(attr, None)
+            model = _replace(model, name, new)
+        elif type(module) in (BitReLU, BitLeakyReLU):
+            model = _replace(model, name, _rebuild(module, nn.ReLU if type(module) is BitReLU else nn.LeakyReLU))
+    return model

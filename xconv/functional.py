@@ -1,0 +1,379 @@
+"""Autograd Functions for XConv and 1-bit activations, and the estimator math.
+
+The notation follows ``shared/design/estimator.md`` (section 1-2): input ``X [B, C_in, *S_in]``
+with ``n`` pixels, upstream gradient ``D [B, C_out, *S_out]`` with ``P`` pixels, probes ``Z``
+with ``E[Z Z^T] = I``, sketch ``S = Z^T X``. The tap map ``Phi_k`` (stride, padding, dilation)
+is never formed: every contraction with it is a call to the convolution weight-gradient
+kernel (``aten.convolution_backward``), so every geometry torch supports is handled by torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .probes import DISTRIBUTIONS, make_generator, orthogonal_probes, random_probes
+
+MODES = ("independent", "multi", "orthogonal")
+MODE_ALIASES = {"gaussian": "multi"}
+CONTRACTIONS = ("auto", "probes", "decompress")
+# Largest probe block (elements) materialised at once by the multi-channel modes, so the
+# probes never outgrow the activation they replace (estimator.md, section 3).
+CHUNK_ELEMENTS = 2**22
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything ``aten.convolution`` needs besides the tensors.
+
+    ``padding`` is symmetric zero padding per spatial dim; other padding is applied to the
+    input before the estimator (see ``XConv*._xconv_forward``) so it is part of ``X``.
+    """
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
+
+    def conv_args(self):
+        out_pad = self.output_padding or (0,) * len(self.stride)
+        return self.stride, self.padding, self.dilation, self.transposed, out_pad, self.groups
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """Options of the randomized weight-gradient estimator.
+
+    Attributes:
+        probes: number of probing vectors r (> 0 here; 0 means exact and never gets here).
+        mode: ``"independent"`` (sketch ``[B, C_in, r]``), ``"multi"`` (``[B, r]``) or
+            ``"orthogonal"`` (``[B, r]``, per-channel orthonormal probe blocks).
+        distribution: ``"gaussian"`` or ``"rademacher"`` probe entries (ignored by
+            ``"orthogonal"``, which is Haar-orthonormal by construction).
+        per_sample: independent mode only: draw separate probes for every sample, so the
+            errors of different samples are independent instead of correlated.
+        contraction: ``"probes"`` (contract ``D`` with the unfolded probes, then with the
+            sketch), ``"decompress"`` (rebuild ``Z S`` and call the exact kernel) or
+            ``"auto"`` (cheaper of the two by multiply-add count).
+    """
+
+    probes: int
+    mode: str = "independent"
+    distribution: str = "gaussian"
+    per_sample: bool = False
+    contraction: str = "auto"
+
+
+def validate_sketch_config(
+    probes, mode: str, distribution: str, per_sample: bool = False, contraction: str = "auto"
+) -> str:
+    """Check estimator options; return the canonical mode name.
+
+    Raises:
+        TypeError: ``probes`` is not an ``int`` (bools are rejected too).
+        ValueError: ``probes < 0``, or ``mode``, ``distribution`` or ``contraction`` is not
+            one of the allowed values, or ``per_sample`` is combined with a multi-channel mode.
+    """
+    if isinstance(probes, bool) or not isinstance(probes, int):
+        raise TypeError(f"probes must be an int >= 0 (0 = exact gradient), got {probes!r}")
+    if probes < 0:
+        raise ValueError(f"probes must be >= 0 (0 = exact gradient), got {probes}")
+    canonical = MODE_ALIASES.get(mode, mode)
+    if canonical not in MODES:
+        allowed = MODES + tuple(MODE_ALIASES)
+        raise ValueError(f"mode must be one of {allowed}, got {mode!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if contraction not in CONTRACTIONS:
+        raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}")
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be a bool, got {per_sample!r}")
+    if per_sample and canonical != "independent":
+        raise ValueError(f"per_sample=True needs mode='independent', got mode={mode!r}")
+    return canonical
+
+
+def sketch_numel_per_sample(cfg: SketchConfig, channels: int) -> int:
+    """Numbers the sketch keeps per sample: ``C_in * r`` (independent) or ``r`` (multi)."""
+    return channels * cfg.probes if cfg.mode == "independent" else cfg.probes
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _weight_grad(grad_out, inp, weight_shape, geom: ConvGeometry, groups: int) -> torch.Tensor:
+    """``dL/dW`` of ``conv(inp, W)`` (or its transpose) for upstream ``grad_out``."""
+    stride, padding, dilation, transposed, out_pad, _ = geom.conv_args()
+    weight = grad_out.new_empty(1).expand(weight_shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, None, stride, padding, dilation, transposed, out_pad, groups,
+        (False, True, False),
+    )[1]
+
+
+def _input_grad(grad_out, input_shape, weight, geom: ConvGeometry) -> torch.Tensor:
+    stride, padding, dilation, transposed, out_pad, groups = geom.conv_args()
+    inp = grad_out.new_empty(1).expand(input_shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, None, stride, padding, dilation, transposed, out_pad, groups,
+        (True, False, False),
+    )[0]
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _independent_probes(cfg: SketchConfig, seed: int, batch: int, spatial, dtype, device):
+    """Probes ``[r, *S_in]`` shared by the batch, or ``[B, r, *S_in]`` when per-sample."""
+    gen = make_generator(seed, device)
+    shape = ((batch,) if cfg.per_sample else ()) + (cfg.probes, *spatial)
+    return random_probes(shape, cfg.probes, cfg.distribution, gen, dtype, device)
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """How the multi-channel probe matrix ``[r, C_in, *S_in]`` is cut into blocks.
+
+    ``unit`` is the channel granularity: 1 without groups, ``C_in/groups`` with groups (a
+    block must hold whole groups so one grouped weight-gradient call serves it).
+    """
+
+    probes: int
+    channels: int
+    pixels: int
+    unit: int
+    probe_chunk: int
+    channel_chunk: int
+
+    @staticmethod
+    def make(cfg: SketchConfig, channels: int, pixels: int, groups: int, out_numel: int):
+        unit = 1 if groups == 1 else channels // groups
+        m = min(cfg.probes, max(1, CHUNK_ELEMENTS // max(pixels * unit, out_numel)))
+        if cfg.mode == "orthogonal":
+            m = min(m, pixels)
+        c = unit * max(1, min(channels // unit, CHUNK_ELEMENTS // (m * pixels * unit)))
+        return _ChunkPlan(cfg.probes, channels, pixels, unit, m, c)
+
+    def blocks(self, cfg: SketchConfig, seed: int, spatial, dtype, device):
+        """Yield ``(p0, p1, c0, c1, Z_block [p1-p0, c1-c0, *S_in])`` in a fixed order.
+
+        Forward and backward walk the same order with the same generator, so backward
+        regenerates exactly the forward probes without storing them.
+        """
+        gen = make_generator(seed, device)
+        for p0 in range(0, self.probes, self.probe_chunk):
+            p1 = min(self.probes, p0 + self.probe_chunk)
+            for c0 in range(0, self.channels, self.channel_chunk):
+                c1 = min(self.channels, c0 + self.channel_chunk)
+                if cfg.mode == "orthogonal":
+                    z = orthogonal_probes(c1 - c0, self.pixels, p1 - p0, self.probes, gen, dtype, device)
+                else:
+                    z = random_probes((p1 - p0, c1 - c0, self.pixels), self.probes, cfg.distribution, gen, dtype, device)
+                yield p0, p1, c0, c1, z.view(p1 - p0, c1 - c0, *spatial)
+
+
+# --------------------------------------------------------------------------- sketch
+
+
+def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan | None) -> torch.Tensor:
+    """Sketch ``S = Z^T X`` of the layer input.
+
+    Args:
+        x: ``[B, C_in, *S_in]``.
+    Returns:
+        ``[B, C_in, r]`` (independent) or ``[B, r]`` (multi / orthogonal), in ``x.dtype``.
+    """
+    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    if cfg.mode == "independent":
+        z = _independent_probes(cfg, seed, batch, spatial, x.dtype, x.device).flatten(-len(spatial))
+        xf = x.flatten(2)  # [B, C_in, n]
+        return torch.bmm(xf, z.transpose(1, 2)) if cfg.per_sample else xf @ z.t()
+    sketch = x.new_zeros(batch, cfg.probes)
+    for p0, p1, c0, c1, z in plan.blocks(cfg, seed, spatial, x.dtype, x.device):
+        sketch[:, p0:p1] += x[:, c0:c1].flatten(1) @ z.flatten(1).t()
+    return sketch
+
+
+# --------------------------------------------------------------------------- weight gradient
+
+
+def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: ConvGeometry) -> str:
+    """Pick the cheaper contraction order for independent mode by multiply-add count.
+
+    ``"probes"`` costs ``B*C_out*r*|K|*(p + C_in/g)``; ``"decompress"`` costs
+    ``B*C_in*n*r`` plus the exact weight gradient ``B*C_out*(C_in/g)*|K|*p``, where ``p``
+    is the number of pixels the weight gradient sums over (output pixels of a conv, input
+    pixels of a transposed conv). Decompressing wins on deep layers with small maps.
+    """
+    if cfg.contraction != "auto":
+        return cfg.contraction
+    batch, c_in, n = x_shape[0], x_shape[1], math.prod(x_shape[2:])
+    c_out = y_shape[1]
+    taps = math.prod(weight_shape[2:])
+    p = n if geom.transposed else math.prod(y_shape[2:])
+    c_in_g = c_in // geom.groups
+    probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g)
+    decompress_cost = batch * c_in * n * cfg.probes + batch * c_out * c_in_g * taps * p
+    return "probes" if probes_cost <= decompress_cost else "decompress"
+
+
+def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, geom, order):
+    batch, c_in, spatial = x_shape[0], x_shape[1], x_shape[2:]
+    r, g = cfg.probes, geom.groups
+    z = _independent_probes(cfg, seed, batch, spatial, grad_y.dtype, grad_y.device)
+    if order == "decompress":
+        zf = z.flatten(-len(spatial))
+        x_hat = torch.bmm(sketch, zf) if cfg.per_sample else sketch @ zf  # [B, C_in, n] = S Z^T
+        return _weight_grad(grad_y, x_hat.view(x_shape), weight_shape, geom, g).float()
+
+    c_out = grad_y.shape[1]
+    taps = weight_shape[2:]
+    k = math.prod(taps)
+    # One weight-gradient call computes A[b, o, j, k] = <D[b, o], Phi_k z_j> for all
+    # (b, o, j, k): probes as an r-channel image, D as a (B*C_out)-channel gradient.
+    d = grad_y.reshape(1, batch * c_out, *grad_y.shape[2:])
+    zi = z.reshape(1, -1, *spatial)
+    call_groups = batch if cfg.per_sample else 1
+    s = sketch.float().view(batch, g, c_in // g, r)
+    if not geom.transposed:
+        a = _weight_grad(d, zi, (batch * c_out, r, *taps), geom, call_groups)
+        a = a.float().view(batch, g, c_out // g, r, k)
+        dw = torch.einsum("bgojk,bgij->goik", a, s)
+        return dw.reshape(c_out, c_in // g, *taps)
+    if cfg.per_sample:
+        a = _weight_grad(d, zi, (batch * r, c_out, *taps), geom, call_groups).float()
+        a = a.view(batch, r, g, c_out // g, k)
+    else:
+        a = _weight_grad(d, zi, (r, batch * c_out, *taps), geom, call_groups).float()
+        a = a.view(r, batch, g, c_out // g, k).transpose(0, 1)
+    dw = torch.einsum("bjgok,bgij->giok", a, s)
+    return dw.reshape(c_in, c_out // g, *taps)
+
+
+def _multi_weight_grad(grad_y, sketch, cfg, seed, plan, x_shape, weight_shape, geom):
+    spatial = x_shape[2:]
+    g = geom.groups
+    c_out = grad_y.shape[1]
+    c_out_g = c_out // g
+    dw = torch.zeros(weight_shape, dtype=torch.float32, device=grad_y.device)
+    lifted, lifted_p0 = None, -1
+    for p0, p1, c0, c1, z in plan.blocks(cfg, seed, spatial, grad_y.dtype, grad_y.device):
+        if p0 != lifted_p0:  # L[j, o] = sum_b S[b, j] D[b, o], the probes' upstream gradient
+            lifted = torch.einsum("bj,bo...->jo...", sketch[:, p0:p1], grad_y)
+            lifted_p0 = p0
+        if g == 1:
+            o0, o1, call_groups = 0, c_out, 1
+        else:
+            o0, o1, call_groups = c0 // plan.unit * c_out_g, c1 // plan.unit * c_out_g, (c1 - c0) // plan.unit
+        if geom.transposed:
+            block_shape = (c1 - c0, c_out_g, *weight_shape[2:])
+            dw[c0:c1] += _weight_grad(lifted[:, o0:o1], z, block_shape, geom, call_groups).float()
+        else:
+            block_shape = (o1 - o0, (c1 - c0) // call_groups, *weight_shape[2:])
+            target = dw[:, c0:c1] if g == 1 else dw[o0:o1]
+            target += _weight_grad(lifted[:, o0:o1], z, block_shape, geom, call_groups).float()
+    return dw
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class XConvFunction(torch.autograd.Function):
+    """Convolution whose backward estimates ``dL/dW`` from a sketch of the input.
+
+    Forward returns exactly ``aten.convolution(x, weight, bias, ...)`` and keeps only the
+    weight, the sketch (``[B, C_in, r]`` or ``[B, r]``) and an integer seed. Backward
+    returns the exact input and bias gradients and an unbiased estimate of the weight
+    gradient (Hutchinson trace estimation; paper section 3, estimator.md section 2).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: int):
+        y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
+        ctx.geom, ctx.cfg, ctx.seed = geom, cfg, seed
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.plan = None
+        sketch = None
+        if ctx.needs_input_grad[1]:
+            if cfg.mode != "independent":
+                ctx.plan = _ChunkPlan.make(cfg, x.shape[1], math.prod(x.shape[2:]), geom.groups, y[0].numel())
+            sketch = sketch_input(x.detach(), cfg, seed, ctx.plan)
+            ctx.order = choose_contraction(cfg, x.shape, y.shape, weight.shape, geom)
+        ctx.save_for_backward(weight, sketch)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        weight, sketch = ctx.saved_tensors
+        geom, cfg = ctx.geom, ctx.cfg
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(grad_y, ctx.x_shape, weight, geom)
+        if ctx.needs_input_grad[1]:
+            if cfg.mode == "independent":
+                grad_w = _independent_weight_grad(
+                    grad_y, sketch, cfg, ctx.seed, ctx.x_shape, weight.shape, geom, ctx.order
+                )
+            else:
+                grad_w = _multi_weight_grad(grad_y, sketch, cfg, ctx.seed, ctx.plan, ctx.x_shape, weight.shape, geom)
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dims = [0] + list(range(2, grad_y.dim()))
+            grad_b = grad_y.sum(dims, dtype=torch.float32).to(grad_y.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+# --------------------------------------------------------------------------- 1-bit activations
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor 8 per byte: ``uint8 [ceil(numel / 8)]``, little-endian bits."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) & weights) != 0
+    return bits.reshape(-1)[: math.prod(shape)].view(shape)
+
+
+class BitLeakyReLUFunction(torch.autograd.Function):
+    """(Leaky) ReLU that keeps a 1-bit sign mask for backward instead of a tensor.
+
+    ``negative_slope=0`` is ReLU. The gradient is ``grad`` where ``x > 0`` and
+    ``negative_slope * grad`` elsewhere, as in ``torch.nn.functional.leaky_relu``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, negative_slope: float, inplace: bool):
+        mask = x > 0
+        if inplace:
+            ctx.mark_dirty(x)
+            y = x.relu_() if negative_slope == 0 else torch.nn.functional.leaky_relu_(x, negative_slope)
+        else:
+            y = x.relu() if negative_slope == 0 else torch.nn.functional.leaky_relu(x, negative_slope)
+        ctx.shape, ctx.negative_slope = x.shape, negative_slope
+        ctx.save_for_backward(pack_bits(mask))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        if ctx.negative_slope == 0:
+            return grad_y * mask, None, None
+        return torch.where(mask, grad_y, grad_y * ctx.negative_slope), None, None

@@ -1,0 +1,104 @@
+"""Activation-memory accounting: bytes of tensors saved for backward, and the CUDA peak."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SavedTensorReport:
+    """Result of :func:`saved_tensor_bytes`.
+
+    Attributes:
+        total_bytes: bytes of the distinct storages saved for backward (each storage counted
+            once, whole, since a saved view keeps its whole storage alive).
+        by_module: bytes attributed to the innermost module running when the storage was
+            first saved (``"<outside>"`` outside any module), when a model was given.
+        result: what ``fn`` returned.
+    """
+
+    total_bytes: int = 0
+    by_module: dict[str, int] = field(default_factory=dict)
+    result: Any = None
+
+
+def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kwargs) -> SavedTensorReport:
+    """Run ``fn(*args, **kwargs)`` once and count the activation memory it keeps for backward.
+
+    Counts every tensor packed by autograd (``torch.autograd.graph.saved_tensors_hooks``),
+    deduplicated by storage, excluding ``nn.Parameter`` objects and, when ``model`` is
+    given, any tensor sharing a storage with its parameters or buffers. This
+    is the activation memory that XConv and the 1-bit ReLU reduce (estimator.md section 4).
+
+    Args:
+        fn: typically ``lambda: loss_fn(model(x), y)``; grad mode must be on.
+        model: when given, bytes are broken down by ``model.named_modules()`` name.
+    Returns:
+        :class:`SavedTensorReport`; sizes in bytes.
+    """
+    seen: set[tuple] = set()
+    if model is not None:
+        seen.update(_storage_key(t) for t in (*model.parameters(), *model.buffers()))
+    report = SavedTensorReport()
+    by_module: dict[str, int] = defaultdict(int)
+    running: list[str] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter):
+            return t
+        try:
+            key = _storage_key(t)
+        except (NotImplementedError, RuntimeError):  # tensor subclasses without storage
+            return t
+        if key not in seen:
+            seen.add(key)
+            report.total_bytes += key[2]
+            by_module[running[-1] if running else "<outside>"] += key[2]
+        return t
+
+    def enter(name: str):
+        def hook(module, args) -> None:
+            running.append(name)
+
+        return hook
+
+    def leave(module, args, output) -> None:
+        running.pop()
+
+    handles = []
+    if model is not None:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            report.result = fn(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    report.by_module = dict(by_module)
+    return report
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    storage = t.untyped_storage()
+    return storage.device, storage.data_ptr(), storage.nbytes()
+
+
+def cuda_peak_memory_bytes(fn: Callable, *args, device=None, **kwargs) -> int | None:
+    """Peak CUDA memory allocated (bytes, ``torch.cuda.max_memory_allocated``) while ``fn`` runs.
+
+    The peak includes everything allocated on the device (parameters, optimizer state,
+    activations, temporaries). Returns None without calling ``fn`` when CUDA is unavailable.
+    """
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(*args, **kwargs)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)

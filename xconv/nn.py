@@ -1,0 +1,206 @@
+"""XConv layers and 1-bit activations: drop-in subclasses of the torch layers.
+
+Each ``XConv*`` is its ``torch.nn`` parent (same constructor, parameters, ``state_dict`` and
+``repr``) plus the estimator options. Only the training forward changes: under
+``torch.no_grad()``, with ``probes=0``, with a frozen weight, or where the sketch would not
+be smaller than the input, the layer runs the parent's plain forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import (
+    BitLeakyReLUFunction,
+    ConvGeometry,
+    SketchConfig,
+    XConvFunction,
+    sketch_numel_per_sample,
+    validate_sketch_config,
+)
+from .probes import draw_seed
+
+
+class _XConvMixin:
+    """Estimator options and the estimator forward shared by all XConv layers."""
+
+    def _init_xconv(self, probes, mode, distribution, per_sample, contraction, min_pixels) -> None:
+        canonical = validate_sketch_config(probes, mode, distribution, per_sample, contraction)
+        if min_pixels is not None and (isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 0):
+            raise ValueError(f"min_pixels must be None or an int >= 0, got {min_pixels!r}")
+        self.sketch_config = SketchConfig(probes, canonical, distribution, per_sample, contraction)
+        self.min_pixels = min_pixels
+
+    @property
+    def probes(self) -> int:
+        return self.sketch_config.probes
+
+    @probes.setter
+    def probes(self, value: int) -> None:
+        cfg = self.sketch_config
+        validate_sketch_config(value, cfg.mode, cfg.distribution, cfg.per_sample, cfg.contraction)
+        self.sketch_config = SketchConfig(value, cfg.mode, cfg.distribution, cfg.per_sample, cfg.contraction)
+
+    def uses_estimator(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` keeps a sketch instead of running the plain layer.
+
+        Needs grad mode, a weight that requires grad and ``probes > 0``. Then the layer
+        input must have at least ``min_pixels`` pixels, or, when ``min_pixels`` is None,
+        the sketch must be smaller than the input (``H*W > r`` in independent mode).
+        """
+        cfg = self.sketch_config
+        if cfg.probes == 0 or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return False
+        pixels = math.prod(x.shape[2:])
+        if self.min_pixels is not None:
+            return pixels >= self.min_pixels
+        return sketch_numel_per_sample(cfg, x.shape[1]) < x.shape[1] * pixels
+
+    def _run_estimator(self, x, geom: ConvGeometry) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Cast as autocast would for a conv, then run the Function without autocast so
+            # probes and sketch live in the compute dtype.
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return XConvFunction.apply(x, weight, bias, geom, self.sketch_config, draw_seed())
+        return XConvFunction.apply(x, weight, bias, geom, self.sketch_config, draw_seed())
+
+    def extra_repr(self) -> str:
+        cfg = self.sketch_config
+        extra = f", probes={cfg.probes}, mode={cfg.mode!r}, distribution={cfg.distribution!r}"
+        if cfg.per_sample:
+            extra += ", per_sample=True"
+        if self.min_pixels is not None:
+            extra += f", min_pixels={self.min_pixels}"
+        return super().extra_repr() + extra
+
+
+class _XConvNd(_XConvMixin):
+    def _xconv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Non-zero padding modes and the asymmetric padding of padding="same" with even
+        # kernels are applied to the input first, as torch does; the estimator then sees
+        # the padded input and symmetric zero padding, so Phi_k includes them exactly.
+        pads = self._reversed_padding_repeated_twice
+        left, right = pads[0::2], pads[1::2]
+        if self.padding_mode != "zeros" or left != right:
+            pad_mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, pads, mode=pad_mode)
+            padding = (0,) * len(left)
+        else:
+            padding = tuple(reversed(left))
+        geom = ConvGeometry(tuple(self.stride), padding, tuple(self.dilation), self.groups)
+        return self._run_estimator(x, geom)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.uses_estimator(input):
+            return super().forward(input)
+        return self._xconv_forward(input)
+
+
+class _XConvTransposeNd(_XConvMixin):
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if not self.uses_estimator(input):
+            return super().forward(input, output_size)
+        spatial_dims = input.dim() - 2
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, spatial_dims, self.dilation
+        )
+        geom = ConvGeometry(
+            tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups,
+            transposed=True, output_padding=tuple(output_padding),
+        )
+        return self._run_estimator(input, geom)
+
+
+_DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XConv).
+
+    Same arguments, parameters and ``state_dict`` as ``torch.nn.{torch_name}``, plus:
+
+    Args:
+        probes: number of probing vectors r; 0 gives the exact gradient (plain layer).
+        mode: ``"independent"`` keeps a per-channel sketch ``[B, C_in, r]``; ``"multi"``
+            (alias ``"gaussian"``, the paper's name) keeps ``[B, r]``; ``"orthogonal"`` keeps
+            ``[B, r]`` with per-channel orthonormal probe blocks.
+        distribution: ``"gaussian"`` or ``"rademacher"`` probe entries.
+        per_sample: independent mode only; separate probes per sample.
+        contraction: ``"auto"``, ``"probes"`` or ``"decompress"`` (order of the backward
+            contraction; same estimate, different cost).
+        min_pixels: run the plain layer on inputs with fewer pixels than this; ``None``
+            runs it wherever the sketch would not be smaller than the input.
+
+    Forward output, input gradient and bias gradient equal the torch layer's; the weight
+    gradient is an unbiased estimate with variance falling as 1/r (paper section 3).
+
+    Raises:
+        TypeError, ValueError: invalid estimator options, at construction.
+
+    Example:
+        >>> layer = {name}(16, 32, 3, padding=1, probes=8)
+        >>> x = torch.randn(4, 16, {example_shape}, requires_grad=True)
+        >>> layer(x).sum().backward()
+    """
+
+
+def _make_layer(name, base, mixin, example_shape):
+    def __init__(
+        self, *args, probes: int = 8, mode: str = "independent", distribution: str = "gaussian",
+        per_sample: bool = False, contraction: str = "auto", min_pixels: int | None = None, **kwargs,
+    ):
+        base.__init__(self, *args, **kwargs)
+        self._init_xconv(probes, mode, distribution, per_sample, contraction, min_pixels)
+
+    doc = _DOC.format(torch_name=base.__name__, name=name, example_shape=example_shape)
+    return type(name, (mixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+XConv1d = _make_layer("XConv1d", nn.Conv1d, _XConvNd, "20")
+XConv2d = _make_layer("XConv2d", nn.Conv2d, _XConvNd, "20, 20")
+XConv3d = _make_layer("XConv3d", nn.Conv3d, _XConvNd, "8, 8, 8")
+XConvTranspose1d = _make_layer("XConvTranspose1d", nn.ConvTranspose1d, _XConvTransposeNd, "20")
+XConvTranspose2d = _make_layer("XConvTranspose2d", nn.ConvTranspose2d, _XConvTransposeNd, "20, 20")
+XConvTranspose3d = _make_layer("XConvTranspose3d", nn.ConvTranspose3d, _XConvTransposeNd, "8, 8, 8")
+
+#: torch layer class -> XConv class, used by :mod:`xconv.convert`.
+XCONV_CLASSES = {
+    nn.Conv1d: XConv1d, nn.Conv2d: XConv2d, nn.Conv3d: XConv3d,
+    nn.ConvTranspose1d: XConvTranspose1d, nn.ConvTranspose2d: XConvTranspose2d,
+    nn.ConvTranspose3d: XConvTranspose3d,
+}
+
+
+class BitLeakyReLU(nn.LeakyReLU):
+    """``nn.LeakyReLU`` that keeps a 1-bit sign mask (8 per byte) for backward.
+
+    Forward and gradient are identical to ``nn.LeakyReLU(negative_slope, inplace)``; the
+    saved-for-backward memory is ``ceil(numel / 8)`` bytes instead of the input tensor
+    (1/32 of an fp32 activation). Under ``torch.no_grad()`` it is the plain layer.
+
+    Shape: any ``[*]`` in, same shape out.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            return super().forward(input)
+        return BitLeakyReLUFunction.apply(input, self.negative_slope, self.inplace)
+
+
+class BitReLU(nn.ReLU):
+    """``nn.ReLU`` that keeps a 1-bit sign mask (8 per byte) for backward.
+
+    Forward and gradient are identical to ``nn.ReLU(inplace)``; saved-for-backward memory
+    is ``ceil(numel / 8)`` bytes (1/32 of an fp32 activation).
+
+    Shape: any ``[*]`` in, same shape out.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            return super().forward(input)
+        return BitLeakyReLUFunction.apply(input, 0.0, self.inplace)
