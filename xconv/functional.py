@@ -221,6 +221,24 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     return "probes" if probes_cost <= decompress_cost else "decompress"
 
 
+def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
+    """``Phi_k z`` for every tap ``k`` (``Phi_k^T z`` for a transposed conv).
+
+    Args:
+        z: ``[R, *S_in]`` probe images.
+    Returns:
+        ``[R, |K|, p]`` where ``p`` is the number of pixels the weight gradient sums over.
+        This is im2col of the probes, computed as a convolution with one-hot kernels so
+        stride, padding, dilation and output padding mean exactly what they mean in torch.
+    """
+    k = math.prod(taps)
+    eye = torch.eye(k, dtype=z.dtype, device=z.device)
+    onehot = eye.view(1, k, *taps) if geom.transposed else eye.view(k, 1, *taps)
+    stride, padding, dilation, transposed, out_pad, _ = geom.conv_args()
+    u = torch.ops.aten.convolution(z.unsqueeze(1), onehot, None, stride, padding, dilation, transposed, out_pad, 1)
+    return u.flatten(2)
+
+
 def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, geom, order):
     batch, c_in, spatial = x_shape[0], x_shape[1], x_shape[2:]
     r, g = cfg.probes, geom.groups
@@ -230,28 +248,25 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, g
         x_hat = torch.bmm(sketch, zf) if cfg.per_sample else sketch @ zf  # [B, C_in, n] = S Z^T
         return _weight_grad(grad_y, x_hat.view(x_shape), weight_shape, geom, g).float()
 
-    c_out = grad_y.shape[1]
-    taps = weight_shape[2:]
-    k = math.prod(taps)
-    # One weight-gradient call computes A[b, o, j, k] = <D[b, o], Phi_k z_j> for all
-    # (b, o, j, k): probes as an r-channel image, D as a (B*C_out)-channel gradient.
-    d = grad_y.reshape(1, batch * c_out, *grad_y.shape[2:])
-    zi = z.reshape(1, -1, *spatial)
-    call_groups = batch if cfg.per_sample else 1
-    s = sketch.float().view(batch, g, c_in // g, r)
-    if not geom.transposed:
-        a = _weight_grad(d, zi, (batch * c_out, r, *taps), geom, call_groups)
-        a = a.float().view(batch, g, c_out // g, r, k)
-        dw = torch.einsum("bgojk,bgij->goik", a, s)
-        return dw.reshape(c_out, c_in // g, *taps)
+    c_out, taps = grad_y.shape[1], weight_shape[2:]
+    d = grad_y.reshape(batch, c_out, -1)  # [B, C_out, p]
+    # A[b, o, (j, k)] = <D[b, o], Phi_k z_j>: one GEMM against the probes' im2col.
     if cfg.per_sample:
-        a = _weight_grad(d, zi, (batch * r, c_out, *taps), geom, call_groups).float()
-        a = a.view(batch, r, g, c_out // g, k)
+        # Per-sample taps are [B, r*|K|, p]; bound that transient by walking the batch.
+        step = max(1, CHUNK_ELEMENTS // (r * math.prod(taps) * d.shape[2]))
+        a = torch.cat([
+            torch.bmm(d[b0:b0 + step], _probe_taps(z[b0:b0 + step].flatten(0, 1), taps, geom)
+                      .view(-1, r * math.prod(taps), d.shape[2]).transpose(1, 2))
+            for b0 in range(0, batch, step)
+        ])
     else:
-        a = _weight_grad(d, zi, (r, batch * c_out, *taps), geom, call_groups).float()
-        a = a.view(r, batch, g, c_out // g, k).transpose(0, 1)
-    dw = torch.einsum("bjgok,bgij->giok", a, s)
-    return dw.reshape(c_in, c_out // g, *taps)
+        u = _probe_taps(z, taps, geom).flatten(0, 1)  # [r*|K|, p]
+        a = (d.reshape(batch * c_out, -1) @ u.t()).view(batch, c_out, -1)
+    a = a.float().view(batch, g, c_out // g, r, -1)
+    s = sketch.float().view(batch, g, c_in // g, r)
+    if geom.transposed:
+        return torch.einsum("bgojk,bgij->giok", a, s).reshape(c_in, c_out // g, *taps)
+    return torch.einsum("bgojk,bgij->goik", a, s).reshape(c_out, c_in // g, *taps)
 
 
 def _multi_weight_grad(grad_y, sketch, cfg, seed, plan, x_shape, weight_shape, geom):
