@@ -8,6 +8,8 @@ kernel (``aten.convolution_backward``), so every geometry torch supports is hand
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -227,15 +229,27 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
     Args:
         z: ``[R, *S_in]`` probe images.
     Returns:
-        ``[R, |K|, p]`` where ``p`` is the number of pixels the weight gradient sums over.
-        This is im2col of the probes, computed as a convolution with one-hot kernels so
-        stride, padding, dilation and output padding mean exactly what they mean in torch.
+        ``[R, |K|, p]`` where ``p`` is the number of pixels the weight gradient sums over:
+        im2col of the probes. For a convolution each tap is a strided slice of the
+        zero-padded probes (a copy, no arithmetic); for a transposed convolution it is a
+        transposed convolution with a one-hot kernel, so stride, padding, dilation and output
+        padding mean exactly what they mean in torch.
     """
-    k = math.prod(taps)
-    eye = torch.eye(k, dtype=z.dtype, device=z.device)
-    onehot = eye.view(1, k, *taps) if geom.transposed else eye.view(k, 1, *taps)
     stride, padding, dilation, transposed, out_pad, _ = geom.conv_args()
-    u = torch.ops.aten.convolution(z.unsqueeze(1), onehot, None, stride, padding, dilation, transposed, out_pad, 1)
+    if transposed:
+        k = math.prod(taps)
+        onehot = torch.eye(k, dtype=z.dtype, device=z.device).view(1, k, *taps)
+        u = torch.ops.aten.convolution(z.unsqueeze(1), onehot, None, stride, padding, dilation, True, out_pad, 1)
+        return u.flatten(2)
+    pad = [p for p in reversed(padding) for _ in range(2)]
+    zp = torch.nn.functional.pad(z, pad) if any(pad) else z
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(z.shape[1:], padding, dilation, taps, stride)]
+    u = z.new_empty(z.shape[0], math.prod(taps), *out)
+    for i, tap in enumerate(itertools.product(*(range(k) for k in taps))):
+        window = (slice(None),) + tuple(
+            slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out)
+        )
+        u[:, i] = zp[window]
     return u.flatten(2)
 
 
@@ -345,24 +359,31 @@ class XConvFunction(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- 1-bit activations
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Multiplying eight 0/1 bytes read as one little-endian int64 by this constant gathers
+# byte i into bit i of the top byte: no two partial products meet there or carry into it.
+_GATHER_BITS = 0x0102040810204080
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor 8 per byte: ``uint8 [ceil(numel / 8)]``, little-endian bits."""
+    """Pack a boolean tensor 8 per byte: ``uint8 [ceil(numel / 8)]``, element i in bit i % 8."""
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` bool: the bits of every byte value."""
+    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(device)
 
 
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) & weights) != 0
-    return bits.reshape(-1)[: math.prod(shape)].view(shape)
+    bits = _unpack_table(packed.device).index_select(0, packed.long())
+    return bits.view(-1)[: math.prod(shape)].view(shape)
 
 
 class BitLeakyReLUFunction(torch.autograd.Function):
@@ -390,5 +411,5 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         mask = unpack_bits(packed, ctx.shape)
         if ctx.negative_slope == 0:
-            return grad_y * mask, None, None
+            return torch.where(mask, grad_y, 0.0), None, None
         return torch.where(mask, grad_y, grad_y * ctx.negative_slope), None, None

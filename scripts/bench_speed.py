@@ -1,0 +1,131 @@
+"""Speed of exact vs XConv layers and training steps, as ratios measured in one process.
+
+Times are medians from ``torch.utils.benchmark`` (warm-up, repeated blocks; it
+synchronises CUDA), taken over ``--rounds`` rounds that visit exact and every r in turn, so
+load from other processes on a shared machine hits all variants alike. Single layers: forward (grad mode on), forward+backward, and backward
+as their difference. Training steps: forward, loss, backward, SGD step of a whole model,
+with every conv converted at r and the 1-bit ReLU. Prints a markdown table and writes CSV.
+
+Usage:
+    python scripts/bench_speed.py [--probes 4 8 16 32] [--min-run-time 1.0]
+                                  [--only layers|steps] [--csv results/bench/speed_cpu.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torchvision
+from torch import nn
+from torch.utils import benchmark
+
+import xconv
+
+# (name, torch layer, input shape)
+LAYERS = [
+    ("conv3x3 64->64 32x32 b64", lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 64, 32, 32)),
+    ("conv3x3 256->256 8x8 b128", lambda: nn.Conv2d(256, 256, 3, padding=1), (128, 256, 8, 8)),
+    ("stem7x7/2 3->64 128x128 b32", lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3), (32, 3, 128, 128)),
+    ("convT4x4/2 128->64 16x16 b64", lambda: nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), (64, 128, 16, 16)),
+]
+# (name, model, input shape, number of classes of a per-pixel target or None)
+STEPS = [
+    ("U-Net(resnet18) b8 128x128", lambda: smp.Unet("resnet18", encoder_weights=None, classes=2), (8, 3, 128, 128)),
+    ("resnet18 b64 32x32", lambda: torchvision.models.resnet18(num_classes=10), (64, 3, 32, 32)),
+]
+
+
+def median_seconds(fn, min_run_time: float) -> float:
+    fn()  # warm-up
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def layer_timers(make, shape, probes, device):
+    """``{"forward": fn, "total": fn}`` for one layer at ``probes`` (0 = exact)."""
+    layer = make().to(device)
+    if probes:
+        layer = xconv.convert(layer, probes=probes)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad_y = torch.randn_like(layer(x))
+    return {"forward": lambda: layer(x), "total": lambda: layer(x).backward(grad_y)}
+
+
+def step_timers(make, shape, probes, device):
+    """``{"total": fn}``: one SGD training step of a model converted at ``probes``."""
+    model = make().to(device).train()
+    if probes:
+        xconv.convert(model, probes=probes, relu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    x = torch.randn(shape, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).float().square().mean().backward()
+        opt.step()
+
+    return {"total": step}
+
+
+def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds):
+    rows = []
+    for name, make, shape in cases:
+        variants = [0, *probes_list]
+        timers = []
+        for r in variants:
+            torch.manual_seed(0)
+            timers.append(make_timers(make, shape, r, device))
+        samples = [{key: [] for key in t} for t in timers]
+        for _ in range(rounds):
+            for timer, sample in zip(timers, samples):
+                for key, fn in timer.items():
+                    sample[key].append(median_seconds(fn, min_run_time))
+        medians = [{f"{k}_s": statistics.median(v) for k, v in sample.items()} for sample in samples]
+        for m in medians:
+            if "forward_s" in m:
+                m["backward_s"] = m["total_s"] - m["forward_s"]
+        for r, times in zip(variants, medians):
+            row = {"kind": kind, "case": name, "variant": "exact" if r == 0 else f"r={r}", "device": device}
+            row.update(times)
+            row.update({k.replace("_s", "_ratio"): v / medians[0][k] for k, v in times.items()})
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row):
+    parts = [row["kind"], row["case"], row["variant"]]
+    for key in ("forward", "backward", "total"):
+        if f"{key}_s" in row:
+            parts.append(f"{key} {row[f'{key}_s'] * 1e3:.1f} ms ({row[f'{key}_ratio']:.2f}x)")
+    return "| " + " | ".join(parts) + " |"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timed measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
+    parser.add_argument("--only", choices=["layers", "steps"], default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--csv", type=Path, default=None)
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    rows = []
+    if args.only in (None, "layers"):
+        rows += run("layer", LAYERS, layer_timers, args.probes, args.device, args.min_run_time, args.rounds)
+    if args.only in (None, "steps"):
+        rows += run("step", STEPS, step_timers, args.probes, args.device, args.min_run_time, args.rounds)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
