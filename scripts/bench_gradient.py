@@ -7,6 +7,11 @@ on that layer and compared with the exact weight gradient: relative error
 ``||g_hat - g|| / ||g||`` and cosine similarity (estimator.md, section 5). The table gives
 the median over layers of the per-layer mean; the CSV has every layer.
 
+With ``--age M`` it also computes the paper's average gradient error over ``M`` minibatches
+of ``--batch`` crops, ``AGE = (1/M) sum_m ||g - g_m||^2`` (``g`` the exact full-data
+gradient of all parameters, ``g_m`` the minibatch gradient, exact or XConv, gradients
+zeroed between minibatches), next to the exact minibatch (SGD) AGE.
+
 Usage:
     python scripts/bench_gradient.py [--model unet|resnet18] [--probes 4 8 16 32]
                                      [--draws 8] [--csv results/bench/gradient_cpu.csv]
@@ -53,19 +58,31 @@ def natural_crops(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
 
 
-def build(name: str, batch: int, size: int, device: str):
-    """Model, input batch and a loss with a target derived from the images themselves."""
-    x = natural_crops(batch, size).to(device)
+def build(name: str, batch: int, size: int, device: str, seed: int = 0):
+    """Model, a batch of crops, targets derived from the images, and the loss."""
+    x = natural_crops(batch, size, seed).to(device)
     if name == "unet":
         model = smp.Unet("resnet18", encoder_weights=None, classes=1).to(device)
         target = (x.mean(1, keepdim=True) > 0).float()  # bright-region segmentation
-        return model, x, lambda out: nn.functional.binary_cross_entropy_with_logits(out, target)
+        return model, x, target, nn.functional.binary_cross_entropy_with_logits
     model = torchvision.models.resnet18(num_classes=len(IMAGES)).to(device)
-    labels = torch.arange(batch, device=device) % len(IMAGES)
-    return model, x, lambda out: nn.functional.cross_entropy(out, labels)
+    labels = torch.arange(batch, device=device) % len(IMAGES)  # which photo a crop is from
+    return model, x, labels, nn.functional.cross_entropy
 
 
-def capture_layers(model: nn.Module, x: torch.Tensor, loss_fn):
+def full_gradient(model: nn.Module, x, target, loss_fn) -> torch.Tensor:
+    """All parameter gradients of ``loss_fn(model(x), target)``, flattened; zeroed first."""
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(x), target).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def average_gradient_error(model: nn.Module, batches, loss_fn, exact: torch.Tensor) -> float:
+    """``(1/M) sum_m ||exact - g_m||^2`` over minibatches ``[(x, target)]``."""
+    return statistics.fmean((full_gradient(model, x, t, loss_fn) - exact).square().sum().item() for x, t in batches)
+
+
+def capture_layers(model: nn.Module, x: torch.Tensor, target, loss_fn):
     """``[(name, conv, X, D, exact dW)]`` for every conv, from one exact backward pass."""
     records, handles = {}, []
     for name, module in model.named_modules():
@@ -74,7 +91,7 @@ def capture_layers(model: nn.Module, x: torch.Tensor, loss_fn):
                 records[name] = [m, args[0].detach()]
                 out.register_hook(lambda d: records[name].append(d.detach()))
             handles.append(module.register_forward_hook(hook))
-    loss_fn(model(x)).backward()
+    full_gradient(model, x, target, loss_fn)
     for h in handles:
         h.remove()
     return [(name, m, inp, d, m.weight.grad.clone()) for name, (m, inp, d) in records.items()]
@@ -93,6 +110,22 @@ def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.
     return statistics.fmean(errors), statistics.fmean(cosines)
 
 
+def age_table(args, model: nn.Module, loss_fn) -> None:
+    batches = [build(args.model, args.batch, args.size, args.device, seed=1 + m)[1:3] for m in range(args.age)]
+    exact = torch.stack([full_gradient(model, x, t, loss_fn) for x, t in batches]).mean(0)
+    sgd = average_gradient_error(model, batches, loss_fn, exact)
+    print(f"\nAGE over {args.age} minibatches of {args.batch}; exact minibatch (SGD floor) AGE = {sgd:.4g}")
+    print("| estimator | r | AGE | AGE / SGD AGE |")
+    print("|---|---|---|---|")
+    for label, options in ESTIMATORS:
+        if label not in args.estimators:
+            continue
+        for r in args.probes:
+            converted = xconv.convert(copy.deepcopy(model), relu=False, probes=r, **options)
+            age = average_gradient_error(converted, batches, loss_fn, exact)
+            print(f"| {label} | {r} | {age:.4g} | {age / sgd:.2f} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["unet", "resnet18"], default="unet")
@@ -102,11 +135,12 @@ def main(argv=None):
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--estimators", nargs="+", default=[e[0] for e in ESTIMATORS], choices=[e[0] for e in ESTIMATORS])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model, x, loss_fn = build(args.model, args.batch, args.size, args.device)
-    layers = capture_layers(model.train(), x, loss_fn)
+    model, x, target, loss_fn = build(args.model, args.batch, args.size, args.device)
+    layers = capture_layers(model.train(), x, target, loss_fn)
     rows = []
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {len(layers)} conv layers, {args.draws} draws each")
     print("| estimator | r | layers | median rel. error | median cosine |")
@@ -125,6 +159,8 @@ def main(argv=None):
             err = statistics.median(e for e, _ in per_layer)
             cos = statistics.median(c for _, c in per_layer)
             print(f"| {label} | {r} | {len(per_layer)} | {err:.2f} | {cos:.3f} |", flush=True)
+    if args.age:
+        age_table(args, model, loss_fn)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:
