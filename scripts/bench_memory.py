@@ -3,8 +3,10 @@
 Prints a table per model: exact, then XConv at each r with and without the 1-bit ReLU;
 activation bytes are the deduplicated bytes of tensors saved for backward by one forward +
 loss (``xconv.memory.saved_tensor_bytes``), measured in this process against the exact
-model. On a CUDA machine it adds the peak allocated memory over a whole training step (the
-second step, after a warm-up). ``--budget-gb G`` adds the largest batch that fits G GiB of
+model. It adds the peak memory of a whole training step (forward, loss, backward, SGD step),
+the second step after a warm-up: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the
+peak bytes of tensors created during the step and alive at once
+(``xconv.memory.peak_tensor_bytes``: parameters excluded, temporaries included). ``--budget-gb G`` adds the largest batch that fits G GiB of
 activations for each row (bytes are linear in batch: measured at two batch sizes, solved).
 
 Usage:
@@ -24,7 +26,7 @@ import torchvision
 from torch import nn
 
 import xconv
-from xconv.memory import cuda_peak_memory_bytes, saved_tensor_bytes
+from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
 
 MIB = 2**20
 
@@ -50,10 +52,7 @@ def activation_bytes(model: nn.Module, shape) -> int:
     return saved_tensor_bytes(_loss, model, x, model=model).total_bytes
 
 
-def cuda_step_peak(model: nn.Module, shape) -> int | None:
-    if not torch.cuda.is_available():
-        return None
-    x = torch.randn(shape, device="cuda")
+def _train_step(model: nn.Module, x: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
     def step():
@@ -61,8 +60,16 @@ def cuda_step_peak(model: nn.Module, shape) -> int | None:
         _loss(model, x).backward()
         opt.step()
 
+    return step
+
+
+def step_peak(model: nn.Module, shape, device: str) -> int:
+    """Peak bytes of a training step of ``model`` (see the module docstring)."""
+    step = _train_step(model, torch.randn(shape, device=device))
     step()  # warm-up: allocator, cuDNN plans, optimizer state
-    return cuda_peak_memory_bytes(step)
+    if device.startswith("cuda"):
+        return cuda_peak_memory_bytes(step)
+    return peak_tensor_bytes(step)
 
 
 def variants(probes_list):
@@ -82,7 +89,7 @@ def measure(name: str, probes_list, budget_gb: float | None, device: str):
             xconv.convert(model, **options)
         act = activation_bytes(model, shape)
         row = dict(model=name, variant=label, batch=shape[0], activation_bytes=act,
-                   peak_bytes=cuda_step_peak(model, shape))
+                   peak_bytes=step_peak(model, shape, device))
         if budget_gb is not None:
             half = (max(1, shape[0] // 2),) + tuple(shape[1:])
             per_sample = (act - activation_bytes(model, half)) / (shape[0] - half[0])
@@ -92,24 +99,19 @@ def measure(name: str, probes_list, budget_gb: float | None, device: str):
     exact = rows[0]
     for row in rows:
         row["ratio"] = row["activation_bytes"] / exact["activation_bytes"]
-        if row["peak_bytes"] is not None:
-            row["peak_ratio"] = row["peak_bytes"] / exact["peak_bytes"]
+        row["peak_ratio"] = row["peak_bytes"] / exact["peak_bytes"]
     return rows
 
 
 def print_table(rows):
-    cols = ["model", "variant", "batch", "activation MiB", "ratio"]
-    has_peak = rows[0]["peak_bytes"] is not None
-    if has_peak:
-        cols += ["peak MiB", "peak ratio"]
+    cols = ["model", "variant", "batch", "activation MiB", "ratio", "step peak MiB", "peak ratio"]
     if "max_batch" in rows[0]:
         cols.append("max batch")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        cells = [r["model"], r["variant"], str(r["batch"]), f"{r['activation_bytes'] / MIB:.1f}", f"{r['ratio']:.3f}"]
-        if has_peak:
-            cells += [f"{r['peak_bytes'] / MIB:.1f}", f"{r['peak_ratio']:.3f}"]
+        cells = [r["model"], r["variant"], str(r["batch"]), f"{r['activation_bytes'] / MIB:.1f}", f"{r['ratio']:.3f}",
+                 f"{r['peak_bytes'] / MIB:.1f}", f"{r['peak_ratio']:.3f}"]
         if "max_batch" in r:
             cells.append(str(r["max_batch"]))
         print("| " + " | ".join(cells) + " |")

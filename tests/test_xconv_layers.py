@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import xconv
-from xconv.memory import saved_tensor_bytes
+from xconv.memory import peak_tensor_bytes, saved_tensor_bytes
 
 
 def _weight_grad(layer, x, grad_y):
@@ -184,3 +184,20 @@ def test_pack_bits_roundtrip_odd_length():
     packed = xconv.functional.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(xconv.functional.unpack_bits(packed, mask.shape), mask)
+
+
+def test_peak_tensor_bytes_counts_live_storages():
+    def fn():
+        a = torch.ones(2**18)  # 1 MiB
+        b = torch.ones(2**18) * 2  # 2 MiB at once (ones + product), 1 MiB after
+        del a
+        return b.sum()
+
+    assert peak_tensor_bytes(fn) == 3 * 2**20
+
+
+def test_saved_bytes_by_module():
+    model = nn.Sequential(xconv.XConv2d(4, 8, 3, padding=1, probes=4), xconv.BitReLU())
+    x = torch.randn(2, 4, 16, 16)
+    report = saved_tensor_bytes(lambda: model(x).sum(), model=model)
+    assert report.by_module == {"0": 2 * 4 * 4 * 4, "1": 2 * 8 * 16 * 16 // 8}

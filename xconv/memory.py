@@ -1,12 +1,15 @@
 """Activation-memory accounting: bytes of tensors saved for backward, and the CUDA peak."""
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 @dataclass
@@ -102,3 +105,43 @@ def cuda_peak_memory_bytes(fn: Callable, *args, device=None, **kwargs) -> int | 
     fn(*args, **kwargs)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the storages created by ops while active until each is freed; keeps the maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._sizes:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable, *args, **kwargs) -> int:
+    """Peak bytes of tensors created while ``fn(*args, **kwargs)`` runs and alive at once.
+
+    The device-independent analogue of ``torch.cuda.max_memory_allocated`` over ``fn``, for
+    CPU runs: every storage an op creates is counted from its creation until it is freed
+    (activations, saved tensors, gradients, temporaries); tensors that existed before the
+    call (parameters, inputs) are not. Allocator caching and fragmentation are not counted.
+    Slows ``fn`` down (a Python hook per op): for measuring, not for training.
+    """
+    tracker = _LiveTensorBytes()
+    with tracker:
+        fn(*args, **kwargs)
+    return tracker.peak
