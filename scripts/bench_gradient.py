@@ -114,7 +114,8 @@ def age_table(args, model: nn.Module, loss_fn) -> None:
     batches = [build(args.model, args.batch, args.size, args.device, seed=1 + m)[1:3] for m in range(args.age)]
     exact = torch.stack([full_gradient(model, x, t, loss_fn) for x, t in batches]).mean(0)
     sgd = average_gradient_error(model, batches, loss_fn, exact)
-    print(f"\nAGE over {args.age} minibatches of {args.batch}; exact minibatch (SGD floor) AGE = {sgd:.4g}")
+    print(f"\nAGE over {args.age} minibatches of {args.batch}; exact minibatch (SGD floor) AGE = {sgd:.4g}; "
+          f"||g||^2 = {exact.square().sum().item():.4g} (g: exact full-data gradient)")
     print("| estimator | r | AGE | AGE / SGD AGE |")
     print("|---|---|---|---|")
     for label, options in ESTIMATORS:
