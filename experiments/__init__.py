@@ -1,0 +1,1 @@
+"""Lightning tasks, data modules and run bookkeeping around the ``xconv`` layers."""

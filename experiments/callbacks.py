@@ -1,0 +1,40 @@
+"""Callbacks that every run attaches for its summary."""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
+
+
+class TrainThroughput(L.Callback):
+    """Counts training samples and the wall-clock spent inside training steps.
+
+    A step spans forward, backward and optimizer update (``on_train_batch_start`` to
+    ``on_train_batch_end``), so validation and data loading between steps are not counted:
+    ``samples / step_time_s`` is the training throughput XConv changes.
+    """
+
+    def __init__(self):
+        self.samples = 0
+        self.step_time_s = 0.0
+        self._start = 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        # CUDA kernels run asynchronously; without a sync the clock would stop before the step ends.
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.step_time_s += time.perf_counter() - self._start
+        self.samples += extract_batch_size(batch)
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.samples / self.step_time_s if self.step_time_s > 0 else None

@@ -1,0 +1,53 @@
+"""What the segmentation data modules share: loaders, class bookkeeping and the resize of a pair."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Loaders over ``self.train_set`` / ``self.val_set``, which subclasses fill in ``setup``.
+
+    Both sets yield ``(image float32 [3, H, W] in [0, 1], mask int64 [H, W] in 0..num_classes-1)``.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, num_classes: int, class_names: list[str] | None):
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names: expected num_classes={num_classes} names, got {len(class_names)}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class ResizePair:
+    """(PIL image, PIL mask) -> (image float32 [3, size, size] in [0, 1], mask int64 [size, size]).
+
+    The image is resized with antialiasing, the mask with nearest neighbour so labels stay
+    labels. ``labels`` (a lookup table, new = labels[old]) maps stored mask values to classes.
+    """
+
+    def __init__(self, size: int, labels: torch.Tensor | None = None):
+        self.size, self.labels = [size, size], labels
+
+    def __call__(self, image: Image.Image, mask: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+        image = F.resize(image, self.size, antialias=True)
+        mask = F.resize(F.pil_to_tensor(mask)[:1], self.size, interpolation=InterpolationMode.NEAREST)[0].long()
+        return image, mask if self.labels is None else self.labels[mask]

@@ -1,0 +1,5 @@
+"""One LightningModule per task; each is selected by a ``configs/task/<name>.yaml``."""
+from .base import XConvTask
+from .segmentation import SegmentationTask
+
+__all__ = ["SegmentationTask", "XConvTask"]

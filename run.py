@@ -1,0 +1,88 @@
+"""Train one task with XConv layers: ``python run.py task=segmentation xconv.probes=8``.
+
+Composes ``configs/``, builds the data module and the task from their ``_target_``s, converts
+the task's network with ``xconv.convert``, trains and validates with Lightning, and writes
+``summary.json`` (see ``experiments/summary.py``) next to the checkpoints and logs.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+import xconv
+from experiments.config import ConfigError, check_run_config, xconv_options
+from experiments.summary import build_summary, summary_callbacks, write_summary
+
+log = logging.getLogger("run")
+
+
+def _build(cfg: DictConfig, key: str):
+    """``instantiate(cfg[key])``; a constructor's complaint about an argument becomes a ConfigError.
+
+    Constructors here start such messages with the argument name, so prefixing the config
+    group gives the full key (``data.root: ...``).
+    """
+    try:
+        return instantiate(cfg[key])
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
+            raise ConfigError(f"{key}.{err.__cause__}") from err.__cause__
+        raise
+
+
+def build(cfg: DictConfig):
+    """Data module, converted task and Trainer, or a ConfigError before anything trains."""
+    check_run_config(cfg)
+    options = xconv_options(cfg)
+    datamodule = _build(cfg, "data")
+    task = _build(cfg, "task")
+    try:  # xconv owns the allowed values of probes, mode, distribution and min_pixels
+        xconv.convert(task.net, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"xconv.{err}") from err
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return datamodule, task, trainer
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train, validate and write ``summary.json`` into ``cfg.output_dir``; return the summary."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, task, trainer = build(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    summary = build_summary(cfg, trainer, task, datamodule, metrics)
+    path = write_summary(summary, Path(cfg.output_dir) / "summary.json")
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for logger in trainer.loggers:
+        logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # a later run in this process (multirun) must not reuse this one
+    log.info("%s = %s; activation bytes %d (exact %d); summary: %s", summary["metric_name"],
+             summary["metric"], summary["activation_bytes"], summary["activation_bytes_exact"], path)
+    return summary
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return run(cfg)["metric"]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The real configs compose for every task, data set and preset, and bad values fail before training."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from hydra.utils import get_class, instantiate
+from hydra_helpers import REPO_ROOT, TINY_SEGMENTATION, TINY_TRAINER, compose_config, config_names
+
+import xconv
+from experiments.config import ConfigError, xconv_options
+from experiments.tasks import XConvTask
+from run import build
+
+
+@pytest.mark.parametrize("task", config_names("task"))
+def test_every_task_composes_and_builds(task, tmp_path):
+    cfg = compose_config(f"task={task}", output_dir=tmp_path)
+    assert cfg.task_name == task
+    assert issubclass(get_class(cfg.data._target_), L.LightningDataModule)
+    module = instantiate(cfg.task)
+    assert isinstance(module, XConvTask)
+    assert module.metric_name
+
+
+@pytest.mark.parametrize("data", config_names("data"))
+def test_every_data_config_composes(data, tmp_path):
+    cfg = compose_config(f"data={data}", output_dir=tmp_path)
+    assert issubclass(get_class(cfg.data._target_), L.LightningDataModule)
+    assert cfg.model.classes == cfg.data.num_classes
+
+
+@pytest.mark.parametrize("experiment", config_names("experiment"))
+def test_every_experiment_preset_composes(experiment, tmp_path):
+    cfg = compose_config(f"experiment={experiment}", output_dir=tmp_path)
+    assert get_class(cfg.task._target_)
+
+
+def test_defaults():
+    cfg = compose_config()
+    assert cfg.task_name == "segmentation" and cfg.seed == 0
+    assert dict(cfg.xconv) == {
+        "probes": 8, "mode": "independent", "distribution": "gaussian", "relu": "bit", "min_pixels": None,
+        "include": None, "exclude": None,
+    }
+    assert set(cfg.logger) == {"wandb", "csv"} and cfg.logger.wandb.mode == "offline"
+
+
+def test_wandb_mode_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose_config().logger.wandb.mode == "disabled"
+
+
+def test_relu_choice_maps_to_convert_flag():
+    assert xconv_options(compose_config("xconv.relu=exact"))["relu"] is False
+    assert xconv_options(compose_config("xconv.relu=bit"))["relu"] is True
+
+
+def test_exclude_patterns_reach_convert(tmp_path):
+    _, task, _ = build(compose_config(*TINY_TRAINER, "xconv.exclude=[encoder.conv1]", output_dir=tmp_path))
+    assert type(task.net.encoder.conv1) is torch.nn.Conv2d
+    assert isinstance(task.net.encoder.layer1[0].conv1, xconv.XConv2d)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("xconv.probes=-1", "xconv.probes"),
+        ("xconv.probes=1.5", "xconv.probes"),
+        ("xconv.mode=bogus", "xconv.mode"),
+        ("xconv.distribution=uniform", "xconv.distribution"),
+        ("xconv.relu=maybe", "xconv.relu"),
+        ("data=folder", "data.root"),
+        ("data=folder data.root=/nonexistent/xconv-data", "data.root"),
+        ("data=oxford_pet data.download=false data.data_dir=/nonexistent/xconv-data", "data.data_dir"),
+        ("data.textures=[brick,nonexistent]", "data.textures"),
+        ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+    ],
+)
+def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
+    cfg = compose_config(*TINY_TRAINER, *override.split(), output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build(cfg)
+
+
+def test_bad_probes_exit_nonzero_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_SEGMENTATION, "xconv.probes=-3", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes")
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_unknown_task_fails_composition_listing_the_tasks():
+    # Hydra reports this before run.py starts, with the available options, and exits with 1.
+    with pytest.raises(MissingConfigException, match=r"(?s)task/nonexistent.*Available options in 'task'.*segmentation"):
+        compose_config("task=nonexistent")

@@ -1,0 +1,97 @@
+"""The data modules: digit-texture scenes, your own folder of images and masks, Oxford-IIIT Pet's layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experiments.data import DigitScenesDataModule, FolderDataModule, OxfordPetDataModule
+from experiments.data.digit_scenes import compose_scene, load_texture
+
+
+def small_scenes(seed: int) -> DigitScenesDataModule:
+    dm = DigitScenesDataModule(train_scenes=6, val_scenes=4, batch_size=3, seed=seed, image_size=32, digit_size=(12, 20))
+    dm.setup("fit")
+    return dm
+
+
+def test_digit_scenes_are_a_function_of_the_seed():
+    a, b, c = small_scenes(0), small_scenes(0), small_scenes(1)
+    for x, y in zip(a.train_set.tensors, b.train_set.tensors):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.train_set.tensors[0], c.train_set.tensors[0])
+
+
+def test_digit_scenes_batches_and_disjoint_source_digits():
+    dm = small_scenes(0)
+    images, masks = next(iter(dm.train_dataloader()))
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1
+    assert masks.shape == (3, 32, 32) and masks.dtype == torch.int64
+    assert 0 <= masks.min() and masks.max() <= 10 and (masks > 0).any()
+    train, val = dm.source_indices["train"], dm.source_indices["val"]
+    assert not set(train) & set(val) and len(train) + len(val) == 1797
+
+
+def test_scene_mask_labels_the_pasted_digit_strokes():
+    digit = np.zeros((8, 8))
+    digit[1:7, 3:5] = 16  # a vertical bar, pasted as the digit "7"
+    rng = np.random.default_rng(0)
+    image, mask = compose_scene(digit[None], np.array([7]), [load_texture("grass")], 32, (1, 1), (16, 16), rng)
+    assert image.shape == (3, 32, 32) and image.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 8}
+    rows, cols = np.nonzero(mask)
+    assert np.ptp(rows) > 2 * np.ptp(cols)  # the bar stays a vertical bar
+
+
+def write_folder(root, count: int, mask_values=(0, 1)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.jpg")
+        Image.fromarray(rng.choice(mask_values, (40, 48)).astype(np.uint8)).save(root / "masks" / f"im{i}.png")
+
+
+def test_folder_pairs_images_and_masks(tmp_path):
+    write_folder(tmp_path, 5, mask_values=(0, 1, 2))
+    dm = FolderDataModule(str(tmp_path), num_classes=3, image_size=32, val_fraction=0.4, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (3, 2)
+    images, masks = next(iter(dm.train_dataloader()))
+    assert images.shape == (2, 3, 32, 32) and masks.shape == (2, 32, 32)
+    assert set(masks.unique().tolist()) <= {0, 1, 2}
+
+
+def test_folder_binary_masks(tmp_path):
+    write_folder(tmp_path, 2, mask_values=(0, 7, 255))
+    dm = FolderDataModule(str(tmp_path), num_classes=2, binary=True, image_size=32, num_workers=0)
+    dm.setup("fit")
+    assert set(dm.train_set[0][1].unique().tolist()) == {0, 1}
+
+
+def test_folder_errors_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="root: .* has no images/"):
+        FolderDataModule(str(tmp_path / "absent"), num_classes=2)
+    write_folder(tmp_path, 2)
+    (tmp_path / "masks" / "im1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"root: images without a mask .*im1\.jpg"):
+        FolderDataModule(str(tmp_path), num_classes=2)
+
+
+def test_oxford_pet_trimaps_become_background_pet_border(tmp_path):
+    # The on-disk layout torchvision's OxfordIIITPet reads, with one tiny fake sample per split.
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations" / "trimaps").mkdir(parents=True)
+    trimap = np.array([[1, 2], [3, 1]], dtype=np.uint8).repeat(16, 0).repeat(16, 1)
+    for split, name in [("trainval", "Abyssinian_1"), ("test", "Abyssinian_2")]:
+        (base / "annotations" / f"{split}.txt").write_text(f"{name} 1 1 1\n")
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(base / "images" / f"{name}.jpg")
+        Image.fromarray(trimap).save(base / "annotations" / "trimaps" / f"{name}.png")
+    dm = OxfordPetDataModule(str(tmp_path), download=False, image_size=32, batch_size=1, num_workers=0)
+    dm.setup("fit")
+    image, mask = dm.val_set[0]
+    assert image.shape == (3, 32, 32)
+    assert mask[0, 0] == 1 and mask[0, 31] == 0 and mask[31, 0] == 2  # pet, background, border
