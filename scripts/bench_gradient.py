@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from skimage import data as skdata
 from torch import nn
 
 import xconv
+from benchlib import write_csv
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "coins", "camera", "hubble_deep_field")
 
@@ -163,11 +163,7 @@ def main(argv=None):
     if args.age:
         age_table(args, model, loss_fn)
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

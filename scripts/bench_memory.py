@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -26,6 +25,7 @@ import torchvision
 from torch import nn
 
 import xconv
+from benchlib import write_csv
 from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
 
 MIB = 2**20
@@ -128,11 +128,7 @@ def main(argv=None):
     rows = [row for name in args.models for row in measure(name, args.probes, args.budget_gb, args.device)]
     print_table(rows)
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

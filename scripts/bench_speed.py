@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils import benchmark
 
 import xconv
+from benchlib import write_csv
 
 # (name, torch layer, input shape)
 LAYERS = [
@@ -120,11 +120,7 @@ def main(argv=None):
     if args.only in (None, "steps"):
         rows += run("step", STEPS, step_timers, args.probes, args.device, args.min_run_time, args.rounds)
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":
