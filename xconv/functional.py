@@ -263,24 +263,30 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, g
         return _weight_grad(grad_y, x_hat.view(x_shape), weight_shape, geom, g).float()
 
     c_out, taps = grad_y.shape[1], weight_shape[2:]
+    k = math.prod(taps)
     d = grad_y.reshape(batch, c_out, -1)  # [B, C_out, p]
-    # A[b, o, (j, k)] = <D[b, o], Phi_k z_j>: one GEMM against the probes' im2col.
-    if cfg.per_sample:
-        # Per-sample taps are [B, r*|K|, p]; bound that transient by walking the batch.
-        step = max(1, CHUNK_ELEMENTS // (r * math.prod(taps) * d.shape[2]))
-        a = torch.cat([
-            torch.bmm(d[b0:b0 + step], _probe_taps(z[b0:b0 + step].flatten(0, 1), taps, geom)
-                      .view(-1, r * math.prod(taps), d.shape[2]).transpose(1, 2))
-            for b0 in range(0, batch, step)
-        ])
-    else:
-        u = _probe_taps(z, taps, geom).flatten(0, 1)  # [r*|K|, p]
-        a = (d.reshape(batch * c_out, -1) @ u.t()).view(batch, c_out, -1)
-    a = a.float().view(batch, g, c_out // g, r, -1)
+    p = d.shape[2]
     s = sketch.float().view(batch, g, c_in // g, r)
-    if geom.transposed:
-        return torch.einsum("bgojk,bgij->giok", a, s).reshape(c_in, c_out // g, *taps)
-    return torch.einsum("bgojk,bgij->goik", a, s).reshape(c_out, c_in // g, *taps)
+    u = None if cfg.per_sample else _probe_taps(z, taps, geom).flatten(0, 1)  # [r*|K|, p]
+    # A[b, o, (j, k)] = <D[b, o], Phi_k z_j> is one GEMM against the probes' im2col. On small
+    # maps A ([B, C_out, r*|K|]) can outgrow the activation, so walk the batch keeping A (and
+    # per-sample probe taps) below a quarter of D: backward temporaries must not set the peak.
+    step = min(batch, batch * p // (4 * r * k))
+    if cfg.per_sample:
+        step = min(step, batch * c_out // (4 * r * k))
+    step = max(1, step)
+    equation = "bgojk,bgij->giok" if geom.transposed else "bgojk,bgij->goik"
+    dw = 0
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        if cfg.per_sample:
+            taps_b = _probe_taps(z[b0:b1].flatten(0, 1), taps, geom).view(b1 - b0, r * k, p)
+            a = torch.bmm(d[b0:b1], taps_b.transpose(1, 2))
+        else:
+            a = d[b0:b1] @ u.t()
+        dw = dw + torch.einsum(equation, a.float().view(b1 - b0, g, c_out // g, r, k), s[b0:b1])
+    shape = (c_in, c_out // g, *taps) if geom.transposed else (c_out, c_in // g, *taps)
+    return dw.reshape(shape)
 
 
 def _multi_weight_grad(grad_y, sketch, cfg, seed, plan, x_shape, weight_shape, geom):
