@@ -81,6 +81,8 @@ def test_include_exclude_relu_flag_and_set_probes():
     assert model[3].negative_slope == 0.1
     xconv.set_probes(model, 0)
     assert model[0].probes == 0
+    xconv.convert(model, probes=2, mode="orthogonal")  # converting again updates the options
+    assert model[0].probes == 2 and model[0].sketch_config.mode == "orthogonal"
 
 
 def test_convert_transposed_and_a_bare_conv():

@@ -71,6 +71,7 @@ def convert(
     The new layers reuse the same ``Parameter`` objects, buffers and hooks, so
     ``state_dict`` keys and values, device, dtype, train/eval mode and existing optimizers
     are unchanged. Subclasses of convs that override ``forward`` are skipped with a warning.
+    Layers converted before are kept and take the new options.
 
     Args:
         model: any ``nn.Module``; the model itself may be a conv.
@@ -91,7 +92,10 @@ def convert(
         if not _selected(name, include, exclude):
             continue
         tcls = _torch_conv_class(module)
-        if tcls is not None:
+        if isinstance(module, _XConvMixin):  # converted before: take the new options
+            module._init_xconv(probes, mode, distribution, per_sample, "auto", min_pixels)
+            converted.append(name)
+        elif tcls is not None:
             new = _rebuild(module, XCONV_CLASSES[tcls])
             new._init_xconv(probes, mode, distribution, per_sample, "auto", min_pixels)
             model = _replace(model, name, new)
