@@ -4,7 +4,7 @@ For every conv layer of a model (at initialisation) on a batch of natural-image 
 scikit-image, the layer's real input ``X`` and real upstream gradient ``D`` are captured
 from one exact backward pass. Each estimator configuration is then drawn ``--draws`` times
 on that layer and compared with the exact weight gradient: relative error
-``||g_hat - g|| / ||g||`` and cosine similarity (estimator.md, section 5). The table gives
+``||g_hat - g|| / ||g||`` and cosine similarity (the paper's figures of merit). The table gives
 the median over layers of the per-layer mean; the CSV has every layer.
 
 With ``--age M`` it also computes the paper's average gradient error over ``M`` minibatches

@@ -177,7 +177,7 @@ def test_probes_zero_is_the_torch_layer():
 
 
 def test_error_shrinks_towards_exact_as_r_grows():
-    """r -> infinity recovers the exact gradient (estimator.md, section 2)."""
+    """r -> infinity recovers the exact gradient."""
     ref = nn.Conv2d(4, 6, 3, padding=1)
     layer = xconv.XConv2d(4, 6, 3, padding=1, probes=4096)
     layer.load_state_dict(ref.state_dict())

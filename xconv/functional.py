@@ -1,6 +1,6 @@
 """Autograd Functions for XConv and 1-bit activations, and the estimator math.
 
-The notation follows ``shared/design/estimator.md`` (section 1-2): input ``X [B, C_in, *S_in]``
+The notation follows the paper (arXiv 2106.06998, section 3): input ``X [B, C_in, *S_in]``
 with ``n`` pixels, upstream gradient ``D [B, C_out, *S_out]`` with ``P`` pixels, probes ``Z``
 with ``E[Z Z^T] = I``, sketch ``S = Z^T X``. The tap map ``Phi_k`` (stride, padding, dilation)
 is never formed: every contraction with it is a call to the convolution weight-gradient
@@ -22,7 +22,7 @@ MODES = ("independent", "multi", "orthogonal")
 MODE_ALIASES = {"gaussian": "multi"}
 CONTRACTIONS = ("auto", "probes", "decompress")
 # Largest probe block (elements) materialised at once by the multi-channel modes, so the
-# probes never outgrow the activation they replace (estimator.md, section 3).
+# probes never outgrow the activation they replace (the reference code built them whole).
 CHUNK_ELEMENTS = 2**22
 
 
@@ -323,7 +323,7 @@ class XConvFunction(torch.autograd.Function):
     Forward returns exactly ``aten.convolution(x, weight, bias, ...)`` and keeps only the
     weight, the sketch (``[B, C_in, r]`` or ``[B, r]``) and an integer seed. Backward
     returns the exact input and bias gradients and an unbiased estimate of the weight
-    gradient (Hutchinson trace estimation; paper section 3, estimator.md section 2).
+    gradient (Hutchinson trace estimation; paper section 3).
     """
 
     @staticmethod

@@ -35,7 +35,7 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
     Counts every tensor packed by autograd (``torch.autograd.graph.saved_tensors_hooks``),
     deduplicated by storage, excluding ``nn.Parameter`` objects and, when ``model`` is
     given, any tensor sharing a storage with its parameters or buffers. This
-    is the activation memory that XConv and the 1-bit ReLU reduce (estimator.md section 4).
+    is the activation memory that XConv and the 1-bit ReLU reduce.
 
     Args:
         fn: typically ``lambda: loss_fn(model(x), y)``; grad mode must be on.

@@ -2,7 +2,7 @@
 
 Probes are regenerated in backward from an integer seed instead of being stored, so
 everything here is a pure function of ``(seed, shape, distribution)``. Entries are scaled
-so that ``E[Z Z^T] = I`` over the probed dimension (estimator.md, section 2).
+so that ``E[Z Z^T] = I`` over the probed dimension.
 """
 from __future__ import annotations
 
