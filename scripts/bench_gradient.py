@@ -110,6 +110,11 @@ def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.
     return statistics.fmean(errors), statistics.fmean(cosines)
 
 
+def selected_estimators(args):
+    """``(label, options)`` of the estimators named by ``--estimators``, in table order."""
+    return [(label, options) for label, options in ESTIMATORS if label in args.estimators]
+
+
 def age_table(args, model: nn.Module, loss_fn) -> None:
     batches = [build(args.model, args.batch, args.size, args.device, seed=1 + m)[1:3] for m in range(args.age)]
     exact = torch.stack([full_gradient(model, x, t, loss_fn) for x, t in batches]).mean(0)
@@ -118,9 +123,7 @@ def age_table(args, model: nn.Module, loss_fn) -> None:
           f"||g||^2 = {exact.square().sum().item():.4g} (g: exact full-data gradient)")
     print("| estimator | r | AGE | AGE / SGD AGE |")
     print("|---|---|---|---|")
-    for label, options in ESTIMATORS:
-        if label not in args.estimators:
-            continue
+    for label, options in selected_estimators(args):
         for r in args.probes:
             converted = xconv.convert(copy.deepcopy(model), relu=False, probes=r, **options)
             age = average_gradient_error(converted, batches, loss_fn, exact)
@@ -146,9 +149,7 @@ def main(argv=None):
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {len(layers)} conv layers, {args.draws} draws each")
     print("| estimator | r | layers | median rel. error | median cosine |")
     print("|---|---|---|---|---|")
-    for label, options in ESTIMATORS:
-        if label not in args.estimators:
-            continue
+    for label, options in selected_estimators(args):
         for r in args.probes:
             per_layer = []
             for name, conv, inp, d, exact in layers:
