@@ -40,6 +40,8 @@ ESTIMATORS = [
     ("independent shared", dict(mode="independent")),
     ("independent per-sample", dict(mode="independent", per_sample=True)),
     ("independent rademacher", dict(mode="independent", distribution="rademacher")),
+    ("deflated dct", dict(mode="independent", deflation="dct")),
+    ("deflated pca", dict(mode="independent", deflation="pca")),
     ("multi", dict(mode="multi")),
     ("orthogonal", dict(mode="orthogonal")),
 ]

@@ -54,6 +54,8 @@ ESTIMATORS = [
     ("per-sample-rademacher", dict(mode="independent", per_sample=True, distribution="rademacher")),
     ("multi", dict(mode="multi")),
     ("orthogonal", dict(mode="orthogonal")),
+    ("deflated-dct", dict(deflation="dct", contraction="probes")),
+    ("deflated-pca-per-sample", dict(deflation="pca", deflation_rank=3, per_sample=True, contraction="decompress")),
 ]
 
 

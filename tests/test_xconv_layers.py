@@ -130,6 +130,11 @@ def test_min_pixels_and_default_skip():
         (dict(contraction="fast"), ValueError, "contraction must be one of"),
         (dict(mode="multi", per_sample=True), ValueError, "per_sample=True needs mode='independent'"),
         (dict(min_pixels=-3), ValueError, "min_pixels must be None or an int"),
+        (dict(deflation="svd"), ValueError, "deflation must be None or one of .*dct.*pca"),
+        (dict(deflation="dct", mode="multi"), ValueError, "deflation='dct' needs mode='independent'"),
+        (dict(deflation="pca", deflation_rank=8), ValueError, "deflation_rank must be in 1 .. probes - 1 = 7"),
+        (dict(deflation="pca", deflation_rank=0), ValueError, "deflation_rank must be in 1 .. probes - 1"),
+        (dict(deflation="pca", deflation_rank=True), TypeError, "deflation_rank must be None or an int"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
@@ -141,6 +146,10 @@ def test_set_probes_validates():
     layer = xconv.XConv2d(4, 4, 3)
     with pytest.raises(ValueError, match="probes must be >= 0"):
         layer.probes = -2
+    deflated = xconv.XConv2d(4, 4, 3, probes=8, deflation="dct", deflation_rank=6)
+    with pytest.raises(ValueError, match="deflation_rank must be in 1 .. probes - 1 = 5"):
+        deflated.probes = 6
+    assert deflated.probes == 8
 
 
 # --------------------------------------------------------------------------- 1-bit activations

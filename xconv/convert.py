@@ -65,6 +65,8 @@ def convert(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     per_sample: bool = False,
+    deflation: str | None = None,
+    deflation_rank: int | None = None,
 ) -> nn.Module:
     """Replace every torch conv (and ReLU/LeakyReLU when ``relu``) by its XConv layer, in place.
 
@@ -75,7 +77,8 @@ def convert(
 
     Args:
         model: any ``nn.Module``; the model itself may be a conv.
-        probes, mode, distribution, per_sample: see :class:`xconv.XConv2d`.
+        probes, mode, distribution, per_sample, deflation, deflation_rank: see
+            :class:`xconv.XConv2d`.
         relu: also swap ``nn.ReLU`` / ``nn.LeakyReLU`` for ``BitReLU`` / ``BitLeakyReLU``.
         min_pixels: see :class:`xconv.XConv2d`; ``None`` skips where the sketch would not be
             smaller than the input.
@@ -86,18 +89,22 @@ def convert(
     Raises:
         TypeError, ValueError: invalid estimator options, before anything is replaced.
     """
-    validate_sketch_config(probes, mode, distribution, per_sample)
+    options = dict(
+        probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
+        deflation=deflation, deflation_rank=deflation_rank,
+    )
+    validate_sketch_config(**options)
     converted, skipped = [], []
     for name, module in list(model.named_modules()):
         if not _selected(name, include, exclude):
             continue
         tcls = _torch_conv_class(module)
         if isinstance(module, _XConvMixin):  # converted before: take the new options
-            module._init_xconv(probes, mode, distribution, per_sample, "auto", min_pixels)
+            module._init_xconv(min_pixels, **options)
             converted.append(name)
         elif tcls is not None:
             new = _rebuild(module, XCONV_CLASSES[tcls])
-            new._init_xconv(probes, mode, distribution, per_sample, "auto", min_pixels)
+            new._init_xconv(min_pixels, **options)
             model = _replace(model, name, new)
             converted.append(name)
         elif isinstance(module, tuple(XCONV_CLASSES)) and not isinstance(module, _XConvMixin):

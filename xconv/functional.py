@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .probes import DISTRIBUTIONS, make_generator, orthogonal_probes, random_probes
+from .probes import (
+    DEFLATIONS,
+    DISTRIBUTIONS,
+    dct_basis,
+    deflated_probes,
+    make_generator,
+    orthogonal_probes,
+    random_probes,
+    range_basis,
+)
 
 MODES = ("independent", "multi", "orthogonal")
 MODE_ALIASES = {"gaussian": "multi"}
@@ -61,6 +70,11 @@ class SketchConfig:
         contraction: ``"probes"`` (contract ``D`` with the unfolded probes, then with the
             sketch), ``"decompress"`` (rebuild ``Z S`` and call the exact kernel) or
             ``"auto"`` (cheaper of the two by multiply-add count).
+        deflation: independent mode only: ``None`` (plain probes), ``"dct"`` (the lowest
+            spatial frequencies are kept exactly) or ``"pca"`` (the batch's dominant pixel
+            subspace, found in forward and stored, is kept exactly); the other probes are
+            drawn in the complement. Same sketch size, still unbiased.
+        deflation_rank: directions kept exactly (``< probes``); ``None``: ``probes // 2``.
     """
 
     probes: int
@@ -68,17 +82,34 @@ class SketchConfig:
     distribution: str = "gaussian"
     per_sample: bool = False
     contraction: str = "auto"
+    deflation: str | None = None
+    deflation_rank: int | None = None
+
+    @property
+    def rank(self) -> int:
+        """Directions kept exactly by deflation (0 without deflation)."""
+        if self.deflation is None:
+            return 0
+        return self.probes // 2 if self.deflation_rank is None else self.deflation_rank
 
 
 def validate_sketch_config(
-    probes, mode: str, distribution: str, per_sample: bool = False, contraction: str = "auto"
+    probes,
+    mode: str,
+    distribution: str,
+    per_sample: bool = False,
+    contraction: str = "auto",
+    deflation: str | None = None,
+    deflation_rank: int | None = None,
 ) -> str:
     """Check estimator options; return the canonical mode name.
 
     Raises:
-        TypeError: ``probes`` is not an ``int`` (bools are rejected too).
-        ValueError: ``probes < 0``, or ``mode``, ``distribution`` or ``contraction`` is not
-            one of the allowed values, or ``per_sample`` is combined with a multi-channel mode.
+        TypeError: ``probes`` or ``deflation_rank`` is not an ``int`` (bools are rejected too).
+        ValueError: ``probes < 0``, or ``mode``, ``distribution``, ``contraction`` or
+            ``deflation`` is not one of the allowed values, or ``per_sample`` or
+            ``deflation`` is combined with a multi-channel mode, or ``deflation_rank`` is
+            not in ``1 .. probes - 1``.
     """
     if isinstance(probes, bool) or not isinstance(probes, int):
         raise TypeError(f"probes must be an int >= 0 (0 = exact gradient), got {probes!r}")
@@ -96,6 +127,17 @@ def validate_sketch_config(
         raise TypeError(f"per_sample must be a bool, got {per_sample!r}")
     if per_sample and canonical != "independent":
         raise ValueError(f"per_sample=True needs mode='independent', got mode={mode!r}")
+    if deflation is not None:
+        if deflation not in DEFLATIONS:
+            raise ValueError(f"deflation must be None or one of {DEFLATIONS}, got {deflation!r}")
+        if canonical != "independent":
+            raise ValueError(f"deflation={deflation!r} needs mode='independent', got mode={mode!r}")
+    if deflation_rank is not None:
+        if isinstance(deflation_rank, bool) or not isinstance(deflation_rank, int):
+            raise TypeError(f"deflation_rank must be None or an int, got {deflation_rank!r}")
+        # At least one random probe must remain, or the estimate is a biased low-pass one.
+        if deflation_rank < 1 or (probes > 0 and deflation_rank >= probes):
+            raise ValueError(f"deflation_rank must be in 1 .. probes - 1 = {probes - 1}, got {deflation_rank}")
     return canonical
 
 
@@ -129,11 +171,30 @@ def _input_grad(grad_out, input_shape, weight, geom: ConvGeometry) -> torch.Tens
 # --------------------------------------------------------------------------- probes
 
 
-def _independent_probes(cfg: SketchConfig, seed: int, batch: int, spatial, dtype, device):
-    """Probes ``[r, *S_in]`` shared by the batch, or ``[B, r, *S_in]`` when per-sample."""
+def deflation_basis(x: torch.Tensor, cfg: SketchConfig, seed: int) -> torch.Tensor | None:
+    """The directions deflation keeps exactly, ``float32 [k, n]``, or None without deflation.
+
+    ``"pca"`` draws its test matrix from a generator seeded with ``seed + 1``, independent of
+    the probes' ``seed``.
+    """
+    if cfg.deflation is None:
+        return None
+    if cfg.deflation == "dct":
+        return dct_basis(tuple(x.shape[2:]), cfg.rank, x.device)
+    return range_basis(x, cfg.rank, make_generator(seed + 1, x.device))
+
+
+def _independent_probes(cfg: SketchConfig, seed: int, batch: int, spatial, dtype, device, basis=None):
+    """Probes ``[r, *S_in]`` shared by the batch, or ``[B, r, *S_in]`` when per-sample.
+
+    With a deflation ``basis`` (``[k, n]``) the first ``k`` probes are its rows.
+    """
     gen = make_generator(seed, device)
-    shape = ((batch,) if cfg.per_sample else ()) + (cfg.probes, *spatial)
-    return random_probes(shape, cfg.probes, cfg.distribution, gen, dtype, device)
+    lead = (batch,) if cfg.per_sample else ()
+    if basis is None:
+        return random_probes(lead + (cfg.probes, *spatial), cfg.probes, cfg.distribution, gen, dtype, device)
+    z = deflated_probes(basis, lead, cfg.probes, cfg.distribution, gen, dtype)
+    return z.view(*lead, cfg.probes, *spatial)
 
 
 @dataclass(frozen=True)
@@ -181,17 +242,18 @@ class _ChunkPlan:
 # --------------------------------------------------------------------------- sketch
 
 
-def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan | None) -> torch.Tensor:
+def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan | None, basis=None) -> torch.Tensor:
     """Sketch ``S = Z^T X`` of the layer input.
 
     Args:
         x: ``[B, C_in, *S_in]``.
+        basis: deflation basis ``[k, n]`` from :func:`deflation_basis`, or None.
     Returns:
         ``[B, C_in, r]`` (independent) or ``[B, r]`` (multi / orthogonal), in ``x.dtype``.
     """
     batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
     if cfg.mode == "independent":
-        z = _independent_probes(cfg, seed, batch, spatial, x.dtype, x.device).flatten(-len(spatial))
+        z = _independent_probes(cfg, seed, batch, spatial, x.dtype, x.device, basis).flatten(-len(spatial))
         xf = x.flatten(2)  # [B, C_in, n]
         return torch.bmm(xf, z.transpose(1, 2)) if cfg.per_sample else xf @ z.t()
     sketch = x.new_zeros(batch, cfg.probes)
@@ -253,10 +315,10 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
     return u.flatten(2)
 
 
-def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, geom, order):
+def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, geom, order, basis):
     batch, c_in, spatial = x_shape[0], x_shape[1], x_shape[2:]
     r, g = cfg.probes, geom.groups
-    z = _independent_probes(cfg, seed, batch, spatial, grad_y.dtype, grad_y.device)
+    z = _independent_probes(cfg, seed, batch, spatial, grad_y.dtype, grad_y.device, basis)
     if order == "decompress":
         zf = z.flatten(-len(spatial))
         x_hat = torch.bmm(sketch, zf) if cfg.per_sample else sketch @ zf  # [B, C_in, n] = S Z^T
@@ -321,7 +383,8 @@ class XConvFunction(torch.autograd.Function):
     """Convolution whose backward estimates ``dL/dW`` from a sketch of the input.
 
     Forward returns exactly ``aten.convolution(x, weight, bias, ...)`` and keeps only the
-    weight, the sketch (``[B, C_in, r]`` or ``[B, r]``) and an integer seed. Backward
+    weight, the sketch (``[B, C_in, r]`` or ``[B, r]``), an integer seed and, with
+    ``deflation="pca"``, the deflation basis (``[k, n]``). Backward
     returns the exact input and bias gradients and an unbiased estimate of the weight
     gradient (Hutchinson trace estimation; paper section 3).
     """
@@ -332,27 +395,32 @@ class XConvFunction(torch.autograd.Function):
         ctx.geom, ctx.cfg, ctx.seed = geom, cfg, seed
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         ctx.plan = None
-        sketch = None
+        sketch = stored_basis = None
         if ctx.needs_input_grad[1]:
             if cfg.mode != "independent":
                 ctx.plan = _ChunkPlan.make(cfg, x.shape[1], math.prod(x.shape[2:]), geom.groups, y[0].numel())
-            sketch = sketch_input(x.detach(), cfg, seed, ctx.plan)
+            basis = deflation_basis(x, cfg, seed)
+            sketch = sketch_input(x.detach(), cfg, seed, ctx.plan, basis)
             ctx.order = choose_contraction(cfg, x.shape, y.shape, weight.shape, geom)
-        ctx.save_for_backward(weight, sketch)
+            # The DCT basis is a cached function of the shape; only the data-adaptive one is kept.
+            stored_basis = basis if cfg.deflation == "pca" else None
+        ctx.save_for_backward(weight, sketch, stored_basis)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        weight, sketch = ctx.saved_tensors
+        weight, sketch, basis = ctx.saved_tensors
         geom, cfg = ctx.geom, ctx.cfg
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad_y, ctx.x_shape, weight, geom)
         if ctx.needs_input_grad[1]:
             if cfg.mode == "independent":
+                if cfg.deflation == "dct":
+                    basis = dct_basis(tuple(ctx.x_shape[2:]), cfg.rank, grad_y.device)
                 grad_w = _independent_weight_grad(
-                    grad_y, sketch, cfg, ctx.seed, ctx.x_shape, weight.shape, geom, ctx.order
+                    grad_y, sketch, cfg, ctx.seed, ctx.x_shape, weight.shape, geom, ctx.order, basis
                 )
             else:
                 grad_w = _multi_weight_grad(grad_y, sketch, cfg, ctx.seed, ctx.plan, ctx.x_shape, weight.shape, geom)

@@ -7,6 +7,7 @@ be smaller than the input, the layer runs the parent's plain forward.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -27,11 +28,12 @@ from .probes import draw_seed
 class _XConvMixin:
     """Estimator options and the estimator forward shared by all XConv layers."""
 
-    def _init_xconv(self, probes, mode, distribution, per_sample, contraction, min_pixels) -> None:
-        canonical = validate_sketch_config(probes, mode, distribution, per_sample, contraction)
+    def _init_xconv(self, min_pixels: int | None = None, **options) -> None:
+        """Validate and set the estimator ``options`` (the fields of :class:`SketchConfig`)."""
+        canonical = validate_sketch_config(**options)
         if min_pixels is not None and (isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 0):
             raise ValueError(f"min_pixels must be None or an int >= 0, got {min_pixels!r}")
-        self.sketch_config = SketchConfig(probes, canonical, distribution, per_sample, contraction)
+        self.sketch_config = SketchConfig(**{**options, "mode": canonical})
         self.min_pixels = min_pixels
 
     @property
@@ -40,9 +42,9 @@ class _XConvMixin:
 
     @probes.setter
     def probes(self, value: int) -> None:
-        cfg = self.sketch_config
-        validate_sketch_config(value, cfg.mode, cfg.distribution, cfg.per_sample, cfg.contraction)
-        self.sketch_config = SketchConfig(value, cfg.mode, cfg.distribution, cfg.per_sample, cfg.contraction)
+        cfg = dataclasses.replace(self.sketch_config, probes=value)
+        validate_sketch_config(**dataclasses.asdict(cfg))
+        self.sketch_config = cfg
 
     def uses_estimator(self, x: torch.Tensor) -> bool:
         """Whether a forward on ``x`` keeps a sketch instead of running the plain layer.
@@ -77,6 +79,8 @@ class _XConvMixin:
         extra = f", probes={cfg.probes}, mode={cfg.mode!r}, distribution={cfg.distribution!r}"
         if cfg.per_sample:
             extra += ", per_sample=True"
+        if cfg.deflation is not None:
+            extra += f", deflation={cfg.deflation!r}, deflation_rank={cfg.rank}"
         if self.min_pixels is not None:
             extra += f", min_pixels={self.min_pixels}"
         return super().extra_repr() + extra
@@ -132,6 +136,12 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
         per_sample: independent mode only; separate probes per sample.
         contraction: ``"auto"``, ``"probes"`` or ``"decompress"`` (order of the backward
             contraction; same estimate, different cost).
+        deflation: independent mode only; ``None``, ``"dct"`` (keep the lowest spatial
+            frequencies exactly) or ``"pca"`` (keep the batch's dominant pixel subspace
+            exactly; stores ``[k, n]`` floats per layer). The other probes are drawn in the
+            complement: same sketch size, still unbiased, lower variance on smooth inputs.
+        deflation_rank: number k of exactly kept directions, ``1 .. probes - 1``;
+            ``None``: ``probes // 2``.
         min_pixels: run the plain layer on inputs with fewer pixels than this; ``None``
             runs it wherever the sketch would not be smaller than the input.
 
@@ -151,10 +161,14 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
 def _make_layer(name, base, mixin, example_shape):
     def __init__(
         self, *args, probes: int = 8, mode: str = "independent", distribution: str = "gaussian",
-        per_sample: bool = False, contraction: str = "auto", min_pixels: int | None = None, **kwargs,
+        per_sample: bool = False, contraction: str = "auto", deflation: str | None = None,
+        deflation_rank: int | None = None, min_pixels: int | None = None, **kwargs,
     ):
         base.__init__(self, *args, **kwargs)
-        self._init_xconv(probes, mode, distribution, per_sample, contraction, min_pixels)
+        self._init_xconv(
+            min_pixels, probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
+            contraction=contraction, deflation=deflation, deflation_rank=deflation_rank,
+        )
 
     doc = _DOC.format(torch_name=base.__name__, name=name, example_shape=example_shape)
     return type(name, (mixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})

@@ -1,11 +1,14 @@
 """Probe generation for the XConv estimator.
 
 Probes are regenerated in backward from an integer seed instead of being stored, so
-everything here is a pure function of ``(seed, shape, distribution)``. Entries are scaled
-so that ``E[Z Z^T] = I`` over the probed dimension.
+everything here is a pure function of ``(seed, shape, distribution)``, except the
+data-adaptive deflation basis (:func:`range_basis`), which the layer stores. Entries are
+scaled so that ``E[Z Z^T] = I`` over the probed dimension.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
@@ -88,3 +91,77 @@ def orthogonal_probes(
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     q = q.mul_(math.sqrt(pixels / num_probes))
     return q.permute(2, 0, 1).to(dtype)
+
+
+# --------------------------------------------------------------------------- deflation
+# Deflated probes (Hutch++-style; Meyer, Musco, Musco, Woodruff 2021): k orthonormal
+# directions Q capture most of the activation's energy and are kept exactly; the remaining
+# r - k random probes are projected onto the complement of Q, so the estimator stays unbiased
+# (E[Q Q^T + (I - QQ^T) G G^T (I - QQ^T)] = I) and its variance comes from the residual only.
+
+DEFLATIONS = ("dct", "pca")
+
+
+def _dct_matrix(size: int) -> torch.Tensor:
+    """Orthonormal DCT-II basis ``[size, size]``, row ``f`` the frequency-``f`` cosine."""
+    f = torch.arange(size, dtype=torch.float64)[:, None]
+    i = torch.arange(size, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (i + 0.5) * f / size) * math.sqrt(2.0 / size)
+    c[0] /= math.sqrt(2.0)
+    return c
+
+
+@functools.lru_cache(maxsize=64)
+def dct_basis(spatial: tuple[int, ...], rank: int, device: torch.device) -> torch.Tensor:
+    """The ``rank`` lowest-frequency separable DCT-II images, ``float32 [min(rank, n), n]``.
+
+    Rows are orthonormal over the ``n = prod(spatial)`` pixels. Frequencies ``(f_1, ...)``
+    are ranked by ``sum((f_d / N_d)^2)`` (ties by the tuple), so row 0 is the constant image
+    (the per-channel mean, the largest part of a post-ReLU activation). Cached per shape.
+    """
+    # A frequency in the lowest `rank` never exceeds rank - 1 along any axis.
+    candidates = itertools.product(*(range(min(size, rank)) for size in spatial))
+    chosen = sorted(candidates, key=lambda f: (sum((a / s) ** 2 for a, s in zip(f, spatial)), f))[:rank]
+    mats = [_dct_matrix(size) for size in spatial]
+    rows = [functools.reduce(lambda u, v: torch.outer(u, v).flatten(), (m[a] for m, a in zip(mats, f))) for f in chosen]
+    return torch.stack(rows).to(torch.float32).to(device)
+
+
+def range_basis(x: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """Orthonormal basis ``float32 [min(rank, n), n]`` of the dominant pixel-space range of ``x``.
+
+    Randomized range finder with one subspace iteration (Halko, Martinsson, Tropp 2011,
+    alg. 4.3) on ``x`` viewed as a ``[B * C_in, n]`` matrix: ``Q = orth(M^T M M^T Omega)``.
+    Costs ``3 * B * C_in * n * rank`` multiply-adds; never forms an ``n x n`` matrix.
+
+    Args:
+        x: ``[B, C_in, *S_in]`` layer input.
+    """
+    m = x.detach().flatten(2).flatten(0, 1).float()
+    rank = min(rank, m.shape[1])
+    omega = torch.randn((rank, m.shape[0]), generator=generator, device=x.device, dtype=torch.float32)
+    y = omega @ m
+    y = (y @ m.t()) @ m
+    q, _ = torch.linalg.qr(y.t())
+    return q.t().contiguous()
+
+
+def deflated_probes(
+    basis: torch.Tensor,
+    lead: tuple[int, ...],
+    num_probes: int,
+    distribution: str,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Probes ``[*lead, num_probes, n]``: the ``k`` basis rows, then ``num_probes - k`` random
+    probes projected onto the basis's orthogonal complement and scaled by ``1/sqrt(r - k)``.
+
+    Args:
+        basis: ``[k, n]`` orthonormal rows, ``k < num_probes``.
+        lead: leading shape of the random part (``(B,)`` for per-sample probes, else ``()``).
+    """
+    k, n = basis.shape
+    g = random_probes(lead + (num_probes - k, n), num_probes - k, distribution, generator, torch.float32, basis.device)
+    g = g - (g @ basis.t()) @ basis
+    return torch.cat([basis.expand(*lead, k, n), g], dim=-2).to(dtype)
