@@ -44,8 +44,8 @@ def test_defaults():
     cfg = compose_config()
     assert cfg.task_name == "segmentation" and cfg.seed == 0
     assert dict(cfg.xconv) == {
-        "probes": 8, "mode": "independent", "distribution": "gaussian", "relu": "bit", "min_pixels": None,
-        "include": None, "exclude": None,
+        "probes": 8, "mode": "independent", "distribution": "gaussian", "deflation": None, "deflation_rank": None,
+        "relu": "bit", "min_pixels": None, "include": None, "exclude": None,
     }
     assert set(cfg.logger) == {"wandb", "csv"} and cfg.logger.wandb.mode == "offline"
 
