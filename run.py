@@ -7,12 +7,20 @@ the task's network with ``xconv.convert``, trains and validates with Lightning, 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.errors import InstantiationException
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -75,14 +83,38 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+def remove_unused_run_dir(run_dir: Path, job_name: str) -> None:
+    """Delete ``run_dir`` if it holds only what Hydra writes at job start: ``.hydra/`` and ``<job_name>.log``."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{job_name}.log"}:
+        shutil.rmtree(run_dir)
+
+
+def command_line_error(err: ConfigCompositionException | OverrideParseException) -> str:
+    """One line for a command line that does not parse or compose, e.g. an unknown ``task=`` choice."""
+    if isinstance(err, MissingConfigException) and err.options:
+        group, _, choice = err.missing_cfg_file.rpartition("/")
+        return f"{group} must be one of {sorted(err.options)}, got {choice!r}"
+    message = " ".join(str(err).split())
+    return f"{err.override}: {message}" if isinstance(err, OverrideParseException) else message
+
+
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)["metric"]
     except ConfigError as err:
+        remove_unused_run_dir(Path(cfg.output_dir), HydraConfig.get().job.name)  # nothing ran: nothing to keep
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra reports a command line that does not parse or compose over many lines and exits with
+    # 1; with HYDRA_FULL_ERROR it raises instead, so the error reads and exits like the others here
+    # (other exceptions then show Python's full traceback instead of Hydra's shortened one).
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as err:
+        print(f"error: {command_line_error(err)}", file=sys.stderr)
+        sys.exit(2)

@@ -7,14 +7,13 @@ import sys
 import lightning as L
 import pytest
 import torch
-from hydra.errors import MissingConfigException
 from hydra.utils import get_class, instantiate
-from hydra_helpers import REPO_ROOT, TINY_SEGMENTATION, TINY_TRAINER, compose_config, config_names
+from hydra_helpers import REPO_ROOT, TINY_TRAINER, compose_config, config_names
 
 import xconv
 from experiments.config import ConfigError, xconv_options
 from experiments.tasks import XConvTask
-from run import build
+from run import build, remove_unused_run_dir
 
 
 @pytest.mark.parametrize("task", config_names("task"))
@@ -87,17 +86,30 @@ def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
         build(cfg)
 
 
-def test_bad_probes_exit_nonzero_with_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("xconv.probes=-3", "error: xconv.probes must be >= 0"),
+        ("task=nonexistent", "error: task must be one of ['segmentation'], got 'nonexistent'"),
+    ],
+)
+def test_bad_command_line_exits_2_with_one_line_and_leaves_no_run_dir(override, message, tmp_path):
+    run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_SEGMENTATION, "xconv.probes=-3", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, override, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes")
-    assert not (tmp_path / "summary.json").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not run_dir.exists()
 
 
-def test_unknown_task_fails_composition_listing_the_tasks():
-    # Hydra reports this before run.py starts, with the available options, and exits with 1.
-    with pytest.raises(MissingConfigException, match=r"(?s)task/nonexistent.*Available options in 'task'.*segmentation"):
-        compose_config("task=nonexistent")
+def test_failed_run_removes_its_run_dir_only_when_nothing_but_hydra_wrote_there(tmp_path):
+    for name in ("unused", "used"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "run.log").touch()
+    (tmp_path / "used" / "checkpoints").mkdir()
+    remove_unused_run_dir(tmp_path / "unused", job_name="run")
+    remove_unused_run_dir(tmp_path / "used", job_name="run")
+    assert not (tmp_path / "unused").exists()
+    assert (tmp_path / "used" / "checkpoints").is_dir()
