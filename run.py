@@ -52,10 +52,7 @@ def build(cfg: DictConfig):
     options = xconv_options(cfg)
     datamodule = _build(cfg, "data")
     task = _build(cfg, "task")
-    try:  # xconv owns the allowed values of probes, mode, distribution and min_pixels
-        xconv.convert(task.net, **options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"xconv.{err}") from err
+    xconv.convert(task.net, **options)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

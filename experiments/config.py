@@ -1,9 +1,13 @@
 """Run-configuration checks that must fail before any training starts."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import xconv
 
 # xconv.relu in the config -> the ``relu`` flag of ``xconv.convert``.
 RELU_CHOICES = {"bit": True, "exact": False}
@@ -24,15 +28,35 @@ def check_run_config(cfg: DictConfig) -> None:
 
 
 def xconv_options(cfg: DictConfig) -> dict:
-    """Keyword arguments for ``xconv.convert`` from ``cfg.xconv``.
+    """Keyword arguments for ``xconv.convert`` from ``cfg.xconv``, checked before anything is built.
 
-    Only ``relu`` is translated here (``bit`` -> 1-bit ReLU, ``exact`` -> torch ReLU); probes,
-    mode, distribution and min_pixels are checked by ``xconv`` itself, which owns their
-    allowed values.
+    Only ``relu`` is translated here (``bit`` -> 1-bit ReLU, ``exact`` -> torch ReLU). Every
+    other key goes to ``xconv.convert`` as it is, and ``xconv``, which owns the allowed values,
+    checks them all (see :func:`check_xconv_options`).
     """
     options = OmegaConf.to_container(cfg.xconv, resolve=True)
     relu = options.get("relu", "bit")
     if relu not in RELU_CHOICES:
         raise ConfigError(f"xconv.relu must be one of {sorted(RELU_CHOICES)}, got {relu!r}")
     options["relu"] = RELU_CHOICES[relu]
+    check_xconv_options(options)
     return options
+
+
+def check_xconv_options(options: dict) -> None:
+    """Raise :class:`ConfigError` unless ``xconv.convert`` accepts ``options``.
+
+    Converting a one-conv network runs every check the real conversion runs, for every key,
+    including keys added to ``xconv`` later, in milliseconds rather than after data and model
+    are built. ``include``/``exclude`` name modules of the real network and would leave this
+    one unconverted, so they are left out here.
+    """
+    convert_log = logging.getLogger("xconv.convert")
+    level = convert_log.level
+    convert_log.setLevel(logging.WARNING)  # its "1 convs converted" would read as news about the real network
+    try:
+        xconv.convert(nn.Conv2d(1, 1, 1), **{**options, "include": None, "exclude": None})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"xconv.{err}") from err
+    finally:
+        convert_log.setLevel(level)

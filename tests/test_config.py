@@ -13,6 +13,7 @@ from hydra_helpers import REPO_ROOT, TINY_TRAINER, compose_config, config_names
 import xconv
 from experiments.config import ConfigError, xconv_options
 from experiments.tasks import XConvTask
+import run as run_module
 from run import build, remove_unused_run_dir
 
 
@@ -73,6 +74,8 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("xconv.mode=bogus", "xconv.mode"),
         ("xconv.distribution=uniform", "xconv.distribution"),
         ("xconv.relu=maybe", "xconv.relu"),
+        ("xconv.min_pixels=-1", "xconv.min_pixels"),
+        ("xconv.deflation=bogus", "xconv.deflation"),
         ("data=folder", "data.root"),
         ("data=folder data.root=/nonexistent/xconv-data", "data.root"),
         ("data=oxford_pet data.download=false data.data_dir=/nonexistent/xconv-data", "data.data_dir"),
@@ -84,6 +87,15 @@ def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
     cfg = compose_config(*TINY_TRAINER, *override.split(), output_dir=tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build(cfg)
+
+
+@pytest.mark.parametrize(
+    "override", ["xconv.probes=-1", "xconv.mode=bogus", "xconv.min_pixels=-1", "+xconv.bogus=1"]
+)
+def test_xconv_options_are_checked_before_data_and_model_are_built(override, monkeypatch, tmp_path):
+    monkeypatch.setattr(run_module, "_build", lambda cfg, key: pytest.fail(f"built {key} first"))
+    with pytest.raises(ConfigError, match=r"^xconv\."):
+        build(compose_config(override, output_dir=tmp_path))
 
 
 @pytest.mark.parametrize(
