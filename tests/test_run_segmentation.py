@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra_helpers import REPO_ROOT, TINY_SEGMENTATION, compose_config
 
+from experiments.tasks import SegmentationTask
 from run import run
 
 SUMMARY_FIELDS = {
@@ -47,13 +49,28 @@ def test_two_step_run_writes_summary(probes, relu, tmp_path):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
-def test_resume_from_checkpoint_continues_training(tmp_path):
-    first = run(compose_config(*TINY_SEGMENTATION, output_dir=tmp_path / "first"))
-    assert first["steps"] == 2
+def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeypatch):
+    # 16 scenes in batches of 4 make 4 steps an epoch; a step checkpoint every 2 steps, and a
+    # crash in step 3, mid-epoch, as a Ctrl-C or a killed job would stop the run.
+    overrides = [
+        *TINY_SEGMENTATION, "data.train_scenes=16", "trainer.max_steps=4",
+        "callbacks.step_checkpoint.every_n_train_steps=2",
+    ]
+    training_step = SegmentationTask.training_step
+
+    def crash_in_step_3(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise RuntimeError("crash")
+        return training_step(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SegmentationTask, "training_step", crash_in_step_3)
+        with pytest.raises(RuntimeError, match="crash"):
+            run(compose_config(*overrides, output_dir=tmp_path / "first"))
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    resumed = run(
-        compose_config(*TINY_SEGMENTATION, "trainer.max_steps=4", f"ckpt_path={last}", output_dir=tmp_path / "resumed")
-    )
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+    resumed = run(compose_config(*overrides, f"ckpt_path={last}", output_dir=tmp_path / "resumed"))
     assert resumed["steps"] == 4
 
 
