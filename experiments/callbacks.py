@@ -13,7 +13,9 @@ class TrainThroughput(L.Callback):
 
     A step spans forward, backward and optimizer update (``on_train_batch_start`` to
     ``on_train_batch_end``), so validation and data loading between steps are not counted:
-    ``samples / step_time_s`` is the training throughput XConv changes.
+    ``samples / step_time_s`` is the training throughput XConv changes. The counts are saved
+    in checkpoints, so a resumed run (``ckpt_path=``) continues them: like ``train_time_s``
+    (Lightning's ``Timer``, also saved), they cover the first run and every resumption.
     """
 
     def __init__(self):
@@ -34,6 +36,12 @@ class TrainThroughput(L.Callback):
         self._sync(pl_module)
         self.step_time_s += time.perf_counter() - self._start
         self.samples += extract_batch_size(batch)
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "step_time_s": self.step_time_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.samples, self.step_time_s = state_dict["samples"], state_dict["step_time_s"]
 
     @property
     def samples_per_s(self) -> float | None:

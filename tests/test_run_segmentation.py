@@ -68,10 +68,16 @@ def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeyp
         with pytest.raises(RuntimeError, match="crash"):
             run(compose_config(*overrides, output_dir=tmp_path / "first"))
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    first = torch.load(last, weights_only=False)
+    assert first["global_step"] == 2
 
     resumed = run(compose_config(*overrides, f"ckpt_path={last}", output_dir=tmp_path / "resumed"))
     assert resumed["steps"] == 4
+    # Both throughput and training time cover the first run and the resumption.
+    callbacks = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    assert callbacks["TrainThroughput"]["samples"] == 4 * 4
+    assert resumed["samples_per_s"] == pytest.approx(4 * 4 / callbacks["TrainThroughput"]["step_time_s"])
+    assert resumed["train_time_s"] > first["callbacks"]["Timer"]["time_elapsed"]["train"]
 
 
 def test_multirun_over_probes_writes_one_summary_per_job(tmp_path):
