@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -30,6 +31,13 @@ from experiments.config import ConfigError, check_run_config, xconv_options
 from experiments.summary import build_summary, summary_callbacks, write_summary
 
 log = logging.getLogger("run")
+
+# Printed on every run, and nothing a user of run.py can act on: Lightning 2.6 still calls
+# torch's deprecated LeafSpec, and every Trainer advertises Lightning's cloud services.
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not record.getMessage().startswith("💡 Tip:")
+)
 
 
 def _build(cfg: DictConfig, key: str):

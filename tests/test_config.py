@@ -55,6 +55,12 @@ def test_wandb_mode_follows_the_environment(monkeypatch):
     assert compose_config().logger.wandb.mode == "disabled"
 
 
+def test_wandb_logger_starts_without_deprecation_warnings(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    instantiate(compose_config(output_dir=tmp_path).logger.wandb).experiment.finish()
+    assert "anonymous" not in capfd.readouterr().err
+
+
 def test_relu_choice_maps_to_convert_flag():
     assert xconv_options(compose_config("xconv.relu=exact"))["relu"] is False
     assert xconv_options(compose_config("xconv.relu=bit"))["relu"] is True

@@ -87,6 +87,8 @@ def test_multirun_over_probes_writes_one_summary_per_job(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("LeafSpec", "💡 Tip", "logging interval"):  # warnings a user can do nothing about
+        assert noise not in result.stdout + result.stderr
     for job, probes in enumerate([0, 8]):
         summary = json.loads((tmp_path / f"{job}_probes{probes}" / "summary.json").read_text())
         check_summary(summary, probes, steps=2)
