@@ -1,6 +1,7 @@
 """Weight-gradient quality of XConv estimators on the real activations of a real network.
 
-For every conv layer of a model (at initialisation) on a batch of natural-image crops from
+For every conv layer of a model (at initialisation, or after ``--train-steps`` exact Adam
+steps on fresh crops) on a batch of natural-image crops from
 scikit-image, the layer's real input ``X`` and real upstream gradient ``D`` are captured
 from one exact backward pass. Each estimator configuration is then drawn ``--draws`` times
 on that layer and compared with the exact weight gradient: relative error
@@ -14,7 +15,8 @@ zeroed between minibatches), next to the exact minibatch (SGD) AGE.
 
 Usage:
     python scripts/bench_gradient.py [--model unet|resnet18] [--probes 4 8 16 32]
-                                     [--draws 8] [--csv results/bench/gradient_cpu.csv]
+                                     [--draws 8] [--train-steps 0] [--age M]
+                                     [--csv results/bench/gradient_cpu.csv]
 """
 from __future__ import annotations
 
@@ -60,16 +62,35 @@ def natural_crops(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
 
 
-def build(name: str, batch: int, size: int, device: str, seed: int = 0):
-    """Model, a batch of crops, targets derived from the images, and the loss."""
+def make_batch(name: str, batch: int, size: int, device: str, seed: int):
+    """Crops and their targets: bright-region masks (unet) or which photo a crop is from."""
     x = natural_crops(batch, size, seed).to(device)
     if name == "unet":
+        return x, (x.mean(1, keepdim=True) > 0).float()
+    return x, torch.arange(batch, device=device) % len(IMAGES)
+
+
+def build(name: str, batch: int, size: int, device: str, seed: int = 0):
+    """Model, a batch of crops and targets (see :func:`make_batch`), and the loss."""
+    x, target = make_batch(name, batch, size, device, seed)
+    if name == "unet":
         model = smp.Unet("resnet18", encoder_weights=None, classes=1).to(device)
-        target = (x.mean(1, keepdim=True) > 0).float()  # bright-region segmentation
         return model, x, target, nn.functional.binary_cross_entropy_with_logits
     model = torchvision.models.resnet18(num_classes=len(IMAGES)).to(device)
-    labels = torch.arange(batch, device=device) % len(IMAGES)  # which photo a crop is from
-    return model, x, labels, nn.functional.cross_entropy
+    return model, x, target, nn.functional.cross_entropy
+
+
+def pretrain(model: nn.Module, args, loss_fn) -> None:
+    """``args.train_steps`` exact Adam steps (lr 1e-3), each on fresh crops (seeds 1000+)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(args.train_steps):
+        x, target = make_batch(args.model, args.batch, args.size, args.device, seed=1000 + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        optimizer.step()
+    if args.train_steps:
+        print(f"after {args.train_steps} exact Adam steps: training loss {loss.item():.4f}")
 
 
 def full_gradient(model: nn.Module, x, target, loss_fn) -> torch.Tensor:
@@ -118,7 +139,7 @@ def selected_estimators(args):
 
 
 def age_table(args, model: nn.Module, loss_fn) -> None:
-    batches = [build(args.model, args.batch, args.size, args.device, seed=1 + m)[1:3] for m in range(args.age)]
+    batches = [make_batch(args.model, args.batch, args.size, args.device, seed=1 + m) for m in range(args.age)]
     exact = torch.stack([full_gradient(model, x, t, loss_fn) for x, t in batches]).mean(0)
     sgd = average_gradient_error(model, batches, loss_fn, exact)
     print(f"\nAGE over {args.age} minibatches of {args.batch}; exact minibatch (SGD floor) AGE = {sgd:.4g}; "
@@ -141,11 +162,13 @@ def main(argv=None):
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--estimators", nargs="+", default=[e[0] for e in ESTIMATORS], choices=[e[0] for e in ESTIMATORS])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--train-steps", type=int, default=0, help="exact Adam steps before measuring")
     parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, x, target, loss_fn = build(args.model, args.batch, args.size, args.device)
+    pretrain(model.train(), args, loss_fn)
     layers = capture_layers(model.train(), x, target, loss_fn)
     rows = []
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {len(layers)} conv layers, {args.draws} draws each")
@@ -158,7 +181,7 @@ def main(argv=None):
                 result = draw_errors(conv, inp, d, exact, dict(options, probes=r), args.draws)
                 if result is not None:
                     per_layer.append(result)
-                    rows.append(dict(model=args.model, estimator=label, probes=r, layer=name,
+                    rows.append(dict(model=args.model, train_steps=args.train_steps, estimator=label, probes=r, layer=name,
                                      pixels=inp[0, 0].numel(), rel_error=result[0], cosine=result[1]))
             err = statistics.median(e for e, _ in per_layer)
             cos = statistics.median(c for _, c in per_layer)

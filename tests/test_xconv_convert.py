@@ -95,3 +95,11 @@ def test_convert_rejects_bad_options_before_touching_the_model():
     with pytest.raises(ValueError, match="mode must be one of"):
         xconv.convert(model, mode="fast")
     assert type(model[0]) is nn.Conv2d
+
+
+def test_include_exclude_accept_one_pattern_as_a_string():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    xconv.convert(model, include="0", relu=False)
+    assert isinstance(model[0], xconv.XConv2d) and type(model[1]) is nn.Conv2d
+    xconv.convert(model, exclude="0", relu=False)
+    assert isinstance(model[1], xconv.XConv2d)

@@ -62,8 +62,8 @@ def convert(
     distribution: str = "gaussian",
     relu: bool = True,
     min_pixels: int | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: list[str] | str | None = None,
+    exclude: list[str] | str | None = None,
     per_sample: bool = False,
     deflation: str | None = None,
     deflation_rank: int | None = None,
@@ -83,7 +83,8 @@ def convert(
         min_pixels: see :class:`xconv.XConv2d`; ``None`` skips where the sketch would not be
             smaller than the input.
         include, exclude: ``fnmatch`` patterns on module names (``"encoder.*"``) selecting
-            the convs to convert; activations follow the same selection.
+            the convs to convert, a list or one pattern as a string; activations follow the
+            same selection.
     Returns:
         ``model`` (or the new layer when ``model`` itself is a conv).
     Raises:
@@ -94,6 +95,7 @@ def convert(
         deflation=deflation, deflation_rank=deflation_rank,
     )
     validate_sketch_config(**options)
+    include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))
     converted, skipped = [], []
     for name, module in list(model.named_modules()):
         if not _selected(name, include, exclude):

@@ -141,7 +141,7 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
             exactly; stores ``[k, n]`` floats per layer). The other probes are drawn in the
             complement: same sketch size, still unbiased, lower variance on smooth inputs.
         deflation_rank: number k of exactly kept directions, ``1 .. probes - 1``;
-            ``None``: ``probes // 2``.
+            ``None``: 1.
         min_pixels: run the plain layer on inputs with fewer pixels than this; ``None``
             runs it wherever the sketch would not be smaller than the input.
 
