@@ -6,7 +6,8 @@ scikit-image, the layer's real input ``X`` and real upstream gradient ``D`` are 
 from one exact backward pass. Each estimator configuration is then drawn ``--draws`` times
 on that layer and compared with the exact weight gradient: relative error
 ``||g_hat - g|| / ||g||`` and cosine similarity (the paper's figures of merit). The table gives
-the median over layers of the per-layer mean; the CSV has every layer.
+the median over layers of the per-layer mean; the CSV has every layer. For deflated sketches
+the table also gives the fraction of ``||X||^2`` the kept directions hold exactly.
 
 With ``--age M`` it also computes the paper's average gradient error over ``M`` minibatches
 of ``--batch`` crops, ``AGE = (1/M) sum_m ||g - g_m||^2`` (``g`` the exact full-data
@@ -33,6 +34,7 @@ from skimage import data as skdata
 from torch import nn
 
 import xconv
+from xconv.functional import deflation_basis
 from benchlib import write_csv
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "coins", "camera", "hubble_deep_field")
@@ -44,6 +46,8 @@ ESTIMATORS = [
     ("independent rademacher", dict(mode="independent", distribution="rademacher")),
     ("deflated dct", dict(mode="independent", deflation="dct")),
     ("deflated pca", dict(mode="independent", deflation="pca")),
+    ("deflated dct k=r/2", dict(mode="independent", deflation="dct", rank_fraction=0.5)),
+    ("deflated pca k=r/2", dict(mode="independent", deflation="pca", rank_fraction=0.5)),
     ("multi", dict(mode="multi")),
     ("orthogonal", dict(mode="orthogonal")),
 ]
@@ -120,8 +124,18 @@ def capture_layers(model: nn.Module, x: torch.Tensor, target, loss_fn):
     return [(name, m, inp, d, m.weight.grad.clone()) for name, (m, inp, d) in records.items()]
 
 
+def layer_options(options: dict, probes: int) -> dict:
+    """``xconv.convert`` options at ``probes``; ``rank_fraction`` sets ``deflation_rank``."""
+    options = dict(options, probes=probes)
+    fraction = options.pop("rank_fraction", None)
+    if fraction is not None:
+        options["deflation_rank"] = max(1, int(fraction * probes))
+    return options
+
+
 def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.Tensor, options, draws: int):
-    """Mean relative error and cosine of ``draws`` estimates; None where XConv is skipped."""
+    """Mean relative error and cosine of ``draws`` estimates, and the fraction of ``||X||^2``
+    a deflated sketch keeps exactly (None without deflation); None where XConv is skipped."""
     layer = xconv.convert(copy.deepcopy(conv), relu=False, **options)
     if not layer.uses_estimator(x.requires_grad_(False)):
         return None
@@ -130,7 +144,12 @@ def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.
         (g,) = torch.autograd.grad(layer(x), layer.weight, d)
         errors.append(((g - exact).norm() / exact.norm()).item())
         cosines.append(nn.functional.cosine_similarity(g.flatten(), exact.flatten(), dim=0).item())
-    return statistics.fmean(errors), statistics.fmean(cosines)
+    basis = deflation_basis(x, layer.sketch_config, seed=0)
+    kept = None
+    if basis is not None:
+        flat = x.flatten(2).float()
+        kept = ((flat @ basis.t()).square().sum() / flat.square().sum()).item()
+    return statistics.fmean(errors), statistics.fmean(cosines), kept
 
 
 def selected_estimators(args):
@@ -148,7 +167,7 @@ def age_table(args, model: nn.Module, loss_fn) -> None:
     print("|---|---|---|---|")
     for label, options in selected_estimators(args):
         for r in args.probes:
-            converted = xconv.convert(copy.deepcopy(model), relu=False, probes=r, **options)
+            converted = xconv.convert(copy.deepcopy(model), relu=False, **layer_options(options, r))
             age = average_gradient_error(converted, batches, loss_fn, exact)
             print(f"| {label} | {r} | {age:.4g} | {age / sgd:.2f} |", flush=True)
 
@@ -172,20 +191,22 @@ def main(argv=None):
     layers = capture_layers(model.train(), x, target, loss_fn)
     rows = []
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {len(layers)} conv layers, {args.draws} draws each")
-    print("| estimator | r | layers | median rel. error | median cosine |")
-    print("|---|---|---|---|---|")
+    print("| estimator | r | layers | median rel. error | median cosine | median kept energy |")
+    print("|---|---|---|---|---|---|")
     for label, options in selected_estimators(args):
         for r in args.probes:
             per_layer = []
             for name, conv, inp, d, exact in layers:
-                result = draw_errors(conv, inp, d, exact, dict(options, probes=r), args.draws)
+                result = draw_errors(conv, inp, d, exact, layer_options(options, r), args.draws)
                 if result is not None:
                     per_layer.append(result)
                     rows.append(dict(model=args.model, train_steps=args.train_steps, estimator=label, probes=r, layer=name,
-                                     pixels=inp[0, 0].numel(), rel_error=result[0], cosine=result[1]))
-            err = statistics.median(e for e, _ in per_layer)
-            cos = statistics.median(c for _, c in per_layer)
-            print(f"| {label} | {r} | {len(per_layer)} | {err:.2f} | {cos:.3f} |", flush=True)
+                                     pixels=inp[0, 0].numel(), rel_error=result[0], cosine=result[1], kept_energy=result[2]))
+            err = statistics.median(e for e, _, _ in per_layer)
+            cos = statistics.median(c for _, c, _ in per_layer)
+            kept = [k for _, _, k in per_layer if k is not None]
+            kept = f"{statistics.median(kept):.2f}" if kept else "-"
+            print(f"| {label} | {r} | {len(per_layer)} | {err:.2f} | {cos:.3f} | {kept} |", flush=True)
     if args.age:
         age_table(args, model, loss_fn)
     if args.csv:
