@@ -1,12 +1,23 @@
-"""The data modules: digit-texture scenes, your own folder of images and masks, Oxford-IIIT Pet's layout."""
+"""The data modules: digit-texture scenes, your own folder of images and masks, Oxford-IIIT Pet's layout,
+the digits for classification and MNIST's layout."""
 from __future__ import annotations
+
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import MNIST
 
-from experiments.data import DigitScenesDataModule, FolderDataModule, OxfordPetDataModule
+from experiments.data import (
+    DigitScenesDataModule,
+    DigitsDataModule,
+    FolderDataModule,
+    MNISTDataModule,
+    OxfordPetDataModule,
+)
+from experiments.config import ConfigError
 from experiments.data.digit_scenes import compose_scene, load_texture
 
 
@@ -95,3 +106,50 @@ def test_oxford_pet_trimaps_become_background_pet_border(tmp_path):
     image, mask = dm.val_set[0]
     assert image.shape == (3, 32, 32)
     assert mask[0, 0] == 1 and mask[0, 31] == 0 and mask[31, 0] == 2  # pet, background, border
+
+
+def test_digits_splits_are_disjoint_stratified_and_a_function_of_the_seed():
+    a, b, c = (DigitsDataModule(image_size=16, seed=seed) for seed in (0, 0, 1))
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert all(np.array_equal(a.indices[split], b.indices[split]) for split in ("train", "val", "test"))
+    assert not np.array_equal(a.indices["test"], c.indices["test"])
+    train, val, test = (set(a.indices[split]) for split in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test) and len(train | val | test) == 1797
+    for dataset in (a.train_set, a.val_set, a.test_set):
+        assert set(dataset.tensors[1].tolist()) == set(range(10))
+    images, labels = next(iter(a.test_dataloader()))
+    assert images.shape == (32, 1, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert 0 <= images.min() and images.max() <= 1
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """MNIST's IDX file format: magic bytes (0, 0, 8 = uint8, ndim), the shape as big-endian int32, the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_splits_the_official_training_set_into_train_and_val(tmp_path):
+    # The on-disk layout torchvision's MNIST reads, with 10 fake training and 4 fake test images.
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in [("train", 10), ("t10k", 4)]:
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+    dm = MNISTDataModule(str(tmp_path), download=False, image_size=32, val_size=3, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (7, 3, 4)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (2, 1, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert 0 <= images.min() and images.max() <= 1
+
+
+def test_a_failed_download_is_a_config_error_naming_data_dir(tmp_path, monkeypatch):
+    def offline(self):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    dm = MNISTDataModule(str(tmp_path), download=True)
+    with pytest.raises(ConfigError, match=r"^data\.data_dir: no MNIST under .* downloading it failed \(<urlopen error"):
+        dm.prepare_data()

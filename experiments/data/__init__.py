@@ -1,6 +1,11 @@
 """One LightningDataModule per dataset family; each is selected by a ``configs/data/<name>.yaml``."""
 from .digit_scenes import DigitScenesDataModule
+from .digits import DigitsDataModule
 from .folder import FolderDataModule
+from .mnist_cifar import CIFAR10DataModule, MNISTDataModule
 from .oxford_pet import OxfordPetDataModule
 
-__all__ = ["DigitScenesDataModule", "FolderDataModule", "OxfordPetDataModule"]
+__all__ = [
+    "CIFAR10DataModule", "DigitScenesDataModule", "DigitsDataModule", "FolderDataModule", "MNISTDataModule",
+    "OxfordPetDataModule",
+]

@@ -1,4 +1,4 @@
-"""What the segmentation data modules share: loaders, class bookkeeping and the resize of a pair."""
+"""What the data modules share: loaders over the splits, class bookkeeping and the resize of a segmentation pair."""
 from __future__ import annotations
 
 import lightning as L
@@ -9,16 +9,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 
-class SegmentationDataModule(L.LightningDataModule):
-    """Loaders over ``self.train_set`` / ``self.val_set``, which subclasses fill in ``setup``.
+class SplitsDataModule(L.LightningDataModule):
+    """Loaders over ``self.train_set`` / ``self.val_set``, which subclasses fill in ``setup``."""
 
-    Both sets yield ``(image float32 [3, H, W] in [0, 1], mask int64 [H, W] in 0..num_classes-1)``.
-    """
-
-    def __init__(self, batch_size: int, num_workers: int, num_classes: int, class_names: list[str] | None):
+    def __init__(self, batch_size: int, num_workers: int):
         super().__init__()
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names: expected num_classes={num_classes} names, got {len(class_names)}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -34,6 +29,39 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+class SegmentationDataModule(SplitsDataModule):
+    """Both sets yield ``(image float32 [3, H, W] in [0, 1], mask int64 [H, W] in 0..num_classes-1)``."""
+
+    def __init__(self, batch_size: int, num_workers: int, num_classes: int, class_names: list[str] | None):
+        super().__init__(batch_size, num_workers)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names: expected num_classes={num_classes} names, got {len(class_names)}")
+
+
+class ClassificationDataModule(SplitsDataModule):
+    """Train, validation and a held-out ``self.test_set`` (for ``trainer.test``), filled in ``setup``.
+
+    Every set yields ``(image float32 [in_channels, image_size, image_size] in [0, 1], label int64 [])``.
+    Subclasses state what their data set has in ``NUM_CLASSES`` and ``IN_CHANNELS``. The
+    constructor takes both too (None: the data set's), so that a config can state them for the
+    model (``${data.num_classes}``), and checks them.
+    """
+
+    NUM_CLASSES: int
+    IN_CHANNELS: int
+
+    def __init__(self, batch_size: int, num_workers: int, num_classes: int | None, in_channels: int | None):
+        super().__init__(batch_size, num_workers)
+        given = {"num_classes": (num_classes, self.NUM_CLASSES), "in_channels": (in_channels, self.IN_CHANNELS)}
+        for name, (value, actual) in given.items():
+            if value is not None and value != actual:
+                raise ValueError(f"{name}: {type(self).__name__} has {actual}, got {value}")
+        self.test_set: Dataset | None = None
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
 
 
 class ResizePair:
