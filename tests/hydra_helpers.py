@@ -31,6 +31,14 @@ TINY_SEGMENTATION = [
     *TINY_TRAINER,
 ]
 
+# A classification run small enough for a test: the digits at 16x16, in batches of 4.
+TINY_CLASSIFICATION = [
+    "task=classification",
+    "data.image_size=16",
+    "data.batch_size=4",
+    *TINY_TRAINER,
+]
+
 
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     """``configs/config.yaml`` composed with ``overrides``; ``output_dir`` replaces Hydra's run directory."""

@@ -16,6 +16,13 @@ from experiments.tasks import XConvTask
 import run as run_module
 from run import build, remove_unused_run_dir
 
+# The task each data set and model config is for; every config of the two groups must be listed here.
+DATA_TASK = {
+    "digit_scenes": "segmentation", "folder": "segmentation", "oxford_pet": "segmentation",
+    "digits": "classification", "mnist": "classification", "cifar10": "classification",
+}
+MODEL_TASK = {"unet": "segmentation", "small_cnn": "classification", "resnet18_cifar": "classification"}
+
 
 @pytest.mark.parametrize("task", config_names("task"))
 def test_every_task_composes_and_builds(task, tmp_path):
@@ -29,9 +36,19 @@ def test_every_task_composes_and_builds(task, tmp_path):
 
 @pytest.mark.parametrize("data", config_names("data"))
 def test_every_data_config_composes(data, tmp_path):
-    cfg = compose_config(f"data={data}", output_dir=tmp_path)
+    cfg = compose_config(f"task={DATA_TASK[data]}", f"data={data}", output_dir=tmp_path)
     assert issubclass(get_class(cfg.data._target_), L.LightningDataModule)
-    assert cfg.model.classes == cfg.data.num_classes
+    assert cfg.task.num_classes == cfg.data.num_classes
+
+
+@pytest.mark.parametrize("model", config_names("model"))
+def test_every_model_config_builds_for_its_task(model, tmp_path):
+    # Each task's default data set sets the input shape and the number of classes.
+    cfg = compose_config(f"task={MODEL_TASK[model]}", f"model={model}", output_dir=tmp_path)
+    net = instantiate(cfg.model)
+    size = cfg.data.image_size
+    out = net(torch.rand(2, cfg.model.in_channels, size, size))
+    assert out.shape[:2] == (2, cfg.data.num_classes)
 
 
 @pytest.mark.parametrize("experiment", config_names("experiment"))
@@ -85,6 +102,10 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("data=folder", "data.root"),
         ("data=folder data.root=/nonexistent/xconv-data", "data.root"),
         ("data=oxford_pet data.download=false data.data_dir=/nonexistent/xconv-data", "data.data_dir"),
+        ("task=classification data=mnist data.download=false data.data_dir=/nonexistent/xconv-data", "data.data_dir"),
+        ("task=classification data=cifar10 data.download=false data.data_dir=/nonexistent/xconv-data", "data.data_dir"),
+        ("task=classification data.val_fraction=0.9", "data.val_fraction"),
+        ("task=classification data.num_classes=5", "data.num_classes"),
         ("data.textures=[brick,nonexistent]", "data.textures"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
     ],
@@ -108,7 +129,7 @@ def test_xconv_options_are_checked_before_data_and_model_are_built(override, mon
     "override, message",
     [
         ("xconv.probes=-3", "error: xconv.probes must be >= 0"),
-        ("task=nonexistent", "error: task must be one of ['segmentation'], got 'nonexistent'"),
+        ("task=nonexistent", "error: task must be one of ['classification', 'segmentation'], got 'nonexistent'"),
     ],
 )
 def test_bad_command_line_exits_2_with_one_line_and_leaves_no_run_dir(override, message, tmp_path):

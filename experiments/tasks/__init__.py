@@ -1,5 +1,6 @@
 """One LightningModule per task; each is selected by a ``configs/task/<name>.yaml``."""
 from .base import XConvTask
+from .classification import ClassificationTask
 from .segmentation import SegmentationTask
 
-__all__ = ["SegmentationTask", "XConvTask"]
+__all__ = ["ClassificationTask", "SegmentationTask", "XConvTask"]

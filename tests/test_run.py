@@ -1,4 +1,4 @@
-"""End-to-end runs of the segmentation task at tiny sizes: summary.json, checkpoints, resume, multirun."""
+"""End-to-end runs at tiny sizes: summary.json for every task; checkpoints, resume and multirun (segmentation)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from hydra_helpers import REPO_ROOT, TINY_SEGMENTATION, compose_config
+from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
 
 from experiments.tasks import SegmentationTask
-from run import run
+from run import build, run
 
 SUMMARY_FIELDS = {
     "task", "probes", "mode", "distribution", "metric_name", "metric", "metrics", "activation_bytes",
@@ -19,14 +19,21 @@ SUMMARY_FIELDS = {
     "device", "seed", "git_commit", "config",
 }
 
+# Per task: the overrides of a tiny run, its headline metric and other metrics its summary holds.
+TASKS = {
+    "segmentation": (TINY_SEGMENTATION, "val/mIoU", {"val/dice", "val/loss", "val/IoU/background", "val/dice/digit_9"}),
+    "classification": (TINY_CLASSIFICATION, "val/acc", {"val/loss"}),
+}
 
-def check_summary(summary: dict, probes: int, steps: int) -> None:
+
+def check_summary(summary: dict, task: str, probes: int, steps: int) -> None:
+    _, metric_name, other_metrics = TASKS[task]
     assert SUMMARY_FIELDS <= set(summary)
-    assert summary["task"] == "segmentation" and summary["probes"] == probes
+    assert summary["task"] == task and summary["probes"] == probes
     assert summary["config"]["xconv"]["probes"] == probes
-    assert summary["metric_name"] == "val/mIoU"
-    assert summary["metric"] == summary["metrics"]["val/mIoU"] and 0 <= summary["metric"] <= 1
-    assert {"val/dice", "val/loss", "val/IoU/background", "val/dice/digit_9"} <= set(summary["metrics"])
+    assert summary["metric_name"] == metric_name
+    assert summary["metric"] == summary["metrics"][metric_name] and 0 <= summary["metric"] <= 1
+    assert other_metrics <= set(summary["metrics"])
     assert summary["steps"] == steps
     assert summary["train_time_s"] > 0 and summary["samples_per_s"] > 0
     assert summary["device"] == "cpu" and summary["peak_memory_bytes"] is None
@@ -34,13 +41,15 @@ def check_summary(summary: dict, probes: int, steps: int) -> None:
     assert summary["git_commit"] is None or len(summary["git_commit"]) == 40
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("probes, relu", [(0, "exact"), (8, "bit")])
-def test_two_step_run_writes_summary(probes, relu, tmp_path):
-    cfg = compose_config(*TINY_SEGMENTATION, f"xconv.probes={probes}", f"xconv.relu={relu}", output_dir=tmp_path)
+def test_two_step_run_writes_summary(task, probes, relu, tmp_path):
+    overrides = TASKS[task][0]
+    cfg = compose_config(*overrides, f"xconv.probes={probes}", f"xconv.relu={relu}", output_dir=tmp_path)
     returned = run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads(json.dumps(returned))
-    check_summary(summary, probes, steps=2)
+    check_summary(summary, task, probes, steps=2)
     if probes == 0:  # exact gradients with torch ReLUs keep exactly what plain torch keeps
         assert summary["activation_bytes"] == summary["activation_bytes_exact"]
     else:
@@ -91,5 +100,12 @@ def test_multirun_over_probes_writes_one_summary_per_job(tmp_path):
         assert noise not in result.stdout + result.stderr
     for job, probes in enumerate([0, 8]):
         summary = json.loads((tmp_path / f"{job}_probes{probes}" / "summary.json").read_text())
-        check_summary(summary, probes, steps=2)
+        check_summary(summary, "segmentation", probes, steps=2)
         assert math.isfinite(summary["metric"])
+
+
+def test_classification_tests_on_the_held_out_split(tmp_path):
+    cfg = compose_config(*TINY_CLASSIFICATION, "trainer.limit_test_batches=2", output_dir=tmp_path)
+    datamodule, task, trainer = build(cfg)
+    metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
+    assert set(metrics) == {"test/acc", "test/loss"} and 0 <= metrics["test/acc"] <= 1
