@@ -10,7 +10,7 @@ class SmallCNN(nn.Module):
     """Per stage a 3x3 conv (padding 1), ReLU and 2x2 max-pool; then one dense layer to the classes.
 
     images [B, in_channels, image_size, image_size] -> logits [B, num_classes]. The default
-    channels 1-16-32-32 are the paper's MNIST network. Each stage halves the side (rounding
+    channels 1-16-32-32 follow the paper's MNIST network. Each stage halves the side (rounding
     down), so the dense layer sees ``channels[-1] * (image_size // 2**len(channels))**2`` features.
 
     Example:
