@@ -69,7 +69,7 @@ class SketchConfig:
             errors of different samples are independent instead of correlated.
         contraction: ``"probes"`` (contract ``D`` with the unfolded probes, then with the
             sketch), ``"decompress"`` (rebuild ``Z S`` and call the exact kernel) or
-            ``"auto"`` (cheaper of the two by multiply-add count).
+            ``"auto"`` (per layer, see :func:`choose_contraction`).
         deflation: independent mode only: ``None`` (plain probes), ``"dct"`` (the lowest
             spatial frequencies are kept exactly) or ``"pca"`` (the batch's dominant pixel
             subspace, found in forward and stored, is kept exactly); the other probes are
