@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -51,6 +52,10 @@ def _build(cfg: DictConfig, key: str):
     except InstantiationException as err:
         if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
             raise ConfigError(f"{key}.{err.__cause__}") from err.__cause__
+        if isinstance(err.__cause__, KeyError):  # e.g. smp's unknown encoder name
+            # Hydra names the failing node only in its message ("full_key: task.net").
+            node = re.search(r"full_key: (\S+)", str(err))
+            raise ConfigError(f"{node[1] if node else key}: {err.__cause__.args[0]}") from err.__cause__
         raise
 
 

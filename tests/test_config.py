@@ -108,6 +108,8 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("task=classification data.num_classes=5", "data.num_classes"),
         ("data.textures=[brick,nonexistent]", "data.textures"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+        ("model.encoder_name=nonsense", "task.net: Wrong encoder name `nonsense`"),
+        ("xconv.deflation_rank=2", "xconv.deflation_rank=2 needs deflation="),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):

@@ -103,3 +103,8 @@ def test_include_exclude_accept_one_pattern_as_a_string():
     assert isinstance(model[0], xconv.XConv2d) and type(model[1]) is nn.Conv2d
     xconv.convert(model, exclude="0", relu=False)
     assert isinstance(model[1], xconv.XConv2d)
+
+
+def test_set_probes_validates_even_without_xconv_layers():
+    with pytest.raises(ValueError, match="probes must be >= 0"):
+        xconv.set_probes(nn.Sequential(nn.Conv2d(3, 4, 3)), -1)

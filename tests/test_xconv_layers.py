@@ -135,6 +135,7 @@ def test_min_pixels_and_default_skip():
         (dict(deflation="pca", deflation_rank=8), ValueError, "deflation_rank must be in 1 .. probes - 1 = 7"),
         (dict(deflation="pca", deflation_rank=0), ValueError, "deflation_rank must be in 1 .. probes - 1"),
         (dict(deflation="pca", deflation_rank=True), TypeError, "deflation_rank must be None or an int"),
+        (dict(deflation_rank=2), ValueError, "deflation_rank=2 needs deflation='dct' or 'pca'"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):

@@ -120,7 +120,13 @@ def convert(
 
 
 def set_probes(model: nn.Module, probes: int) -> nn.Module:
-    """Set the probe count of every XConv layer in ``model`` (0 = exact gradients)."""
+    """Set the probe count of every XConv layer in ``model`` (0 = exact gradients).
+
+    Raises:
+        TypeError, ValueError: ``probes`` is not an int >= 0, or is not above a layer's
+            ``deflation_rank`` (that layer and the ones after it keep their count).
+    """
+    validate_sketch_config(probes, "independent", "gaussian")
     for module in model.modules():
         if isinstance(module, _XConvMixin):
             module.probes = probes

@@ -111,7 +111,7 @@ def validate_sketch_config(
         ValueError: ``probes < 0``, or ``mode``, ``distribution``, ``contraction`` or
             ``deflation`` is not one of the allowed values, or ``per_sample`` or
             ``deflation`` is combined with a multi-channel mode, or ``deflation_rank`` is
-            not in ``1 .. probes - 1``.
+            given without ``deflation`` or not in ``1 .. probes - 1``.
     """
     if isinstance(probes, bool) or not isinstance(probes, int):
         raise TypeError(f"probes must be an int >= 0 (0 = exact gradient), got {probes!r}")
@@ -135,6 +135,8 @@ def validate_sketch_config(
         if canonical != "independent":
             raise ValueError(f"deflation={deflation!r} needs mode='independent', got mode={mode!r}")
     if deflation_rank is not None:
+        if deflation is None:
+            raise ValueError(f"deflation_rank={deflation_rank!r} needs deflation='dct' or 'pca', got deflation=None")
         if isinstance(deflation_rank, bool) or not isinstance(deflation_rank, int):
             raise TypeError(f"deflation_rank must be None or an int, got {deflation_rank!r}")
         # At least one random probe must remain, or the estimate is a biased low-pass one.
