@@ -275,10 +275,12 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     ``"probes"`` costs ``B*C_out*r*|K|*(p + C_in/g)`` and builds ``A [B, C_out, r*|K|]``;
     ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
     ``B*C_out*(C_in/g)*|K|*p``, where ``p`` is the number of pixels the weight gradient sums
-    over (output pixels of a conv, input pixels of a transposed conv). Where ``r*|K| > p``
-    (deep layers with small maps) ``A`` outgrows the upstream gradient and its thin GEMMs run
-    far below peak speed (measured 1.7x slower than decompressing at 4x4 and 8x8, batch 8), so
-    those layers decompress; elsewhere the order with fewer multiply-adds wins.
+    over (output pixels of a conv, input pixels of a transposed conv). On small maps ``A``
+    outgrows the upstream gradient and the probes order walks the batch in chunks of
+    ``B*p / (4*r*|K|)`` samples (see ``_independent_weight_grad``); below 4 samples a chunk's
+    GEMMs are too thin to run near peak speed (measured, batch 8: 512 channels at 4x4 60 ms by
+    probes vs 34 ms decompressing, 256 at 8x8 26 vs 15 ms; at batch 128 the probes order wins),
+    so those layers decompress. Elsewhere the order with fewer multiply-adds wins.
     """
     if cfg.contraction != "auto":
         return cfg.contraction
@@ -286,7 +288,7 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     c_out = y_shape[1]
     taps = math.prod(weight_shape[2:])
     p = n if geom.transposed else math.prod(y_shape[2:])
-    if cfg.probes * taps > p:
+    if batch * p < 16 * cfg.probes * taps:
         return "decompress"
     c_in_g = c_in // geom.groups
     probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g)
