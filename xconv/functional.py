@@ -269,6 +269,13 @@ def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan
 # --------------------------------------------------------------------------- weight gradient
 
 
+def _batch_chunk(batch: int, pixels: int, columns: int) -> int:
+    """How many samples' ``A [chunk, C_out, columns]`` (``columns = r*|K|``) stay below a
+    quarter of ``D [B, C_out, pixels]``: the probes order walks the batch in chunks of at most
+    this many (and at least one) samples. May exceed ``batch``."""
+    return batch * pixels // (4 * columns)
+
+
 def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: ConvGeometry) -> str:
     """Pick the contraction order for independent mode.
 
@@ -276,8 +283,8 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
     ``B*C_out*(C_in/g)*|K|*p``, where ``p`` is the number of pixels the weight gradient sums
     over (output pixels of a conv, input pixels of a transposed conv). On small maps ``A``
-    outgrows the upstream gradient and the probes order walks the batch in chunks of
-    ``B*p / (4*r*|K|)`` samples (see ``_independent_weight_grad``); below 4 samples a chunk's
+    outgrows the upstream gradient and the probes order walks the batch in chunks
+    (:func:`_batch_chunk`); below 4 samples a chunk's
     GEMMs are too thin to run near peak speed (measured, batch 8: 512 channels at 4x4 60 ms by
     probes vs 34 ms decompressing, 256 at 8x8 26 vs 15 ms; at batch 128 the probes order wins),
     so those layers decompress. Elsewhere the order with fewer multiply-adds wins.
@@ -288,7 +295,7 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     c_out = y_shape[1]
     taps = math.prod(weight_shape[2:])
     p = n if geom.transposed else math.prod(y_shape[2:])
-    if batch * p < 16 * cfg.probes * taps:
+    if _batch_chunk(batch, p, cfg.probes * taps) < 4:
         return "decompress"
     c_in_g = c_in // geom.groups
     probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g)
@@ -344,9 +351,9 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, g
     # A[b, o, (j, k)] = <D[b, o], Phi_k z_j> is one GEMM against the probes' im2col. On small
     # maps A ([B, C_out, r*|K|]) can outgrow the activation, so walk the batch keeping A (and
     # per-sample probe taps) below a quarter of D: backward temporaries must not set the peak.
-    step = min(batch, batch * p // (4 * r * k))
+    step = min(batch, _batch_chunk(batch, p, r * k))
     if cfg.per_sample:
-        step = min(step, batch * c_out // (4 * r * k))
+        step = min(step, _batch_chunk(batch, c_out, r * k))
     step = max(1, step)
     equation = "bgojk,bgij->giok" if geom.transposed else "bgojk,bgij->goik"
     dw = 0
