@@ -25,6 +25,7 @@ from hydra.errors import (
 )
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 import xconv
@@ -73,13 +74,19 @@ def build(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train, validate and write ``summary.json`` into ``cfg.output_dir``; return the summary."""
+    """Train, validate (and test, where the data has a test split) and write ``summary.json``.
+
+    The summary goes into ``cfg.output_dir`` and is returned. Validation and test score the
+    final weights; ``metrics`` holds both (``val/...``, ``test/...``).
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule, task, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    if has_test_stage(task, datamodule):
+        metrics |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
     summary = build_summary(cfg, trainer, task, datamodule, metrics)
     path = write_summary(summary, Path(cfg.output_dir) / "summary.json")
     scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -91,6 +98,11 @@ def run(cfg: DictConfig) -> dict:
     log.info("%s = %s; activation bytes %d (exact %d); summary: %s", summary["metric_name"],
              summary["metric"], summary["activation_bytes"], summary["activation_bytes_exact"], path)
     return summary
+
+
+def has_test_stage(task: L.LightningModule, datamodule: L.LightningDataModule) -> bool:
+    """Whether the data has a held-out test split and the task scores it (``test_step``)."""
+    return is_overridden("test_step", task) and is_overridden("test_dataloader", datamodule)
 
 
 def remove_unused_run_dir(run_dir: Path, job_name: str) -> None:

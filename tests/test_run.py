@@ -22,7 +22,7 @@ SUMMARY_FIELDS = {
 # Per task: the overrides of a tiny run, its headline metric and other metrics its summary holds.
 TASKS = {
     "segmentation": (TINY_SEGMENTATION, "val/mIoU", {"val/dice", "val/loss", "val/IoU/background", "val/dice/digit_9"}),
-    "classification": (TINY_CLASSIFICATION, "val/acc", {"val/loss"}),
+    "classification": (TINY_CLASSIFICATION, "val/acc", {"val/loss", "test/acc", "test/loss"}),
 }
 
 
