@@ -101,8 +101,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def has_test_stage(task: L.LightningModule, datamodule: L.LightningDataModule) -> bool:
-    """Whether the data has a held-out test split and the task scores it (``test_step``)."""
-    return is_overridden("test_step", task) and is_overridden("test_dataloader", datamodule)
+    """Whether the data has a held-out test split (a ``test_set``, after setup) and the task scores it."""
+    return is_overridden("test_step", task) and getattr(datamodule, "test_set", None) is not None
 
 
 def remove_unused_run_dir(run_dir: Path, job_name: str) -> None:

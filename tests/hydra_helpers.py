@@ -9,11 +9,12 @@ from omegaconf import DictConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
-# Two training steps, one validation batch, CSV logs only: for any task and data set.
+# Two training steps, one validation and one test batch, CSV logs only: for any task and data set.
 TINY_TRAINER = [
     "trainer.accelerator=cpu",
     "trainer.max_steps=2",
     "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
     "trainer.num_sanity_val_steps=0",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",

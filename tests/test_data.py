@@ -82,6 +82,19 @@ def test_folder_binary_masks(tmp_path):
     assert set(dm.train_set[0][1].unique().tolist()) == {0, 1}
 
 
+def test_folder_test_root_is_the_test_split(tmp_path):
+    write_folder(tmp_path / "train", 4)
+    write_folder(tmp_path / "test", 3)
+    dm = FolderDataModule(str(tmp_path / "train"), num_classes=2, image_size=32, val_fraction=0.25,
+                          num_workers=0, test_root=str(tmp_path / "test"))
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (3, 1, 3)
+    assert dm.test_set.pairs[0][0].parent == tmp_path / "test" / "images"
+    without = FolderDataModule(str(tmp_path / "train"), num_classes=2, num_workers=0)
+    without.setup("fit")
+    assert without.test_set is None
+
+
 def test_folder_errors_name_the_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match="root: .* has no images/"):
         FolderDataModule(str(tmp_path / "absent"), num_classes=2)
@@ -89,6 +102,9 @@ def test_folder_errors_name_the_argument(tmp_path):
     (tmp_path / "masks" / "im1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"root: images without a mask .*im1\.jpg"):
         FolderDataModule(str(tmp_path), num_classes=2)
+    write_folder(tmp_path / "valid", 2)
+    with pytest.raises(FileNotFoundError, match="^test_root: .* has no images/"):
+        FolderDataModule(str(tmp_path / "valid"), num_classes=2, test_root=str(tmp_path / "absent"))
 
 
 def test_oxford_pet_trimaps_become_background_pet_border(tmp_path):

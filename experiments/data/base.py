@@ -10,13 +10,18 @@ from torchvision.transforms.v2 import functional as F
 
 
 class SplitsDataModule(L.LightningDataModule):
-    """Loaders over ``self.train_set`` / ``self.val_set``, which subclasses fill in ``setup``."""
+    """Loaders over ``self.train_set`` / ``self.val_set`` and, where the data has one, ``self.test_set``.
+
+    Subclasses fill them in ``setup``; ``test_set`` stays None for data without a held-out test
+    split, and ``run.py`` then skips ``trainer.test``.
+    """
 
     def __init__(self, batch_size: int, num_workers: int):
         super().__init__()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -30,6 +35,9 @@ class SplitsDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
 
 class SegmentationDataModule(SplitsDataModule):
     """Both sets yield ``(image float32 [3, H, W] in [0, 1], mask int64 [H, W] in 0..num_classes-1)``."""
@@ -41,7 +49,7 @@ class SegmentationDataModule(SplitsDataModule):
 
 
 class ClassificationDataModule(SplitsDataModule):
-    """Train, validation and a held-out ``self.test_set`` (for ``trainer.test``), filled in ``setup``.
+    """Train, validation and a held-out test split, filled in ``setup``.
 
     Every set yields ``(image float32 [in_channels, image_size, image_size] in [0, 1], label int64 [])``.
     Subclasses state what their data set has in ``NUM_CLASSES`` and ``IN_CHANNELS``. The
@@ -58,10 +66,6 @@ class ClassificationDataModule(SplitsDataModule):
         for name, (value, actual) in given.items():
             if value is not None and value != actual:
                 raise ValueError(f"{name}: {type(self).__name__} has {actual}, got {value}")
-        self.test_set: Dataset | None = None
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 class ResizePair:

@@ -45,7 +45,11 @@ class ImageMaskFolder(Dataset):
 
 
 class FolderDataModule(SegmentationDataModule):
-    """An :class:`ImageMaskFolder` split at random (from ``seed``) into train and ``val_fraction`` validation."""
+    """An :class:`ImageMaskFolder` split at random (from ``seed``) into train and ``val_fraction`` validation.
+
+    ``test_root``, if given, is a second folder of the same layout held out as the test split
+    (e.g. GlaS's test images): validation, and with it any model selection, never sees it.
+    """
 
     def __init__(
         self,
@@ -58,6 +62,7 @@ class FolderDataModule(SegmentationDataModule):
         batch_size: int = 8,
         num_workers: int = 2,
         seed: int = 0,
+        test_root: str | None = None,
     ):
         super().__init__(batch_size, num_workers, num_classes, class_names)
         if binary and num_classes != 2:
@@ -66,6 +71,10 @@ class FolderDataModule(SegmentationDataModule):
             raise ValueError(f"val_fraction: must lie in (0, 1), got {val_fraction}")
         # Index the folder now, so a wrong path fails when the run is configured, not mid-setup.
         self.dataset = ImageMaskFolder(root, ResizePair(image_size), binary)
+        try:
+            self.test_dataset = None if test_root is None else ImageMaskFolder(test_root, ResizePair(image_size), binary)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"test_{err}") from err  # the message names `root`; here it is test_root
         self.val_fraction, self.seed = val_fraction, seed
 
     def setup(self, stage: str | None = None) -> None:
@@ -74,3 +83,4 @@ class FolderDataModule(SegmentationDataModule):
         self.train_set, self.val_set = random_split(
             self.dataset, [len(self.dataset) - n_val, n_val], generator=generator
         )
+        self.test_set = self.test_dataset

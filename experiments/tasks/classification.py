@@ -26,8 +26,8 @@ class ClassificationTask(XConvTask):
 
     metric_name = "val/acc"
 
-    def __init__(self, net: nn.Module, num_classes: int, optimizer: partial):
-        super().__init__(net, optimizer)
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: partial, scheduler: partial | None = None):
+        super().__init__(net, optimizer, scheduler)
         self.cross_entropy = nn.CrossEntropyLoss()
         # One metric per stage: Lightning computes and resets each at the end of its loop.
         self.accuracy = nn.ModuleDict(
