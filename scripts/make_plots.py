@@ -1,0 +1,100 @@
+"""Plots of a table folder written by ``make_tables.py``: metric, activation memory and step time vs probes.
+
+For every table in ``TABLE_DIR/tables.csv`` one PNG with three panels against the probe count
+r (log scale): the headline metric (mean ± std over seeds) with the exact baseline as a band
+(mean ± std), the activation memory in MiB with the exact value as a line, and the time per
+training step with the exact value as a line. Each XConv variant (mode, distribution,
+deflation) is its own series. The PNGs go next to the tables, named after the table.
+
+Usage:
+    python scripts/make_plots.py results/paper_mnist_table_cpu
+
+Exits with status 2 and one line on stderr when ``TABLE_DIR/tables.csv`` is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from make_tables import TABLE_KEYS  # noqa: E402
+
+PANELS = [("metric", None), ("activation_mib", "activation memory (MiB)"), ("step_s", "time per step (s)")]
+
+
+def _float(value: str) -> float | None:
+    return float(value) if value not in ("", None) else None
+
+
+def read_tables(path: Path) -> dict[tuple, list[dict]]:
+    """Rows of ``tables.csv`` grouped by table (task, data, model, batch size, metric)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    tables: dict[tuple, list[dict]] = {}
+    for row in rows:
+        tables.setdefault(tuple(row[k] for k in TABLE_KEYS), []).append(row)
+    return tables
+
+
+def _series_label(row: dict) -> str:
+    label = f"{row['mode']} {row['distribution']}"
+    return label + (f" deflation={row['deflation']} k={row['deflation_rank'] or 1}" if row["deflation"] else "")
+
+
+def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
+    """Write one three-panel PNG for the rows of one table; return its path."""
+    task, data, model, batch, metric = key
+    exact = next((r for r in rows if r["probes"] == "0"), None)
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["probes"] != "0":
+            series.setdefault(_series_label(row), []).append(row)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (field, ylabel) in zip(axes, PANELS):
+        for label, members in series.items():
+            members = sorted(members, key=lambda r: int(r["probes"]))
+            x = [int(r["probes"]) for r in members]
+            y = [_float(r[f"{field}_mean"]) for r in members]
+            yerr = [_float(r[f"{field}_std"]) or 0.0 for r in members]
+            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"XConv {label}")
+        if exact is not None and _float(exact[f"{field}_mean"]) is not None:
+            mean, std = _float(exact[f"{field}_mean"]), _float(exact[f"{field}_std"]) or 0.0
+            ax.axhline(mean, color="black", lw=1, label="exact")
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("probes r")
+        ax.set_ylabel(ylabel or metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{task}: {model} on {data}, batch {batch}")
+    fig.tight_layout()
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}_b{batch}_{metric}").strip("_")
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table_dir", type=Path, metavar="TABLE_DIR", help="a --out folder of make_tables.py")
+    args = parser.parse_args(argv)
+    csv_path = args.table_dir / "tables.csv"
+    if not csv_path.is_file():
+        print(f"error: TABLE_DIR: no tables.csv in {str(args.table_dir)!r} (run make_tables.py --out first)",
+              file=sys.stderr)
+        return 2
+    for key, rows in read_tables(csv_path).items():
+        print(plot_table(key, rows, args.table_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Paper-style tables from run directories: one row per estimator, exact first, means over seeds.
+
+Reads every ``summary.json`` below the given directories (a multirun folder, several, or single
+runs), groups the runs into tables by task, data set, model and batch size, and within a table
+into rows by the XConv settings (probes, mode, distribution, deflation). Per row:
+
+- the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
+  standard deviation over the row's runs (seeds), and their number;
+- activation memory: saved-for-backward bytes of one training step in MiB, and its ratio to the
+  exact row of the same table (``probes=0``);
+- peak memory in MiB (CUDA runs only; blank on CPU);
+- time per training step in seconds (batch size / ``samples_per_s``, which counts the training
+  steps' forward, backward and update only) and its ratio to the exact row.
+
+Ratios compare runs of the same sweep machine, but runs that shared a machine with other work
+have noisy times; say so when publishing.
+
+Usage:
+    python scripts/make_tables.py multirun/classification/2026-11-30_10-00-00 [more dirs ...]
+                                  [--metric test/acc] [--out results/paper_mnist_table_cpu]
+
+Writes ``tables.md`` and ``tables.csv`` into ``--out`` (created), or prints the markdown when
+``--out`` is not given. Exits with status 2 and one line on stderr when no ``summary.json`` is
+found or a run lacks the requested metric.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from benchlib import write_csv
+
+MIB = 2**20
+# What separates tables, and within a table, rows.
+TABLE_KEYS = ("task", "data", "model", "batch_size", "metric_name")
+ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank")
+
+
+def _target(node) -> str:
+    """The short class name a config node builds (``experiments.data.DigitsDataModule`` -> ``DigitsDataModule``)."""
+    return str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
+    """One flat record per ``summary.json`` below ``directories``, with the fields the tables need.
+
+    Raises:
+        FileNotFoundError: a directory does not exist.
+        KeyError: a run has no ``metric`` among its final metrics.
+    """
+    runs = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise FileNotFoundError(f"RUN_DIR: no directory {str(directory)!r}")
+        for path in sorted(directory.rglob("summary.json")):
+            summary = json.loads(path.read_text())
+            config, xconv = summary["config"], summary["config"]["xconv"]
+            name = metric or summary["metric_name"]
+            if name not in summary["metrics"]:
+                raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
+            batch = config["data"].get("batch_size")
+            runs.append({
+                "task": summary["task"],
+                "data": _target(config["data"]),
+                "model": _target(config["model"]) + (f"({config['model']['encoder_name']})"
+                                                     if "encoder_name" in config["model"] else ""),
+                "batch_size": batch,
+                "metric_name": name,
+                "metric": summary["metrics"][name],
+                "probes": summary["probes"],
+                "mode": xconv["mode"] if summary["probes"] else "exact",
+                "distribution": xconv["distribution"] if summary["probes"] else "",
+                "deflation": (xconv.get("deflation") or "") if summary["probes"] else "",
+                "deflation_rank": (xconv.get("deflation_rank") or "") if summary["probes"] else "",
+                "activation_mib": summary["activation_bytes"] / MIB,
+                "peak_mib": summary["peak_memory_bytes"] / MIB if summary["peak_memory_bytes"] else None,
+                "step_s": batch / summary["samples_per_s"] if batch and summary["samples_per_s"] else None,
+                "seed": summary["seed"],
+                "path": str(path.parent),
+            })
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _row_order(row: dict) -> tuple:
+    return (row["probes"] != 0, row["probes"], row["mode"], row["distribution"], row["deflation"],
+            str(row["deflation_rank"]))
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (table, estimator): mean and std over its runs, ratios to the table's exact row.
+
+    Ratios are None where the table has no exact (``probes=0``) runs.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in TABLE_KEYS + ROW_KEYS), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        row = dict(zip(TABLE_KEYS + ROW_KEYS, key))
+        row["runs"] = len(members)
+        row["seeds"] = " ".join(str(s) for s in sorted(m["seed"] for m in members))
+        for field in ("metric", "activation_mib", "peak_mib", "step_s"):
+            row[f"{field}_mean"], row[f"{field}_std"] = _mean_std([m[field] for m in members])
+        rows.append(row)
+    for row in rows:
+        exact = next((r for r in rows if r["probes"] == 0 and all(r[k] == row[k] for k in TABLE_KEYS)), None)
+        for field in ("activation_mib", "step_s"):
+            base = exact and exact[f"{field}_mean"]
+            row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
+    return sorted(rows, key=lambda r: (tuple(str(r[k]) for k in TABLE_KEYS), _row_order(r)))
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _label(row: dict) -> str:
+    if row["probes"] == 0:
+        return "exact"
+    label = f"r={row['probes']} {row['mode']} {row['distribution']}"
+    if row["deflation"]:
+        label += f" deflation={row['deflation']} k={row['deflation_rank'] or 1}"
+    return label
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables in markdown, one section per (task, data, model, batch size, metric)."""
+    out = []
+    for key in dict.fromkeys(tuple(r[k] for k in TABLE_KEYS) for r in rows):
+        task, data, model, batch, metric = key
+        out += [f"### {task}: {model} on {data}, batch {batch}", "",
+                f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
+                "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if tuple(r[k] for k in TABLE_KEYS) == key):
+            out.append(
+                f"| {_label(r)} | {_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])} | {r['runs']} "
+                f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
+                f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--metric", default=None, help="final metric to tabulate (default: each run's metric_name)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for tables.md and tables.csv")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.run_dirs, args.metric)
+    except (FileNotFoundError, KeyError) as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: RUN_DIR: no summary.json below {' '.join(map(str, args.run_dirs))}", file=sys.stderr)
+        return 2
+    rows = summarize(runs)
+    text = markdown(rows)
+    if args.out is None:
+        print(text)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tables.md").write_text(text)
+    write_csv(rows, args.out / "tables.csv")
+    print(f"{len(runs)} runs, {len(rows)} rows -> {args.out / 'tables.md'}, {args.out / 'tables.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""scripts/make_tables.py and make_plots.py on run directories with known summaries."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+from hydra_helpers import REPO_ROOT
+
+SCRIPTS = REPO_ROOT / "scripts"
+MIB = 2**20
+
+
+def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32):
+    """A run directory with the summary.json fields the table script reads."""
+    run = root / name
+    run.mkdir(parents=True)
+    summary = {
+        "task": "classification", "probes": probes, "seed": seed, "metric_name": "val/acc",
+        "metrics": {"val/acc": metric, "test/acc": metric - 0.01}, "activation_bytes": activation_bytes,
+        "peak_memory_bytes": None, "samples_per_s": samples_per_s,
+        "config": {
+            "data": {"_target_": "experiments.data.DigitsDataModule", "batch_size": batch},
+            "model": {"_target_": "experiments.models.SmallCNN"},
+            "xconv": {"probes": probes, "mode": "independent", "distribution": "gaussian",
+                      "deflation": deflation, "deflation_rank": None},
+        },
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Exact and r=8 at three seeds, r=8 with dct deflation at one, and a second batch size."""
+    accuracy = {0: [0.95, 0.93, 0.94], 8: [0.90, 0.86, 0.91]}
+    for probes, values in accuracy.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path / "sweep", f"{probes}_{seed}", probes, seed, acc,
+                      activation_bytes=(4 if probes else 8) * MIB, samples_per_s=320.0 if probes else 640.0)
+    write_run(tmp_path / "sweep", "dct", 8, 0, 0.92, 4.5 * MIB, 400.0, deflation="dct")
+    write_run(tmp_path / "other", "big_batch", 0, 0, 0.97, 16 * MIB, 1000.0, batch=128)
+    return tmp_path, accuracy
+
+
+def make_tables(*args):
+    return subprocess.run([sys.executable, str(SCRIPTS / "make_tables.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+
+
+def test_tables_average_over_seeds_and_compare_with_exact(sweep):
+    root, accuracy = sweep
+    result = make_tables(root / "sweep", root / "other", "--out", root / "tables")
+    assert result.returncode == 0, result.stderr
+    with open(root / "tables" / "tables.csv", newline="") as f:
+        rows = {(r["batch_size"], r["probes"], r["deflation"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 4
+    plain = rows[("32", "8", "")]
+    assert float(plain["metric_mean"]) == pytest.approx(statistics.fmean(accuracy[8]))
+    assert float(plain["metric_std"]) == pytest.approx(statistics.stdev(accuracy[8]))
+    assert plain["runs"] == "3" and plain["seeds"] == "0 1 2"
+    assert float(plain["activation_mib_vs_exact"]) == pytest.approx(0.5)
+    assert float(plain["step_s_mean"]) == pytest.approx(32 / 320)
+    assert float(plain["step_s_vs_exact"]) == pytest.approx(2.0)
+    assert float(rows[("32", "8", "dct")]["metric_std"]) == 0.0
+    # The batch-128 run is its own table: compared with its own exact row, not batch 32's.
+    assert float(rows[("128", "0", "")]["activation_mib_vs_exact"]) == 1.0
+    text = (root / "tables" / "tables.md").read_text()
+    assert text.count("### classification") == 2
+    assert text.index("| exact |") < text.index("| r=8 independent gaussian |")
+    assert "| r=8 independent gaussian deflation=dct k=1 |" in text
+
+
+def test_tables_of_another_metric_and_errors(sweep):
+    root, accuracy = sweep
+    result = make_tables(root / "sweep", "--metric", "test/acc")
+    assert result.returncode == 0 and f"{statistics.fmean(accuracy[0]) - 0.01:.3f} ±" in result.stdout
+    for args, message in [((root / "sweep", "--metric", "val/iou"), "--metric: .* has no 'val/iou'"),
+                          ((root / "absent",), "RUN_DIR: no directory"),
+                          ((root / "sweep" / "0_0" / "nothing",), "RUN_DIR: no directory")]:
+        result = make_tables(*args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ")
+        assert len(result.stderr.splitlines()) == 1
+    (root / "empty").mkdir()
+    assert "no summary.json" in make_tables(root / "empty").stderr
+
+
+def test_plots_one_png_per_table(sweep):
+    root, _ = sweep
+    assert make_tables(root / "sweep", root / "other", "--out", root / "tables").returncode == 0
+    result = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(root / "tables")],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((root / "tables").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    missing = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(root)],
+                             capture_output=True, text=True, cwd=REPO_ROOT)
+    assert missing.returncode == 2 and "no tables.csv" in missing.stderr
