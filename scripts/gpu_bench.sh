@@ -10,4 +10,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/dev
 git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || true
 "$py" scripts/bench_memory.py --budget-gb 16 --csv "$out/memory.csv" | tee "$out/memory.md"
 "$py" scripts/bench_speed.py --rounds 3 --min-run-time 0.5 --csv "$out/speed.csv" | tee "$out/speed.md"
-"$py" scripts/bench_gradient.py --model unet --draws 8 --csv "$out/gradient.csv" | tee "$out/gradient.md"
+"$py" scripts/gradient_quality.py --model unet --draws 8 --csv "$out/gradient.csv" | tee "$out/gradient.md"

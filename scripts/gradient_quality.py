@@ -14,10 +14,13 @@ of ``--batch`` crops, ``AGE = (1/M) sum_m ||g - g_m||^2`` (``g`` the exact full-
 gradient of all parameters, ``g_m`` the minibatch gradient, exact or XConv, gradients
 zeroed between minibatches), next to the exact minibatch (SGD) AGE.
 
+With ``--plot PNG`` it draws the median relative error, the median cosine and (with ``--age``)
+AGE / SGD AGE against r, one line per estimator.
+
 Usage:
-    python scripts/bench_gradient.py [--model unet|resnet18] [--probes 4 8 16 32]
-                                     [--draws 8] [--train-steps 0] [--age M]
-                                     [--csv results/bench/gradient_cpu.csv]
+    python scripts/gradient_quality.py [--model unet|resnet18] [--probes 4 8 16 32]
+                                       [--draws 8] [--train-steps 0] [--age M]
+                                       [--csv results/bench/gradient_cpu.csv] [--plot gradient.png]
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import copy
 import statistics
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
@@ -36,6 +40,9 @@ from torch import nn
 import xconv
 from xconv.functional import deflation_basis
 from benchlib import write_csv
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "coins", "camera", "hubble_deep_field")
 
@@ -157,7 +164,7 @@ def selected_estimators(args):
     return [(label, options) for label, options in ESTIMATORS if label in args.estimators]
 
 
-def age_table(args, model: nn.Module, loss_fn) -> None:
+def age_table(args, model: nn.Module, loss_fn) -> dict[tuple[str, int], float]:
     batches = [make_batch(args.model, args.batch, args.size, args.device, seed=1 + m) for m in range(args.age)]
     exact = torch.stack([full_gradient(model, x, t, loss_fn) for x, t in batches]).mean(0)
     sgd = average_gradient_error(model, batches, loss_fn, exact)
@@ -165,11 +172,40 @@ def age_table(args, model: nn.Module, loss_fn) -> None:
           f"||g||^2 = {exact.square().sum().item():.4g} (g: exact full-data gradient)")
     print("| estimator | r | AGE | AGE / SGD AGE |")
     print("|---|---|---|---|")
+    ratios = {}
     for label, options in selected_estimators(args):
         for r in args.probes:
             converted = xconv.convert(copy.deepcopy(model), relu=False, **layer_options(options, r))
             age = average_gradient_error(converted, batches, loss_fn, exact)
+            ratios[label, r] = age / sgd
             print(f"| {label} | {r} | {age:.4g} | {age / sgd:.2f} |", flush=True)
+    return ratios
+
+
+def plot(path: Path, title: str, medians: dict[tuple[str, int], tuple[float, float]],
+         age_ratios: dict[tuple[str, int], float]) -> None:
+    """Median relative error, median cosine and AGE / SGD AGE against r, one line per estimator."""
+    panels = [("median relative error", lambda k: medians[k][0]), ("median cosine", lambda k: medians[k][1])]
+    if age_ratios:
+        panels.append(("AGE / exact minibatch AGE", age_ratios.__getitem__))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (ylabel, value) in zip(axes, panels):
+        for label in dict.fromkeys(k[0] for k in medians):
+            rs = sorted(r for lab, r in medians if lab == label)
+            ax.plot(rs, [value((label, r)) for r in rs], marker="o", label=label)
+        if ylabel.startswith("AGE"):
+            ax.axhline(1.0, color="black", lw=1, label="exact minibatch (SGD)")
+            ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("probes r")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -184,12 +220,13 @@ def main(argv=None):
     parser.add_argument("--train-steps", type=int, default=0, help="exact Adam steps before measuring")
     parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, x, target, loss_fn = build(args.model, args.batch, args.size, args.device)
     pretrain(model.train(), args, loss_fn)
     layers = capture_layers(model.train(), x, target, loss_fn)
-    rows = []
+    rows, medians = [], {}
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {len(layers)} conv layers, {args.draws} draws each")
     print("| estimator | r | layers | median rel. error | median cosine | median kept energy |")
     print("|---|---|---|---|---|---|")
@@ -204,13 +241,16 @@ def main(argv=None):
                                      pixels=inp[0, 0].numel(), rel_error=result[0], cosine=result[1], kept_energy=result[2]))
             err = statistics.median(e for e, _, _ in per_layer)
             cos = statistics.median(c for _, c, _ in per_layer)
+            medians[label, r] = err, cos
             kept = [k for _, _, k in per_layer if k is not None]
             kept = f"{statistics.median(kept):.2f}" if kept else "-"
             print(f"| {label} | {r} | {len(per_layer)} | {err:.2f} | {cos:.3f} | {kept} |", flush=True)
-    if args.age:
-        age_table(args, model, loss_fn)
+    age_ratios = age_table(args, model, loss_fn) if args.age else {}
     if args.csv:
         write_csv(rows, args.csv)
+    if args.plot:
+        title = f"{args.model}, batch {args.batch}, {args.size}x{args.size}, after {args.train_steps} exact steps"
+        plot(args.plot, title, medians, age_ratios)
 
 
 if __name__ == "__main__":

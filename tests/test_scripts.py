@@ -1,4 +1,4 @@
-"""scripts/make_tables.py and make_plots.py on run directories with known summaries."""
+"""The scripts that read runs and measure gradients: make_tables.py, make_plots.py, gradient_quality.py."""
 from __future__ import annotations
 
 import csv
@@ -98,3 +98,19 @@ def test_plots_one_png_per_table(sweep):
     missing = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(root)],
                              capture_output=True, text=True, cwd=REPO_ROOT)
     assert missing.returncode == 2 and "no tables.csv" in missing.stderr
+
+
+def test_gradient_quality_tables_and_plot(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", "resnet18", "--batch", "2", "--size", "16",
+         "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--age", "2",
+         "--csv", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "gradient.png")],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "layers.csv", newline="")))
+    assert rows and all(float(r["rel_error"]) > 0 and -1 <= float(r["cosine"]) <= 1 for r in rows)
+    # At r=2 the estimate is far noisier than an exact minibatch gradient: AGE / SGD AGE well above 1.
+    age_ratio = float(result.stdout.strip().splitlines()[-1].split("|")[-2])
+    assert age_ratio > 1
+    assert (tmp_path / "gradient.png").read_bytes()[:4] == b"\x89PNG"
