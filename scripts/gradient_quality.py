@@ -1,32 +1,38 @@
 """Weight-gradient quality of XConv estimators on the real activations of a real network.
 
-For every conv layer of a model (at initialisation, or after ``--train-steps`` exact Adam
-steps on fresh crops) on a batch of natural-image crops from
-scikit-image, the layer's real input ``X`` and real upstream gradient ``D`` are captured
-from one exact backward pass. Each estimator configuration is then drawn ``--draws`` times
+The network and its batches come either from a task of the experiments (``--task``: the
+task's model, data and loss exactly as ``run.py`` composes them from ``configs/``, with any
+Hydra overrides after the options) or from ``--model unet|resnet18`` on natural-image crops
+from scikit-image. For every conv layer (at initialisation, or after ``--train-steps`` exact
+Adam steps on fresh batches), the layer's real input ``X`` and real upstream gradient ``D``
+are captured from one exact backward pass. Each estimator configuration is then drawn ``--draws`` times
 on that layer and compared with the exact weight gradient: relative error
 ``||g_hat - g|| / ||g||`` and cosine similarity (the paper's figures of merit). The table gives
 the median over layers of the per-layer mean; the CSV has every layer. For deflated sketches
 the table also gives the fraction of ``||X||^2`` the kept directions hold exactly.
 
-With ``--age M`` it also computes the paper's average gradient error over ``M`` minibatches
-of ``--batch`` crops, ``AGE = (1/M) sum_m ||g - g_m||^2`` (``g`` the exact full-data
-gradient of all parameters, ``g_m`` the minibatch gradient, exact or XConv, gradients
-zeroed between minibatches), next to the exact minibatch (SGD) AGE.
+With ``--age M`` it also computes the paper's average gradient error over ``M`` fresh
+minibatches, ``AGE = (1/M) sum_m ||g - g_m||^2``: ``g`` the exact gradient of all parameters
+over the M minibatches together (the full data of this measurement), ``g_m`` the minibatch
+gradient, exact or XConv, with gradients zeroed between minibatches; next to it the exact
+minibatch (SGD) AGE, the floor.
 
 With ``--plot PNG`` it draws the median relative error, the median cosine and (with ``--age``)
 AGE / SGD AGE against r, one line per estimator.
 
 Usage:
-    python scripts/gradient_quality.py [--model unet|resnet18] [--probes 4 8 16 32]
-                                       [--draws 8] [--train-steps 0] [--age M]
+    python scripts/gradient_quality.py [--model unet|resnet18 | --task NAME [OVERRIDE ...]]
+                                       [--probes 4 8 16 32] [--draws 8] [--train-steps 0] [--age M]
                                        [--csv results/bench/gradient_cpu.csv] [--plot gradient.png]
+    e.g. python scripts/gradient_quality.py --task classification data.batch_size=32 --age 8
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -34,6 +40,9 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from skimage import data as skdata
 from torch import nn
 
@@ -44,6 +53,7 @@ from benchlib import write_csv
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "coins", "camera", "hubble_deep_field")
 
 # (label, estimator keyword arguments)
@@ -73,62 +83,102 @@ def natural_crops(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
 
 
-def make_batch(name: str, batch: int, size: int, device: str, seed: int):
-    """Crops and their targets: bright-region masks (unet) or which photo a crop is from."""
-    x = natural_crops(batch, size, seed).to(device)
+@dataclass
+class Source:
+    """A network at fixed parameters, its training loss and a stream of training batches.
+
+    ``batch(seed)`` is a batch drawn with ``seed`` (distinct seeds give fresh batches);
+    ``loss(net, batch)`` the scalar training loss of ``batch`` through ``net``.
+    """
+
+    name: str
+    model: nn.Module
+    loss: Callable[[nn.Module, object], torch.Tensor]
+    batch: Callable[[int], object]
+
+
+def crop_source(name: str, batch: int, size: int, device: str) -> Source:
+    """``--model``: a U-Net segmenting bright regions of natural crops, or a ResNet-18 telling which photo a crop is from."""
+    def make_batch(seed: int):
+        x = natural_crops(batch, size, seed).to(device)
+        if name == "unet":
+            return x, (x.mean(1, keepdim=True) > 0).float()
+        return x, torch.arange(batch, device=device) % len(IMAGES)
+
     if name == "unet":
-        return x, (x.mean(1, keepdim=True) > 0).float()
-    return x, torch.arange(batch, device=device) % len(IMAGES)
+        model, loss_fn = smp.Unet("resnet18", encoder_weights=None, classes=1), nn.functional.binary_cross_entropy_with_logits
+    else:
+        model, loss_fn = torchvision.models.resnet18(num_classes=len(IMAGES)), nn.functional.cross_entropy
+    return Source(f"{name}, batch {batch}, {size}x{size} crops", model.to(device),
+                  lambda net, b: loss_fn(net(b[0]), b[1]), make_batch)
 
 
-def build(name: str, batch: int, size: int, device: str, seed: int = 0):
-    """Model, a batch of crops and targets (see :func:`make_batch`), and the loss."""
-    x, target = make_batch(name, batch, size, device, seed)
-    if name == "unet":
-        model = smp.Unet("resnet18", encoder_weights=None, classes=1).to(device)
-        return model, x, target, nn.functional.binary_cross_entropy_with_logits
-    model = torchvision.models.resnet18(num_classes=len(IMAGES)).to(device)
-    return model, x, target, nn.functional.cross_entropy
+def task_source(task: str, overrides: list[str], device: str) -> Source:
+    """``--task``: the task's network, loss and training batches, composed from ``configs/`` as ``run.py`` does.
+
+    Raises:
+        hydra.errors.ConfigCompositionException: an unknown task or override.
+    """
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        # output_dir normally comes from Hydra's run directory; nothing is written here.
+        cfg = compose("config", overrides=[f"task={task}", *overrides, "output_dir=."])
+    torch.manual_seed(cfg.seed)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = instantiate(cfg.task)
+
+    def make_batch(seed: int):
+        torch.manual_seed(seed)  # the training loader shuffles with torch's global generator
+        return move_data_to_device(next(iter(datamodule.train_dataloader())), device)
+
+    label = " ".join([f"task={task}", *overrides])
+    return Source(label, module.net.to(device), lambda net, b: module.loss(b, net=net), make_batch)
 
 
-def pretrain(model: nn.Module, args, loss_fn) -> None:
-    """``args.train_steps`` exact Adam steps (lr 1e-3), each on fresh crops (seeds 1000+)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(args.train_steps):
-        x, target = make_batch(args.model, args.batch, args.size, args.device, seed=1000 + step)
+def pretrain(source: Source, steps: int) -> None:
+    """``steps`` exact Adam steps (lr 1e-3), each on a fresh batch (seeds 1000+)."""
+    optimizer = torch.optim.Adam(source.model.parameters(), lr=1e-3)
+    for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), target)
+        loss = source.loss(source.model, source.batch(1000 + step))
         loss.backward()
         optimizer.step()
-    if args.train_steps:
-        print(f"after {args.train_steps} exact Adam steps: training loss {loss.item():.4f}")
+    if steps:
+        print(f"after {steps} exact Adam steps: training loss {loss.item():.4f}")
 
 
-def full_gradient(model: nn.Module, x, target, loss_fn) -> torch.Tensor:
-    """All parameter gradients of ``loss_fn(model(x), target)``, flattened; zeroed first."""
+def full_gradient(model: nn.Module, batch, loss) -> torch.Tensor:
+    """All parameter gradients of ``loss(model, batch)``, flattened; zeroed first."""
     model.zero_grad(set_to_none=True)
-    loss_fn(model(x), target).backward()
+    loss(model, batch).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def average_gradient_error(model: nn.Module, batches, loss_fn, exact: torch.Tensor) -> float:
-    """``(1/M) sum_m ||exact - g_m||^2`` over minibatches ``[(x, target)]``."""
-    return statistics.fmean((full_gradient(model, x, t, loss_fn) - exact).square().sum().item() for x, t in batches)
+def average_gradient_error(model: nn.Module, batches, loss, exact: torch.Tensor) -> float:
+    """``(1/M) sum_m ||exact - g_m||^2`` over the minibatches ``batches``."""
+    return statistics.fmean((full_gradient(model, b, loss) - exact).square().sum().item() for b in batches)
 
 
-def capture_layers(model: nn.Module, x: torch.Tensor, target, loss_fn):
-    """``[(name, conv, X, D, exact dW)]`` for every conv, from one exact backward pass."""
+def capture_layers(model: nn.Module, batch, loss):
+    """``[(name, conv, X, D, exact dW)]`` for every 2-d conv and transposed conv, from one exact backward pass.
+
+    A conv that the loss calls more than once (a GAN's discriminator on real and fake images)
+    has a weight gradient summed over its calls, which no single ``(X, D)`` pair gives; such
+    convs are left out.
+    """
     records, handles = {}, []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and module.weight.requires_grad:
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.weight.requires_grad:
             def hook(m, args, out, name=name):
-                records[name] = [m, args[0].detach()]
-                out.register_hook(lambda d: records[name].append(d.detach()))
+                calls = records.setdefault(name, [m, []])[1]
+                calls.append([args[0].detach()])
+                out.register_hook(lambda d: calls[-1].append(d.detach()))
             handles.append(module.register_forward_hook(hook))
-    full_gradient(model, x, target, loss_fn)
+    full_gradient(model, batch, loss)
     for h in handles:
         h.remove()
-    return [(name, m, inp, d, m.weight.grad.clone()) for name, (m, inp, d) in records.items()]
+    return [(name, m, calls[0][0], calls[0][1], m.weight.grad.clone())
+            for name, (m, calls) in records.items() if len(calls) == 1 and len(calls[0]) == 2]
 
 
 def layer_options(options: dict, probes: int) -> dict:
@@ -164,19 +214,20 @@ def selected_estimators(args):
     return [(label, options) for label, options in ESTIMATORS if label in args.estimators]
 
 
-def age_table(args, model: nn.Module, loss_fn) -> dict[tuple[str, int], float]:
-    batches = [make_batch(args.model, args.batch, args.size, args.device, seed=1 + m) for m in range(args.age)]
-    exact = torch.stack([full_gradient(model, x, t, loss_fn) for x, t in batches]).mean(0)
-    sgd = average_gradient_error(model, batches, loss_fn, exact)
-    print(f"\nAGE over {args.age} minibatches of {args.batch}; exact minibatch (SGD floor) AGE = {sgd:.4g}; "
-          f"||g||^2 = {exact.square().sum().item():.4g} (g: exact full-data gradient)")
+def age_table(args, source: Source) -> dict[tuple[str, int], float]:
+    model, loss = source.model, source.loss
+    batches = [source.batch(1 + m) for m in range(args.age)]
+    exact = torch.stack([full_gradient(model, b, loss) for b in batches]).mean(0)
+    sgd = average_gradient_error(model, batches, loss, exact)
+    print(f"\nAGE over {args.age} minibatches; exact minibatch (SGD floor) AGE = {sgd:.4g}; "
+          f"||g||^2 = {exact.square().sum().item():.4g} (g: exact gradient over all M minibatches)")
     print("| estimator | r | AGE | AGE / SGD AGE |")
     print("|---|---|---|---|")
     ratios = {}
     for label, options in selected_estimators(args):
         for r in args.probes:
             converted = xconv.convert(copy.deepcopy(model), relu=False, **layer_options(options, r))
-            age = average_gradient_error(converted, batches, loss_fn, exact)
+            age = average_gradient_error(converted, batches, loss, exact)
             ratios[label, r] = age / sgd
             print(f"| {label} | {r} | {age:.4g} | {age / sgd:.2f} |", flush=True)
     return ratios
@@ -210,9 +261,11 @@ def plot(path: Path, title: str, medians: dict[tuple[str, int], tuple[float, flo
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["unet", "resnet18"], default="unet")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
+    source_group = parser.add_mutually_exclusive_group()
+    source_group.add_argument("--model", choices=["unet", "resnet18"], default="unet", help="natural-crop source")
+    source_group.add_argument("--task", default=None, help="a task of configs/task/; Hydra overrides may follow")
+    parser.add_argument("--batch", type=int, default=8, help="crops per batch (--model only)")
+    parser.add_argument("--size", type=int, default=128, help="crop side (--model only)")
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--estimators", nargs="+", default=[e[0] for e in ESTIMATORS], choices=[e[0] for e in ESTIMATORS])
@@ -221,13 +274,17 @@ def main(argv=None):
     parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.task is None:
+        parser.error(f"Hydra overrides {overrides} need --task")
     torch.manual_seed(0)
-    model, x, target, loss_fn = build(args.model, args.batch, args.size, args.device)
-    pretrain(model.train(), args, loss_fn)
-    layers = capture_layers(model.train(), x, target, loss_fn)
+    source = (task_source(args.task, overrides, args.device) if args.task
+              else crop_source(args.model, args.batch, args.size, args.device))
+    source.model.train()
+    pretrain(source, args.train_steps)
+    layers = capture_layers(source.model, source.batch(0), source.loss)
     rows, medians = [], {}
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {len(layers)} conv layers, {args.draws} draws each")
+    print(f"{source.name}: {len(layers)} conv layers, {args.draws} draws each")
     print("| estimator | r | layers | median rel. error | median cosine | median kept energy |")
     print("|---|---|---|---|---|---|")
     for label, options in selected_estimators(args):
@@ -237,7 +294,7 @@ def main(argv=None):
                 result = draw_errors(conv, inp, d, exact, layer_options(options, r), args.draws)
                 if result is not None:
                     per_layer.append(result)
-                    rows.append(dict(model=args.model, train_steps=args.train_steps, estimator=label, probes=r, layer=name,
+                    rows.append(dict(source=source.name, train_steps=args.train_steps, estimator=label, probes=r, layer=name,
                                      pixels=inp[0, 0].numel(), rel_error=result[0], cosine=result[1], kept_energy=result[2]))
             err = statistics.median(e for e, _, _ in per_layer)
             cos = statistics.median(c for _, c, _ in per_layer)
@@ -245,11 +302,11 @@ def main(argv=None):
             kept = [k for _, _, k in per_layer if k is not None]
             kept = f"{statistics.median(kept):.2f}" if kept else "-"
             print(f"| {label} | {r} | {len(per_layer)} | {err:.2f} | {cos:.3f} | {kept} |", flush=True)
-    age_ratios = age_table(args, model, loss_fn) if args.age else {}
+    age_ratios = age_table(args, source) if args.age else {}
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:
-        title = f"{args.model}, batch {args.batch}, {args.size}x{args.size}, after {args.train_steps} exact steps"
+        title = f"{source.name}, after {args.train_steps} exact steps"
         plot(args.plot, title, medians, age_ratios)
 
 

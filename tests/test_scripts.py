@@ -102,14 +102,15 @@ def test_plots_one_png_per_table(sweep):
 
 def test_gradient_quality_tables_and_plot(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", "resnet18", "--batch", "2", "--size", "16",
-         "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--age", "2",
+        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--task", "classification", "data.batch_size=4",
+         "data.image_size=16", "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--age", "2",
          "--csv", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "gradient.png")],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "layers.csv", newline="")))
-    assert rows and all(float(r["rel_error"]) > 0 and -1 <= float(r["cosine"]) <= 1 for r in rows)
+    assert [r["layer"] for r in rows] == ["features.0", "features.3", "features.6"]  # the small CNN's convs
+    assert all(float(r["rel_error"]) > 0 and -1 <= float(r["cosine"]) <= 1 for r in rows)
     # At r=2 the estimate is far noisier than an exact minibatch gradient: AGE / SGD AGE well above 1.
     age_ratio = float(result.stdout.strip().splitlines()[-1].split("|")[-2])
     assert age_ratio > 1
