@@ -4,8 +4,9 @@ from .digits import DigitsDataModule
 from .folder import FolderDataModule
 from .mnist_cifar import CIFAR10DataModule, MNISTDataModule
 from .oxford_pet import OxfordPetDataModule
+from .single_image import InpaintingDataModule, SuperResolutionDataModule
 
 __all__ = [
-    "CIFAR10DataModule", "DigitScenesDataModule", "DigitsDataModule", "FolderDataModule", "MNISTDataModule",
-    "OxfordPetDataModule",
+    "CIFAR10DataModule", "DigitScenesDataModule", "DigitsDataModule", "FolderDataModule", "InpaintingDataModule",
+    "MNISTDataModule", "OxfordPetDataModule", "SuperResolutionDataModule",
 ]

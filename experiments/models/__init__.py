@@ -1,4 +1,5 @@
 """Networks that no library provides as they are needed here; each is selected by a ``configs/model/<name>.yaml``."""
 from .classifiers import SmallCNN, resnet18_cifar
+from .skip_net import SkipNet
 
-__all__ = ["SmallCNN", "resnet18_cifar"]
+__all__ = ["SkipNet", "SmallCNN", "resnet18_cifar"]
