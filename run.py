@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import xconv
 from experiments.config import ConfigError, check_run_config, xconv_options
-from experiments.summary import build_summary, summary_callbacks, write_summary
+from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
 log = logging.getLogger("run")
 
@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
     The summary goes into ``cfg.output_dir`` and is returned. Validation and test score the
     final weights; ``metrics`` holds both (``val/...``, ``test/...``).
     """
+    commit = git_commit()  # the code that runs is the code checked out now
     L.seed_everything(cfg.seed, workers=True)
     datamodule, task, trainer = build(cfg)
     for logger in trainer.loggers:
@@ -87,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     if has_test_stage(task, datamodule):
         metrics |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
-    summary = build_summary(cfg, trainer, task, datamodule, metrics)
+    summary = build_summary(cfg, trainer, task, datamodule, metrics, commit)
     path = write_summary(summary, Path(cfg.output_dir) / "summary.json")
     scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for logger in trainer.loggers:

@@ -60,9 +60,15 @@ def activation_memory(task: XConvTask, batch, device: torch.device) -> dict:
 
 
 def build_summary(
-    cfg: DictConfig, trainer: L.Trainer, task: XConvTask, datamodule: L.LightningDataModule, metrics: dict
+    cfg: DictConfig, trainer: L.Trainer, task: XConvTask, datamodule: L.LightningDataModule, metrics: dict,
+    commit: str | None,
 ) -> dict:
-    """Everything a run records. ``metrics`` are the final validation metrics (``trainer.validate``)."""
+    """Everything a run records.
+
+    ``metrics`` are the final metrics (``trainer.validate``, and ``trainer.test`` where there is
+    a test split); ``commit`` the :func:`git_commit` taken when the run started, since the
+    checkout may move on while a long run trains.
+    """
     timer, throughput = _callback(trainer, Timer), _callback(trainer, TrainThroughput)
     device = trainer.strategy.root_device
     memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device)
@@ -74,7 +80,7 @@ def build_summary(
         "relu": cfg.xconv.relu,
         "metric_name": task.metric_name,
         "metric": metrics.get(task.metric_name),
-        "metrics": metrics,
+        "metrics": {**metrics, **task.summary_metrics()},
         **memory,
         "train_time_s": timer.time_elapsed("train"),
         "samples_per_s": throughput.samples_per_s,
@@ -82,7 +88,7 @@ def build_summary(
         "steps": trainer.global_step,
         "device": str(device),
         "seed": cfg.seed,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

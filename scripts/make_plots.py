@@ -68,6 +68,8 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
             mean, std = _float(exact[f"{field}_mean"]), _float(exact[f"{field}_std"]) or 0.0
             ax.axhline(mean, color="black", lw=1, label="exact")
             ax.axhspan(mean - std, mean + std, color="black", alpha=0.12)
+        if field != "metric":
+            ax.set_ylim(bottom=0)  # memory and time read as fractions of exact
         ax.set_xscale("log", base=2)
         ax.set_xlabel("probes r")
         ax.set_ylabel(ylabel or metric)

@@ -91,6 +91,13 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _sortable(value) -> tuple:
+    """Numbers before text, numbers by value (batch 32 before 128), None first."""
+    if value is None:
+        return (0, 0, "")
+    return (1, value, "") if isinstance(value, (int, float)) else (2, 0, str(value))
+
+
 def _row_order(row: dict) -> tuple:
     return (row["probes"] != 0, row["probes"], row["mode"], row["distribution"], row["deflation"],
             str(row["deflation_rank"]))
@@ -117,7 +124,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         for field in ("activation_mib", "step_s"):
             base = exact and exact[f"{field}_mean"]
             row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
-    return sorted(rows, key=lambda r: (tuple(str(r[k]) for k in TABLE_KEYS), _row_order(r)))
+    return sorted(rows, key=lambda r: (tuple(_sortable(r[k]) for k in TABLE_KEYS), _row_order(r)))
 
 
 def _fmt(value, digits: int = 3) -> str:
