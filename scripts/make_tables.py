@@ -12,12 +12,16 @@ into rows by the XConv settings (probes, mode, distribution, deflation). Per row
 - time per training step in seconds (batch size / ``samples_per_s``, which counts the training
   steps' forward, backward and update only) and its ratio to the exact row.
 
+With ``--batch-rows`` the batch size separates rows instead of tables, for the paper's
+equal-memory comparison (exact at batch B against XConv at batch 2B in one table; ratios are
+then to the exact row of the smallest batch).
+
 Ratios compare runs of the same sweep machine, but runs that shared a machine with other work
 have noisy times; say so when publishing.
 
 Usage:
     python scripts/make_tables.py multirun/classification/2026-11-30_10-00-00 [more dirs ...]
-                                  [--metric test/acc] [--out results/paper_mnist_table_cpu]
+                                  [--metric test/acc] [--batch-rows] [--out results/paper_mnist_table_cpu]
 
 Writes ``tables.md`` and ``tables.csv`` into ``--out`` (created), or prints the markdown when
 ``--out`` is not given. Exits with status 2 and one line on stderr when no ``summary.json`` is
@@ -103,54 +107,66 @@ def _row_order(row: dict) -> tuple:
             str(row["deflation_rank"]))
 
 
-def summarize(runs: list[dict]) -> list[dict]:
+def table_keys(batch_rows: bool) -> tuple[str, ...]:
+    """The fields that separate tables: :data:`TABLE_KEYS`, without the batch size if it separates rows."""
+    return tuple(k for k in TABLE_KEYS if not (batch_rows and k == "batch_size"))
+
+
+def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
     """One row per (table, estimator): mean and std over its runs, ratios to the table's exact row.
 
-    Ratios are None where the table has no exact (``probes=0``) runs.
+    Ratios are None where the table has no exact (``probes=0``) runs. With ``batch_rows`` the
+    batch size is part of the estimator (a row) and the exact row is the one of smallest batch.
     """
+    tables = table_keys(batch_rows)
+    keys = TABLE_KEYS + ROW_KEYS
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault(tuple(run[k] for k in TABLE_KEYS + ROW_KEYS), []).append(run)
+        groups.setdefault(tuple(run[k] for k in keys), []).append(run)
     rows = []
     for key, members in groups.items():
-        row = dict(zip(TABLE_KEYS + ROW_KEYS, key))
+        row = dict(zip(keys, key))
         row["runs"] = len(members)
         row["seeds"] = " ".join(str(s) for s in sorted(m["seed"] for m in members))
         for field in ("metric", "activation_mib", "peak_mib", "step_s"):
             row[f"{field}_mean"], row[f"{field}_std"] = _mean_std([m[field] for m in members])
         rows.append(row)
     for row in rows:
-        exact = next((r for r in rows if r["probes"] == 0 and all(r[k] == row[k] for k in TABLE_KEYS)), None)
+        exact = min((r for r in rows if r["probes"] == 0 and all(r[k] == row[k] for k in tables)),
+                    key=lambda r: r["batch_size"] or 0, default=None)
         for field in ("activation_mib", "step_s"):
             base = exact and exact[f"{field}_mean"]
             row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
-    return sorted(rows, key=lambda r: (tuple(_sortable(r[k]) for k in TABLE_KEYS), _row_order(r)))
+    return sorted(rows, key=lambda r: (tuple(_sortable(r[k]) for k in tables), _row_order(r), _sortable(r["batch_size"])))
 
 
 def _fmt(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _label(row: dict) -> str:
-    if row["probes"] == 0:
-        return "exact"
-    label = f"r={row['probes']} {row['mode']} {row['distribution']}"
+def _label(row: dict, batch_rows: bool) -> str:
+    label = "exact"
+    if row["probes"] != 0:
+        label = f"r={row['probes']} {row['mode']} {row['distribution']}"
     if row["deflation"]:
         label += f" deflation={row['deflation']} k={row['deflation_rank'] or 1}"
-    return label
+    return label + (f", batch {row['batch_size']}" if batch_rows else "")
 
 
-def markdown(rows: list[dict]) -> str:
-    """The tables in markdown, one section per (task, data, model, batch size, metric)."""
+def markdown(rows: list[dict], batch_rows: bool = False) -> str:
+    """The tables in markdown, one section per (task, data, model, batch size unless ``batch_rows``, metric)."""
+    tables = table_keys(batch_rows)
     out = []
-    for key in dict.fromkeys(tuple(r[k] for k in TABLE_KEYS) for r in rows):
-        task, data, model, batch, metric = key
-        out += [f"### {task}: {model} on {data}, batch {batch}", "",
+    for key in dict.fromkeys(tuple(r[k] for k in tables) for r in rows):
+        named = dict(zip(tables, key))
+        batch = "" if batch_rows else f", batch {named['batch_size']}"
+        task, data, model, metric = named["task"], named["data"], named["model"], named["metric_name"]
+        out += [f"### {task}: {model} on {data}{batch}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if tuple(r[k] for k in TABLE_KEYS) == key):
+        for r in (r for r in rows if tuple(r[k] for k in tables) == key):
             out.append(
-                f"| {_label(r)} | {_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])} | {r['runs']} "
+                f"| {_label(r, batch_rows)} | {_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])} | {r['runs']} "
                 f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
                 f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} |"
             )
@@ -163,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--metric", default=None, help="final metric to tabulate (default: each run's metric_name)")
     parser.add_argument("--out", type=Path, default=None, help="folder for tables.md and tables.csv")
+    parser.add_argument("--batch-rows", action="store_true",
+                        help="batch sizes as rows of one table (equal-memory comparison), not separate tables")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.run_dirs, args.metric)
@@ -172,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: RUN_DIR: no summary.json below {' '.join(map(str, args.run_dirs))}", file=sys.stderr)
         return 2
-    rows = summarize(runs)
-    text = markdown(rows)
+    rows = summarize(runs, args.batch_rows)
+    text = markdown(rows, args.batch_rows)
     if args.out is None:
         print(text)
         return 0

@@ -115,3 +115,16 @@ def test_gradient_quality_tables_and_plot(tmp_path):
     age_ratio = float(result.stdout.strip().splitlines()[-1].split("|")[-2])
     assert age_ratio > 1
     assert (tmp_path / "gradient.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_batch_rows_put_batch_sizes_in_one_table(sweep):
+    root, _ = sweep
+    result = make_tables(root / "sweep", root / "other", "--batch-rows", "--out", root / "tables")
+    assert result.returncode == 0, result.stderr
+    with open(root / "tables" / "tables.csv", newline="") as f:
+        rows = {(r["batch_size"], r["probes"], r["deflation"]): r for r in csv.DictReader(f)}
+    # Ratios are to the exact row of the smallest batch: batch 128's exact run keeps 16 MiB against 8.
+    assert float(rows[("128", "0", "")]["activation_mib_vs_exact"]) == pytest.approx(2.0)
+    assert float(rows[("32", "8", "")]["activation_mib_vs_exact"]) == pytest.approx(0.5)
+    text = (root / "tables" / "tables.md").read_text()
+    assert text.count("### classification") == 1 and "| exact, batch 128 |" in text
