@@ -24,6 +24,7 @@ DATA_TASK = {
 }
 MODEL_TASK = {
     "unet": "segmentation", "small_cnn": "classification", "resnet18_cifar": "classification", "skip_net": "superres",
+    "dcgan": "gan",
 }
 
 
@@ -54,6 +55,11 @@ def test_every_model_config_builds_for_its_task(model, tmp_path):
         assert net(torch.rand(1, cfg.model.in_channels, 40, 44)).shape == (1, 3, 40, 44)
         return
     size = cfg.data.image_size
+    if MODEL_TASK[model] == "gan":  # a {generator, discriminator} pair: latent codes -> images -> logits
+        images = net["generator"](torch.randn(2, net["generator"].latent_dim))
+        assert images.shape == (2, cfg.data.in_channels, size, size)
+        assert net["discriminator"](images).shape == (2,)
+        return
     out = net(torch.rand(2, cfg.model.in_channels, size, size))
     assert out.shape[:2] == (2, cfg.data.num_classes)
 

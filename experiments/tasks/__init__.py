@@ -1,9 +1,11 @@
 """One LightningModule per task; each is selected by a ``configs/task/<name>.yaml``."""
 from .base import XConvTask
 from .classification import ClassificationTask
+from .gan import GANTask
 from .image_prior import ImagePriorTask, InpaintingTask, SuperResolutionTask
 from .segmentation import SegmentationTask
 
 __all__ = [
-    "ClassificationTask", "ImagePriorTask", "InpaintingTask", "SegmentationTask", "SuperResolutionTask", "XConvTask",
+    "ClassificationTask", "GANTask", "ImagePriorTask", "InpaintingTask", "SegmentationTask", "SuperResolutionTask",
+    "XConvTask",
 ]
