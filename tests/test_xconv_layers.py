@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import xconv
-from xconv.memory import peak_tensor_bytes, saved_tensor_bytes
+from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
 
 
 def _weight_grad(layer, x, grad_y):
@@ -211,3 +211,12 @@ def test_saved_bytes_by_module():
     x = torch.randn(2, 4, 16, 16)
     report = saved_tensor_bytes(lambda: model(x).sum(), model=model)
     assert report.by_module == {"0": 2 * 4 * 4 * 4, "1": 2 * 8 * 16 * 16 // 8}
+
+
+def test_cuda_peak_is_none_for_a_cpu_run_on_a_gpu_machine(monkeypatch):
+    # A CPU run (trainer.accelerator=cpu) on a machine with a GPU: nothing to measure, and no CUDA call.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    assert cuda_peak_memory_bytes(calls.append, 1, device=torch.device("cpu")) is None
+    assert cuda_peak_memory_bytes(calls.append, 1, device="cpu") is None
+    assert calls == []

@@ -96,9 +96,10 @@ def cuda_peak_memory_bytes(fn: Callable, *args, device=None, **kwargs) -> int | 
     """Peak CUDA memory allocated (bytes, ``torch.cuda.max_memory_allocated``) while ``fn`` runs.
 
     The peak includes everything allocated on the device (parameters, optimizer state,
-    activations, temporaries). Returns None without calling ``fn`` when CUDA is unavailable.
+    activations, temporaries). Returns None without calling ``fn`` when CUDA is unavailable or
+    ``device`` is not a CUDA device (a CPU run on a machine that has a GPU).
     """
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
