@@ -154,6 +154,14 @@ def test_inpainting_observation_is_the_masked_image_from_a_mask_file(tmp_path):
     assert "clean" not in dm.train_sample  # the fit never sees the ground truth
 
 
+@pytest.mark.parametrize("scale", [4, 8])
+def test_superres_image_is_trimmed_to_a_multiple_of_the_scale(scale):
+    dm = SuperResolutionDataModule("coffee", scale=scale, resize=60)  # 400x600 -> 60x90
+    height, width = 60 - 60 % scale, 90 - 90 % scale
+    assert dm.clean.shape == (3, height, width) and dm.train_sample["noise"].shape == (32, height, width)
+    assert dm.train_sample["observed"].shape == (3, height // scale, width // scale)
+
+
 def test_folder_image_is_read_by_name_or_stem(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "baby.png")
