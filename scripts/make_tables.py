@@ -68,7 +68,8 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
             batch = config["data"].get("batch_size")
             runs.append({
                 "task": summary["task"],
-                "data": _target(config["data"]),
+                # One image per run (deep image prior): each image is its own table, not a seed.
+                "data": _target(config["data"]) + (f"({config['data']['image']})" if config["data"].get("image") else ""),
                 "model": _target(config["model"]) + (f"({config['model']['encoder_name']})"
                                                      if "encoder_name" in config["model"] else ""),
                 "batch_size": batch,

@@ -14,7 +14,7 @@ SCRIPTS = REPO_ROOT / "scripts"
 MIB = 2**20
 
 
-def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32):
+def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None):
     """A run directory with the summary.json fields the table script reads."""
     run = root / name
     run.mkdir(parents=True)
@@ -23,7 +23,7 @@ def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s,
         "metrics": {"val/acc": metric, "test/acc": metric - 0.01}, "activation_bytes": activation_bytes,
         "peak_memory_bytes": None, "samples_per_s": samples_per_s,
         "config": {
-            "data": {"_target_": "experiments.data.DigitsDataModule", "batch_size": batch},
+            "data": {"_target_": "experiments.data.DigitsDataModule", "batch_size": batch, "image": image},
             "model": {"_target_": "experiments.models.SmallCNN"},
             "xconv": {"probes": probes, "mode": "independent", "distribution": "gaussian",
                       "deflation": deflation, "deflation_rank": None},
@@ -128,3 +128,12 @@ def test_batch_rows_put_batch_sizes_in_one_table(sweep):
     assert float(rows[("32", "8", "")]["activation_mib_vs_exact"]) == pytest.approx(0.5)
     text = (root / "tables" / "tables.md").read_text()
     assert text.count("### classification") == 1 and "| exact, batch 128 |" in text
+
+
+def test_images_are_tables_not_seeds(tmp_path):
+    for image, acc in [("astronaut", 0.5), ("coffee", 0.7)]:
+        write_run(tmp_path, image, 0, 0, acc, MIB, 100.0, image=image)
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "DigitsDataModule(astronaut)" in result.stdout and "DigitsDataModule(coffee)" in result.stdout
+    assert "| exact | 0.500 ± 0.000 | 1 |" in result.stdout
