@@ -42,21 +42,32 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 )
 
 
+def _user_key(cfg: DictConfig, full_key: str) -> str:
+    """The config key a user would write for node ``full_key``: ``task.net`` filled by ``${model}`` is ``model``."""
+    parent_key, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    raw = OmegaConf.to_container(parent, resolve=False).get(leaf) if isinstance(parent, DictConfig) else None
+    source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return source[1] if source else full_key
+
+
 def _build(cfg: DictConfig, key: str):
     """``instantiate(cfg[key])``; a constructor's complaint about an argument becomes a ConfigError.
 
-    Constructors here start such messages with the argument name, so prefixing the config
-    group gives the full key (``data.root: ...``).
+    Constructors here start such messages with the argument name, so prefixing the config node
+    gives the full key (``data.root: ...``). For an object built inside another (the model inside
+    the task), Hydra names the failing node (``full_key: task.net``), and the key it was filled
+    from (``${model}``) is the one the user sets: ``model.channels: ...``.
     """
     try:
         return instantiate(cfg[key])
     except InstantiationException as err:
+        node = re.search(r"full_key: (\S+)", str(err))
+        where = _user_key(cfg, node[1]) if node else key
         if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
-            raise ConfigError(f"{key}.{err.__cause__}") from err.__cause__
+            raise ConfigError(f"{where}.{err.__cause__}") from err.__cause__
         if isinstance(err.__cause__, KeyError):  # e.g. smp's unknown encoder name
-            # Hydra names the failing node only in its message ("full_key: task.net").
-            node = re.search(r"full_key: (\S+)", str(err))
-            raise ConfigError(f"{node[1] if node else key}: {err.__cause__.args[0]}") from err.__cause__
+            raise ConfigError(f"{where}: {err.__cause__.args[0]}") from err.__cause__
         raise
 
 

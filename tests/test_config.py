@@ -121,7 +121,9 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("task=classification data.num_classes=5", "data.num_classes"),
         ("data.textures=[brick,nonexistent]", "data.textures"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
-        ("model.encoder_name=nonsense", "task.net: Wrong encoder name `nonsense`"),
+        ("model.encoder_name=nonsense", "model: Wrong encoder name `nonsense`"),
+        ("task=superres model.channels=[]", "model.channels: need at least one scale"),
+        ("task=gan model.image_size=33", "model.image_size: DCGAN needs a power of two"),
         ("xconv.deflation_rank=2", "xconv.deflation_rank=2 needs deflation="),
     ],
 )
