@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import (
     ConfigCompositionException,
     InstantiationException,
@@ -25,6 +26,7 @@ from hydra.errors import (
 )
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,7 +53,7 @@ def _user_key(cfg: DictConfig, full_key: str) -> str:
     return source[1] if source else full_key
 
 
-def _build(cfg: DictConfig, key: str):
+def _build(cfg: DictConfig, key: str, **kwargs):
     """``instantiate(cfg[key])``; a constructor's complaint about an argument becomes a ConfigError.
 
     Constructors here start such messages with the argument name, so prefixing the config node
@@ -60,12 +62,14 @@ def _build(cfg: DictConfig, key: str):
     from (``${model}``) is the one the user sets: ``model.channels: ...``.
     """
     try:
-        return instantiate(cfg[key])
+        return instantiate(cfg[key], **kwargs)
     except InstantiationException as err:
         node = re.search(r"full_key: (\S+)", str(err))
         where = _user_key(cfg, node[1]) if node else key
         if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
             raise ConfigError(f"{where}.{err.__cause__}") from err.__cause__
+        if isinstance(err.__cause__, MisconfigurationException):  # Lightning's, e.g. trainer.max_epochs=-3
+            raise ConfigError(f"{where}: {err.__cause__}") from err.__cause__
         if isinstance(err.__cause__, KeyError):  # e.g. smp's unknown encoder name
             raise ConfigError(f"{where}: {err.__cause__.args[0]}") from err.__cause__
         raise
@@ -80,7 +84,7 @@ def build(cfg: DictConfig):
     xconv.convert(task.net, **options)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
     return datamodule, task, trainer
 
 
@@ -137,7 +141,12 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)["metric"]
     except ConfigError as err:
-        remove_unused_run_dir(Path(cfg.output_dir), HydraConfig.get().job.name)  # nothing ran: nothing to keep
+        hydra_cfg = HydraConfig.get()
+        remove_unused_run_dir(Path(cfg.output_dir), hydra_cfg.job.name)  # nothing ran: nothing to keep
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        # The error ends the whole sweep; a sweep directory left with only Hydra's multirun.yaml is noise.
+        if hydra_cfg.mode == RunMode.MULTIRUN and sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+            shutil.rmtree(sweep_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

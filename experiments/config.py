@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from torch import nn
 
 import xconv
@@ -18,8 +19,13 @@ class ConfigError(ValueError):
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for a mandatory key (``???`` in a config) left unset or a missing checkpoint."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    """Raise :class:`ConfigError` for a mandatory key (``???`` in a config) left unset, an interpolation
+    that does not resolve (a data set of another task) or a missing checkpoint."""
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))  # resolves every interpolation on the way
+    except InterpolationResolutionError as err:
+        # e.g. a data set of another task: the model asks for ${data.in_channels}, which it lacks.
+        raise ConfigError(f"{err.full_key}: {str(err.msg).splitlines()[0]} (do the task, data and model configs fit together?)") from err
     if missing:
         example = " ".join(f"{key}=..." for key in missing)
         raise ConfigError(f"{', '.join(missing)} must be set, e.g. on the command line: {example}")

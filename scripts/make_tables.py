@@ -5,7 +5,7 @@ runs), groups the runs into tables by task, data set, model and batch size, and 
 into rows by the XConv settings (probes, mode, distribution, deflation). Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
-  standard deviation over the row's runs (seeds), and their number;
+  standard deviation over the row's runs (seeds; the mean alone for a single run), and their number;
 - activation memory: saved-for-backward bytes of one training step in MiB, and its ratio to the
   exact row of the same table (``probes=0``);
 - peak memory in MiB (CUDA runs only; blank on CPU);
@@ -93,7 +93,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None  # one run: no spread
 
 
 def _sortable(value) -> tuple:
@@ -145,6 +145,10 @@ def _fmt(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _spread(mean: float | None, std: float | None) -> str:
+    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
 def _label(row: dict, batch_rows: bool) -> str:
     label = "exact"
     if row["probes"] != 0:
@@ -167,7 +171,7 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if tuple(r[k] for k in tables) == key):
             out.append(
-                f"| {_label(r, batch_rows)} | {_fmt(r['metric_mean'])} ± {_fmt(r['metric_std'])} | {r['runs']} "
+                f"| {_label(r, batch_rows)} | {_spread(r['metric_mean'], r['metric_std'])} | {r['runs']} "
                 f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
                 f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} |"
             )

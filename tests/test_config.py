@@ -125,6 +125,8 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("task=superres model.channels=[]", "model.channels: need at least one scale"),
         ("task=gan model.image_size=33", "model.image_size: DCGAN needs a power of two"),
         ("xconv.deflation_rank=2", "xconv.deflation_rank=2 needs deflation="),
+        ("task=classification data=digit_scenes", "model.in_channels: Interpolation key 'data.in_channels' not found"),
+        ("trainer.max_epochs=-3", "trainer: `max_epochs` must be a non-negative integer"),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
@@ -158,6 +160,17 @@ def test_bad_command_line_exits_2_with_one_line_and_leaves_no_run_dir(override, 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert not run_dir.exists()
+
+
+def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, "xconv.probes=-1,8", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes must be >= 0")
+    assert not sweep_dir.exists()
 
 
 def test_failed_run_removes_its_run_dir_only_when_nothing_but_hydra_wrote_there(tmp_path):

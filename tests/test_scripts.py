@@ -64,7 +64,7 @@ def test_tables_average_over_seeds_and_compare_with_exact(sweep):
     assert float(plain["activation_mib_vs_exact"]) == pytest.approx(0.5)
     assert float(plain["step_s_mean"]) == pytest.approx(32 / 320)
     assert float(plain["step_s_vs_exact"]) == pytest.approx(2.0)
-    assert float(rows[("32", "8", "dct")]["metric_std"]) == 0.0
+    assert rows[("32", "8", "dct")]["metric_std"] == ""  # one run has no spread
     # The batch-128 run is its own table: compared with its own exact row, not batch 32's.
     assert float(rows[("128", "0", "")]["activation_mib_vs_exact"]) == 1.0
     text = (root / "tables" / "tables.md").read_text()
@@ -136,4 +136,4 @@ def test_images_are_tables_not_seeds(tmp_path):
     result = make_tables(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "DigitsDataModule(astronaut)" in result.stdout and "DigitsDataModule(coffee)" in result.stdout
-    assert "| exact | 0.500 ± 0.000 | 1 |" in result.stdout
+    assert "| exact | 0.500 | 1 |" in result.stdout
