@@ -121,10 +121,15 @@ def has_test_stage(task: L.LightningModule, datamodule: L.LightningDataModule) -
     return is_overridden("test_step", task) and getattr(datamodule, "test_set", None) is not None
 
 
+def _remove_if_only(directory: Path, names: set[str]) -> None:
+    """Delete ``directory`` if every entry in it is one of ``names`` (what Hydra writes before a job runs)."""
+    if directory.is_dir() and {p.name for p in directory.iterdir()} <= names:
+        shutil.rmtree(directory)
+
+
 def remove_unused_run_dir(run_dir: Path, job_name: str) -> None:
     """Delete ``run_dir`` if it holds only what Hydra writes at job start: ``.hydra/`` and ``<job_name>.log``."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{job_name}.log"}:
-        shutil.rmtree(run_dir)
+    _remove_if_only(run_dir, {".hydra", f"{job_name}.log"})
 
 
 def command_line_error(err: ConfigCompositionException | OverrideParseException) -> str:
@@ -143,10 +148,8 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         hydra_cfg = HydraConfig.get()
         remove_unused_run_dir(Path(cfg.output_dir), hydra_cfg.job.name)  # nothing ran: nothing to keep
-        sweep_dir = Path(hydra_cfg.sweep.dir)
-        # The error ends the whole sweep; a sweep directory left with only Hydra's multirun.yaml is noise.
-        if hydra_cfg.mode == RunMode.MULTIRUN and sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-            shutil.rmtree(sweep_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the error ends the whole sweep: drop its directory if nothing ran
+            _remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
