@@ -1,6 +1,7 @@
 """The run summary (``summary.json``): what every run records, built in one place."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -42,17 +43,19 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def activation_memory(task: XConvTask, batch, device: torch.device) -> dict:
+def activation_memory(task: XConvTask, batch, device: torch.device, forward_context=contextlib.nullcontext) -> dict:
     """Saved-for-backward bytes of one training forward + loss on ``batch``, converted vs plain torch.
 
     Both networks are deep copies, so measuring touches neither the trained weights nor
     BatchNorm statistics. Also the CUDA peak of a full training step (forward, loss,
-    backward) of the converted network, None off CUDA.
+    backward) of the converted network, None off CUDA. ``forward_context`` is the one
+    training ran under (Lightning's precision plugin: autocast for ``bf16-mixed``), so the
+    bytes are those of the run's compute dtype.
     """
     converted = copy.deepcopy(task.net).to(device).train()
     plain = xconv.revert(copy.deepcopy(task.net)).to(device).train()
     batch = move_data_to_device(batch, device)
-    with torch.enable_grad():
+    with torch.enable_grad(), forward_context():
         activation = saved_tensor_bytes(task.loss, batch, net=converted).total_bytes
         exact = saved_tensor_bytes(task.loss, batch, net=plain).total_bytes
         peak = cuda_peak_memory_bytes(lambda: task.loss(batch, net=converted).backward(), device=device)
@@ -71,7 +74,8 @@ def build_summary(
     """
     timer, throughput = _callback(trainer, Timer), _callback(trainer, TrainThroughput)
     device = trainer.strategy.root_device
-    memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device)
+    memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device,
+                               trainer.precision_plugin.forward_context)
     return {
         "task": cfg.task_name,
         "probes": cfg.xconv.probes,
@@ -87,6 +91,7 @@ def build_summary(
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "device": str(device),
+        "precision": trainer.precision,
         "seed": cfg.seed,
         "git_commit": commit,
         "config": OmegaConf.to_container(cfg, resolve=True),

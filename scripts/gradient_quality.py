@@ -17,12 +17,19 @@ over the M minibatches together (the full data of this measurement), ``g_m`` the
 gradient, exact or XConv, with gradients zeroed between minibatches; next to it the exact
 minibatch (SGD) AGE, the floor.
 
+With ``--half bfloat16|float16`` it also measures the estimators under autocast in that
+dtype (the layer computes in it; the parameters and their gradients stay fp32): the relative
+error of the half-precision estimate against the fp32 exact gradient and against the fp32
+estimate drawn with the same probes (same seed), next to the rounding floor, the exact conv's
+own half-vs-fp32 error on the same layer.
+
 With ``--plot PNG`` it draws the median relative error, the median cosine and (with ``--age``)
 AGE / SGD AGE against r, one line per estimator.
 
 Usage:
     python scripts/gradient_quality.py [--model unet|resnet18 | --task NAME [OVERRIDE ...]]
                                        [--probes 4 8 16 32] [--draws 8] [--train-steps 0] [--age M]
+                                       [--half bfloat16|float16]
                                        [--csv results/bench/gradient_cpu.csv] [--plot gradient.png]
     e.g. python scripts/gradient_quality.py --task classification data.batch_size=32 --age 8
 """
@@ -209,6 +216,55 @@ def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.
     return statistics.fmean(errors), statistics.fmean(cosines), kept
 
 
+def _half_weight_grad(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=dtype):
+        y = layer(x)
+    return torch.autograd.grad(y, layer.weight, d.to(dtype))[0]
+
+
+def half_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.Tensor, options, draws: int,
+                dtype: torch.dtype):
+    """Mean relative errors of ``draws`` estimates under autocast in ``dtype``: against the fp32
+    exact gradient and against the fp32 estimate with the same probes; None where XConv is skipped."""
+    layer = xconv.convert(copy.deepcopy(conv), relu=False, **options)
+    if not layer.uses_estimator(x.requires_grad_(False)):
+        return None
+    to_exact, to_fp32 = [], []
+    for draw in range(draws):
+        torch.manual_seed(draw)  # the same probe seed for both precisions
+        (g32,) = torch.autograd.grad(layer(x), layer.weight, d)
+        torch.manual_seed(draw)
+        g_half = _half_weight_grad(layer, x, d, dtype)
+        to_exact.append(((g_half - exact).norm() / exact.norm()).item())
+        to_fp32.append(((g_half - g32).norm() / g32.norm()).item())
+    return statistics.fmean(to_exact), statistics.fmean(to_fp32)
+
+
+def half_table(args, layers) -> list[dict]:
+    """Print the ``--half`` table (medians over layers) and return its per-layer CSV rows."""
+    dtype = getattr(torch, args.half)
+    floors = {name: ((_half_weight_grad(conv, x, d, dtype) - exact).norm() / exact.norm()).item()
+              for name, conv, x, d, exact in layers}
+    print(f"\n{args.half} autocast; rounding floor = the exact conv's {args.half}-vs-fp32 error, "
+          f"median over layers {statistics.median(floors.values()):.2g}")
+    print(f"| estimator | r | {args.half} XConv vs fp32 exact | {args.half} XConv vs fp32 XConv, same probes "
+          "| that / rounding floor |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for label, options in selected_estimators(args):
+        for r in args.probes:
+            per_layer = []
+            for name, conv, x, d, exact in layers:
+                result = half_errors(conv, x, d, exact, layer_options(options, r), args.draws, dtype)
+                if result is not None:
+                    per_layer.append((*result, result[1] / floors[name]))
+                    rows.append(dict(estimator=label, probes=r, layer=name, precision=args.half,
+                                     rounding_floor=floors[name], rel_error_half=result[0], rel_error_half_vs_fp32=result[1]))
+            med = [statistics.median(v) for v in zip(*per_layer)]
+            print(f"| {label} | {r} | {med[0]:.3g} | {med[1]:.2g} | {med[2]:.2f} |", flush=True)
+    return rows
+
+
 def selected_estimators(args):
     """``(label, options)`` of the estimators named by ``--estimators``, in table order."""
     return [(label, options) for label, options in ESTIMATORS if label in args.estimators]
@@ -272,6 +328,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-steps", type=int, default=0, help="exact Adam steps before measuring")
     parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
+    parser.add_argument("--half", choices=["bfloat16", "float16"], default=None,
+                        help="also compare estimates under autocast in this dtype with fp32 ones")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
     args, overrides = parser.parse_known_args(argv)
@@ -305,6 +363,10 @@ def main(argv=None):
     age_ratios = age_table(args, source) if args.age else {}
     if args.csv:
         write_csv(rows, args.csv)
+    if args.half:
+        half_rows = half_table(args, layers)
+        if args.csv:
+            write_csv(half_rows, args.csv.with_name(f"{args.csv.stem}_{args.half}{args.csv.suffix}"))
     if args.plot:
         title = f"{source.name}, after {args.train_steps} exact steps"
         plot(args.plot, title, medians, age_ratios)

@@ -34,7 +34,7 @@ def _float(value: str) -> float | None:
 
 
 def read_tables(path: Path) -> dict[tuple, list[dict]]:
-    """Rows of ``tables.csv`` grouped by table (task, data, model, batch size, metric)."""
+    """Rows of ``tables.csv`` grouped by table (task, data, model, batch size, precision, metric)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     tables: dict[tuple, list[dict]] = {}
@@ -50,7 +50,8 @@ def _series_label(row: dict) -> str:
 
 def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     """Write one three-panel PNG for the rows of one table; return its path."""
-    task, data, model, batch, metric = key
+    task, data, model, batch, precision, metric = key
+    precision = "" if precision == "32-true" else f", {precision}"
     exact = next((r for r in rows if r["probes"] == "0"), None)
     series: dict[str, list[dict]] = {}
     for row in rows:
@@ -75,9 +76,9 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
         ax.set_ylabel(ylabel or metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: {model} on {data}, batch {batch}")
+    fig.suptitle(f"{task}: {model} on {data}, batch {batch}{precision}")
     fig.tight_layout()
-    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}_b{batch}_{metric}").strip("_")
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}_b{batch}{precision}_{metric}").strip("_")
     path = out / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

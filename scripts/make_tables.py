@@ -1,7 +1,8 @@
 """Paper-style tables from run directories: one row per estimator, exact first, means over seeds.
 
 Reads every ``summary.json`` below the given directories (a multirun folder, several, or single
-runs), groups the runs into tables by task, data set, model and batch size, and within a table
+runs), groups the runs into tables by task, data set, model, batch size and precision (Lightning's
+``trainer.precision``; named in the heading unless fp32), and within a table
 into rows by the XConv settings (probes, mode, distribution, deflation). Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
@@ -39,7 +40,7 @@ from benchlib import write_csv
 
 MIB = 2**20
 # What separates tables, and within a table, rows.
-TABLE_KEYS = ("task", "data", "model", "batch_size", "metric_name")
+TABLE_KEYS = ("task", "data", "model", "batch_size", "precision", "metric_name")
 ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank")
 
 
@@ -73,6 +74,7 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "model": _target(config["model"]) + (f"({config['model']['encoder_name']})"
                                                      if "encoder_name" in config["model"] else ""),
                 "batch_size": batch,
+                "precision": summary.get("precision", "32-true"),  # summaries before it was recorded: fp32
                 "metric_name": name,
                 "metric": summary["metrics"][name],
                 "probes": summary["probes"],
@@ -159,14 +161,15 @@ def _label(row: dict, batch_rows: bool) -> str:
 
 
 def markdown(rows: list[dict], batch_rows: bool = False) -> str:
-    """The tables in markdown, one section per (task, data, model, batch size unless ``batch_rows``, metric)."""
+    """The tables in markdown, one section per (task, data, model, batch size unless ``batch_rows``, precision, metric)."""
     tables = table_keys(batch_rows)
     out = []
     for key in dict.fromkeys(tuple(r[k] for k in tables) for r in rows):
         named = dict(zip(tables, key))
         batch = "" if batch_rows else f", batch {named['batch_size']}"
+        precision = "" if named["precision"] == "32-true" else f", {named['precision']}"
         task, data, model, metric = named["task"], named["data"], named["model"], named["metric_name"]
-        out += [f"### {task}: {model} on {data}{batch}", "",
+        out += [f"### {task}: {model} on {data}{batch}{precision}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if tuple(r[k] for k in tables) == key):

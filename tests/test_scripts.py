@@ -14,7 +14,8 @@ SCRIPTS = REPO_ROOT / "scripts"
 MIB = 2**20
 
 
-def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None):
+def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None,
+              precision=None):
     """A run directory with the summary.json fields the table script reads."""
     run = root / name
     run.mkdir(parents=True)
@@ -29,6 +30,8 @@ def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s,
                       "deflation": deflation, "deflation_rank": None},
         },
     }
+    if precision is not None:  # older summaries lack the field: they were fp32
+        summary["precision"] = precision
     (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -104,7 +107,7 @@ def test_gradient_quality_tables_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--task", "classification", "data.batch_size=4",
          "data.image_size=16", "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--age", "2",
-         "--csv", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "gradient.png")],
+         "--half", "bfloat16", "--csv", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "gradient.png")],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
@@ -112,9 +115,16 @@ def test_gradient_quality_tables_and_plot(tmp_path):
     assert [r["layer"] for r in rows] == ["features.0", "features.3", "features.6"]  # the small CNN's convs
     assert all(float(r["rel_error"]) > 0 and -1 <= float(r["cosine"]) <= 1 for r in rows)
     # At r=2 the estimate is far noisier than an exact minibatch gradient: AGE / SGD AGE well above 1.
-    age_ratio = float(result.stdout.strip().splitlines()[-1].split("|")[-2])
-    assert age_ratio > 1
+    age_row = next(line for line in result.stdout.splitlines() if line.startswith("| independent shared | 2 |")
+                   and line.count("|") == 5)
+    assert float(age_row.split("|")[-2]) > 1
     assert (tmp_path / "gradient.png").read_bytes()[:4] == b"\x89PNG"
+    # bf16 with the same probes is the fp32 estimate up to a few times the exact conv's own rounding error.
+    half = list(csv.DictReader(open(tmp_path / "layers_bfloat16.csv", newline="")))
+    assert [r["layer"] for r in half] == ["features.0", "features.3", "features.6"]
+    for r in half:
+        assert 0 < float(r["rel_error_half_vs_fp32"]) < 4 * float(r["rounding_floor"]) < 0.2
+        assert float(r["rel_error_half"]) > float(r["rel_error_half_vs_fp32"])  # the estimator's noise dominates
 
 
 def test_batch_rows_put_batch_sizes_in_one_table(sweep):
@@ -137,3 +147,13 @@ def test_images_are_tables_not_seeds(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "DigitsDataModule(astronaut)" in result.stdout and "DigitsDataModule(coffee)" in result.stdout
     assert "| exact | 0.500 | 1 |" in result.stdout
+
+
+def test_precisions_are_tables_not_seeds(tmp_path):
+    write_run(tmp_path, "fp32", 0, 0, 0.5, MIB, 100.0)
+    write_run(tmp_path, "bf16", 0, 0, 0.7, MIB / 2, 100.0, precision="bf16-mixed")
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "on DigitsDataModule, batch 32\n" in result.stdout
+    assert "on DigitsDataModule, batch 32, bf16-mixed\n" in result.stdout
+    assert result.stdout.count("| exact |") == 2

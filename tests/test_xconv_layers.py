@@ -78,36 +78,89 @@ def test_double_backward_raises():
         gx.sum().backward()
 
 
-def test_cpu_autocast_bf16_runs_in_compute_dtype():
-    ref = nn.Conv2d(8, 8, 3, padding=1)
-    layer = xconv.XConv2d(8, 8, 3, padding=1, probes=16)
-    layer.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 8, 16, 16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, expected = layer(x), ref(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected)
-    out.float().sum().backward()
-    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+def _relative_error(estimate, reference):
+    return ((estimate.float() - reference).norm() / reference.norm()).item()
 
 
-def test_channels_last_input():
-    ref = nn.Conv2d(8, 8, 3, padding=1)
-    layer = xconv.XConv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("contraction", ["probes", "decompress"])
+def test_autocast_estimate_is_the_fp32_estimate_up_to_rounding(dtype, contraction):
+    # Under autocast the layer computes in the half dtype; with the same probes (same seed)
+    # its weight gradient may differ from the fp32 estimate only by rounding. The rounding
+    # floor is measured, not assumed: the exact conv's own half-vs-fp32 gradient error on the
+    # same data. Different probes would differ by ~sqrt(2)x the estimator's error (>> 1).
+    ref = nn.Conv2d(16, 16, 3, padding=1)
+    layer = xconv.XConv2d(16, 16, 3, padding=1, probes=8, contraction=contraction)
     layer.load_state_dict(ref.state_dict())
+    x, grad_y = torch.randn(4, 16, 16, 16), torch.randn(4, 16, 16, 16)
+    exact32 = _weight_grad(ref, x, grad_y)
+    with torch.autocast("cpu", dtype=dtype):
+        y_ref = ref(x)
+    exact_half = torch.autograd.grad(y_ref, ref.weight, grad_y.to(dtype))[0]
+    floor = _relative_error(exact_half, exact32)
+    torch.manual_seed(3)
+    estimate32 = _weight_grad(layer, x, grad_y)
+    saved = []
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=dtype), torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.dtype) or t, lambda t: t
+    ):
+        y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_ref)
+    estimate_half = torch.autograd.grad(y, layer.weight, grad_y.to(dtype))[0]
+    assert estimate_half.dtype == torch.float32  # the parameter's dtype, as with torch's conv
+    assert saved == [dtype, dtype]  # the weight (cast) and the sketch, both in the compute dtype
+    assert 0 < floor < 0.05
+    assert _relative_error(estimate_half, estimate32) < 4 * floor
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("options", [dict(contraction="probes"), dict(contraction="decompress"),
+                                     dict(per_sample=True), dict(deflation="pca", deflation_rank=2)])
+def test_channels_last_layout_is_kept(transposed, options):
+    # channels_last in, channels_last out, and the same for every gradient, as torch's conv does.
+    if transposed:
+        ref = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1)
+        layer = xconv.XConvTranspose2d(8, 6, 4, stride=2, padding=1, probes=4, **options)
+    else:
+        ref = nn.Conv2d(8, 6, 3, padding=1)
+        layer = xconv.XConv2d(8, 6, 3, padding=1, probes=4, **options)
+    layer.load_state_dict(ref.state_dict())
+    layer.to(memory_format=torch.channels_last)
     x = torch.randn(2, 8, 12, 12).to(memory_format=torch.channels_last).requires_grad_()
     out = layer(x)
     torch.testing.assert_close(out, ref(x))
-    out.sum().backward()
-    assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+    out.backward(torch.randn_like(out))
+    for tensor in (out, x.grad, layer.weight.grad):
+        assert tensor.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_torch_compile_runs():
-    layer = xconv.XConv2d(4, 4, 3, padding=1)
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    compiled = torch.compile(layer, backend="eager")  # graph breaks are allowed
-    compiled(x).sum().backward()
-    assert layer.weight.grad is not None and x.grad is not None
+def _small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+
+
+def test_torch_compile_matches_eager_and_breaks_only_at_the_estimator():
+    from torch._dynamo.utils import counters
+
+    eager = xconv.convert(_small_cnn(), probes=4)
+    compiled_model = xconv.convert(_small_cnn(), probes=4)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    x = torch.randn(4, 3, 16, 16)
+    torch._dynamo.reset()
+    counters.clear()
+    for model in (eager, compiled):
+        torch.manual_seed(11)  # the same probe seeds in both
+        model(x).square().mean().backward()
+    for p_eager, p_compiled in zip(eager.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad)
+    reasons = counters["graph_break"]
+    assert reasons and all("_estimate" in reason for reason in reasons), dict(reasons)
 
 
 def test_min_pixels_and_default_skip():
@@ -211,6 +264,17 @@ def test_saved_bytes_by_module():
     x = torch.randn(2, 4, 16, 16)
     report = saved_tensor_bytes(lambda: model(x).sum(), model=model)
     assert report.by_module == {"0": 2 * 4 * 4 * 4, "1": 2 * 8 * 16 * 16 // 8}
+
+
+@pytest.mark.parametrize("probes", [0, 4])
+def test_saved_bytes_under_autocast_count_activations_not_weight_casts(probes):
+    # Autocast keeps bf16 copies of the weights for backward; they are weight-sized, not
+    # activations. What is left: the bf16 input (exact) or the bf16 sketch (XConv).
+    layer = xconv.XConv2d(4, 8, 3, padding=1, probes=probes)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = saved_tensor_bytes(lambda: layer(x).sum())
+    assert report.total_bytes == 2 * (2 * 4 * probes if probes else x.numel())
 
 
 def test_cuda_peak_is_none_for_a_cpu_run_on_a_gpu_machine(monkeypatch):

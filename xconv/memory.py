@@ -29,12 +29,21 @@ class SavedTensorReport:
     result: Any = None
 
 
+def _is_parameter_cast(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a dtype/device copy of an ``nn.Parameter`` (its gradient flows to the parameter's AccumulateGrad)."""
+    fn = t.grad_fn
+    return fn is not None and fn.name() == "ToCopyBackward0" and any(
+        isinstance(getattr(f, "variable", None), nn.Parameter) for f, _ in fn.next_functions
+    )
+
+
 def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kwargs) -> SavedTensorReport:
     """Run ``fn(*args, **kwargs)`` once and count the activation memory it keeps for backward.
 
     Counts every tensor packed by autograd (``torch.autograd.graph.saved_tensors_hooks``),
-    deduplicated by storage, excluding ``nn.Parameter`` objects and, when ``model`` is
-    given, any tensor sharing a storage with its parameters or buffers. This
+    deduplicated by storage, excluding ``nn.Parameter`` objects, dtype casts of parameters
+    (autocast's bf16/fp16 weight copies: weight-sized, not activations) and, when ``model``
+    is given, any tensor sharing a storage with its parameters or buffers. This
     is the activation memory that XConv and the 1-bit ReLU reduce.
 
     Args:
@@ -51,7 +60,7 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
     running: list[str] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, nn.Parameter):
+        if isinstance(t, nn.Parameter) or _is_parameter_cast(t):
             return t
         try:
             key = _storage_key(t)

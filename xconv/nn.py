@@ -25,6 +25,16 @@ from .functional import (
 from .probes import draw_seed
 
 
+# torch.compile cannot trace the seed draw (a tensor -> int) or the private probe generator;
+# left to try, it splits every XConv layer into several graph fragments (8 breaks for two
+# layers and a 1-bit ReLU). Excluded as a whole, the estimator runs eagerly, as before, and
+# costs one graph break per layer.
+@torch.compiler.disable
+def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig) -> torch.Tensor:
+    """``XConvFunction`` with a fresh probe seed from torch's default generator."""
+    return XConvFunction.apply(x, weight, bias, geom, cfg, draw_seed())
+
+
 class _XConvMixin:
     """Estimator options and the estimator forward shared by all XConv layers."""
 
@@ -71,8 +81,8 @@ class _XConvMixin:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return XConvFunction.apply(x, weight, bias, geom, self.sketch_config, draw_seed())
-        return XConvFunction.apply(x, weight, bias, geom, self.sketch_config, draw_seed())
+                return _estimate(x, weight, bias, geom, self.sketch_config)
+        return _estimate(x, weight, bias, geom, self.sketch_config)
 
     def extra_repr(self) -> str:
         cfg = self.sketch_config
