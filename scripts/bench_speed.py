@@ -6,9 +6,15 @@ load from other processes on a shared machine hits all variants alike. Single la
 as their difference. Training steps: forward, loss, backward, SGD step of a whole model,
 with every conv converted at r and the 1-bit ReLU. Prints a markdown table and writes CSV.
 
+With ``--compile BACKEND`` every model (exact and XConv alike) runs through
+``torch.compile(model, backend=BACKEND)``; the first, untimed call compiles, and the
+graph breaks it caused are counted and their distinct reasons printed (XConv layers run
+eagerly inside a ``torch.compiler.disable``d call, so each is a break).
+
 Usage:
     python scripts/bench_speed.py [--probes 4 8 16 32] [--min-run-time 1.0]
-                                  [--only layers|steps] [--csv results/bench/speed_cpu.csv]
+                                  [--only layers|steps] [--compile inductor]
+                                  [--csv results/bench/speed_cpu.csv]
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torchvision
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils import benchmark
 
 import xconv
@@ -44,40 +51,62 @@ def median_seconds(fn, min_run_time: float) -> float:
     return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def layer_timers(make, shape, probes, device):
-    """``{"forward": fn, "total": fn}`` for one layer at ``probes`` (0 = exact)."""
+def compiled(model: nn.Module, backend: str | None, run) -> tuple[nn.Module, dict]:
+    """``model`` compiled with ``backend`` (as is when None) and the graph breaks of compiling it.
+
+    ``run(compiled_model)`` is called once to trigger compilation. Returns the model and
+    ``{"graph_breaks": count, "break_reasons": [first line of each distinct reason]}`` (empty
+    without a backend).
+    """
+    if backend is None:
+        return model, {}
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(model, backend=backend)
+    run(model)
+    reasons = counters["graph_break"]
+    return model, {"graph_breaks": sum(reasons.values()),
+                   "break_reasons": sorted({r.splitlines()[0] for r in reasons})}
+
+
+def layer_timers(make, shape, probes, device, backend=None):
+    """``{"forward": fn, "total": fn}`` for one layer at ``probes`` (0 = exact), and its compile report."""
     layer = make().to(device)
     if probes:
         layer = xconv.convert(layer, probes=probes)
     x = torch.randn(shape, device=device, requires_grad=True)
+    layer, report = compiled(layer, backend, lambda m: m(x).sum().backward())
     grad_y = torch.randn_like(layer(x))
-    return {"forward": lambda: layer(x), "total": lambda: layer(x).backward(grad_y)}
+    return {"forward": lambda: layer(x), "total": lambda: layer(x).backward(grad_y)}, report
 
 
-def step_timers(make, shape, probes, device):
-    """``{"total": fn}``: one SGD training step of a model converted at ``probes``."""
+def step_timers(make, shape, probes, device, backend=None):
+    """``{"total": fn}``: one SGD training step of a model converted at ``probes``, and its compile report."""
     model = make().to(device).train()
     if probes:
         xconv.convert(model, probes=probes, relu=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     x = torch.randn(shape, device=device)
+    model, report = compiled(model, backend, lambda m: m(x).float().square().mean().backward())
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(x).float().square().mean().backward()
         opt.step()
 
-    return {"total": step}
+    return {"total": step}, report
 
 
-def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds):
+def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds, backend=None):
     rows = []
     for name, make, shape in cases:
         variants = [0, *probes_list]
-        timers = []
+        timers, reports = [], []
         for r in variants:
             torch.manual_seed(0)
-            timers.append(make_timers(make, shape, r, device))
+            timer, report = make_timers(make, shape, r, device, backend)
+            timers.append(timer)
+            reports.append(report)
         samples = [{key: [] for key in t} for t in timers]
         for _ in range(rounds):
             for timer, sample in zip(timers, samples):
@@ -87,8 +116,11 @@ def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds):
         for m in medians:
             if "forward_s" in m:
                 m["backward_s"] = m["total_s"] - m["forward_s"]
-        for r, times in zip(variants, medians):
+        for r, times, report in zip(variants, medians, reports):
             row = {"kind": kind, "case": name, "variant": "exact" if r == 0 else f"r={r}", "device": device}
+            if backend:
+                row.update(compile=backend, graph_breaks=report["graph_breaks"],
+                           break_reasons="; ".join(report["break_reasons"]))
             row.update(times)
             row.update({k.replace("_s", "_ratio"): v / medians[0][k] for k, v in times.items()})
             rows.append(row)
@@ -101,6 +133,8 @@ def format_row(row):
     for key in ("forward", "backward", "total"):
         if f"{key}_s" in row:
             parts.append(f"{key} {row[f'{key}_s'] * 1e3:.1f} ms ({row[f'{key}_ratio']:.2f}x)")
+    if "compile" in row:
+        parts.append(f"{row['compile']}: {row['graph_breaks']} graph breaks ({row['break_reasons'] or 'none'})")
     return "| " + " | ".join(parts) + " |"
 
 
@@ -111,14 +145,16 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
     parser.add_argument("--only", choices=["layers", "steps"], default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile every model with this backend (inductor, aot_eager, ...)")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     rows = []
     if args.only in (None, "layers"):
-        rows += run("layer", LAYERS, layer_timers, args.probes, args.device, args.min_run_time, args.rounds)
+        rows += run("layer", LAYERS, layer_timers, args.probes, args.device, args.min_run_time, args.rounds, args.compile)
     if args.only in (None, "steps"):
-        rows += run("step", STEPS, step_timers, args.probes, args.device, args.min_run_time, args.rounds)
+        rows += run("step", STEPS, step_timers, args.probes, args.device, args.min_run_time, args.rounds, args.compile)
     if args.csv:
         write_csv(rows, args.csv)
 

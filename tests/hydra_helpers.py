@@ -41,6 +41,11 @@ TINY_CLASSIFICATION = [
 ]
 
 
+# A deep-image-prior run (task=superres or inpainting) small enough for a test: a 32x32 image
+# and a two-scale network of 8 channels; a few steps take seconds.
+TINY_IMAGE = ["data.resize=32", "data.crop=32", "data.steps_per_epoch=2", "model.channels=[8,8]", *TINY_TRAINER]
+
+
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     """``configs/config.yaml`` composed with ``overrides``; ``output_dir`` replaces Hydra's run directory."""
     extra = [f"output_dir={output_dir}"] if output_dir is not None else []

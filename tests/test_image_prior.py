@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 import torch
 from hydra.utils import instantiate
-from hydra_helpers import TINY_TRAINER, compose_config
+from hydra_helpers import TINY_IMAGE, TINY_TRAINER, compose_config
 from PIL import Image
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio
@@ -29,8 +29,6 @@ from experiments.models import SkipNet
 from experiments.tasks import InpaintingTask, SuperResolutionTask
 from run import build, run
 
-# A 32x32 image and a two-scale network of 8 channels: a run of a few steps takes seconds.
-TINY_IMAGE = ["data.resize=32", "data.crop=32", "data.steps_per_epoch=2", "model.channels=[8,8]", *TINY_TRAINER]
 OTHER_METRICS = {
     "superres": {
         "val/ssim", "val/psnr_best", "val/ssim_best", "val/best_step", "val/psnr_baseline", "val/ssim_baseline",

@@ -5,11 +5,11 @@ import json
 import math
 
 import pytest
-from hydra_helpers import TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
+from hydra_helpers import TINY_CLASSIFICATION, TINY_IMAGE, TINY_SEGMENTATION, compose_config
 
 from run import run
 
-TINY = {"segmentation": TINY_SEGMENTATION, "classification": TINY_CLASSIFICATION}
+TINY = {"segmentation": TINY_SEGMENTATION, "classification": TINY_CLASSIFICATION, "superres": ["task=superres", *TINY_IMAGE]}
 
 
 @pytest.mark.parametrize("task", sorted(TINY))

@@ -41,7 +41,9 @@ def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
     ``F.interpolate(mode="bicubic", antialias=True)``. The same function makes the low-resolution
     observation and degrades the network's output in the loss.
 
-    Shape: ``[B, C, H, W]`` -> ``[B, C, H / scale, W / scale]``.
+    Shape: ``[B, C, H, W]`` -> ``[B, C, H / scale, W / scale]``, always float32: under
+    mixed precision the network's bf16 output is upcast first (torch has no CPU bf16 kernel for
+    antialiased bicubic, and the degradation is part of the loss, which stays fp32).
 
     Raises:
         ValueError: ``H`` or ``W`` not divisible by ``scale``.
@@ -49,7 +51,7 @@ def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
     height, width = images.shape[-2:]
     if height % scale or width % scale:
         raise ValueError(f"scale: image size {height}x{width} is not divisible by scale {scale}")
-    return F.interpolate(images, size=(height // scale, width // scale), mode="bicubic", antialias=True)
+    return F.interpolate(images.float(), size=(height // scale, width // scale), mode="bicubic", antialias=True)
 
 
 def load_image(image: str, root: str | None = None) -> torch.Tensor:
