@@ -7,8 +7,10 @@ import sys
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
-from hydra_helpers import REPO_ROOT, TINY_TRAINER, compose_config, config_names
+from hydra_helpers import CONFIG_DIR, REPO_ROOT, TINY_TRAINER, compose_config, config_names
+from omegaconf import OmegaConf
 
 import xconv
 from experiments.config import ConfigError, xconv_options
@@ -89,6 +91,18 @@ def test_wandb_logger_starts_without_deprecation_warnings(monkeypatch, tmp_path,
     monkeypatch.setenv("WANDB_MODE", "disabled")
     instantiate(compose_config(output_dir=tmp_path).logger.wandb).experiment.finish()
     assert "anonymous" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_slurm_launchers_compose_and_follow_the_trainer(launcher):
+    overrides = [f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    options = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert get_class(options["_target_"]).__name__ == "SlurmLauncher" and options["partition"] == "gpu"
+    if launcher == "slurm":  # one SLURM task per device, as Lightning's SLURMEnvironment requires
+        assert (options["nodes"], options["tasks_per_node"], options["gpus_per_node"]) == (2, 4, 4)
+        assert options["submitit_folder"].startswith(f"multirun/{cfg.task_name}/")
 
 
 def test_relu_choice_maps_to_convert_flag():
