@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 import xconv
-from experiments.config import ConfigError, check_run_config, xconv_options
+from experiments.config import ConfigError, check_launcher, check_run_config, xconv_options
 from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
 log = logging.getLogger("run")
@@ -85,14 +85,18 @@ def build(cfg: DictConfig):
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
     trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+    check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
     return datamodule, task, trainer
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict | None:
     """Train, validate (and test, where the data has a test split) and write ``summary.json``.
 
     The summary goes into ``cfg.output_dir`` and is returned. Validation and test score the
-    final weights; ``metrics`` holds both (``val/...``, ``test/...``).
+    final weights; ``metrics`` holds both (``val/...``, ``test/...``). In a distributed run every
+    process trains, validates and tests on its share of the data (torchmetrics scores are
+    computed over all ranks), and only global rank 0 writes and logs the summary; the other
+    ranks return None.
     """
     commit = git_commit()  # the code that runs is the code checked out now
     L.seed_everything(cfg.seed, workers=True)
@@ -103,6 +107,8 @@ def run(cfg: DictConfig) -> dict:
     metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     if has_test_stage(task, datamodule):
         metrics |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return None
     summary = build_summary(cfg, trainer, task, datamodule, metrics, commit)
     path = write_summary(summary, Path(cfg.output_dir) / "summary.json")
     scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -144,7 +150,7 @@ def command_line_error(err: ConfigCompositionException | OverrideParseException)
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
-        return run(cfg)["metric"]
+        summary = run(cfg)
     except ConfigError as err:
         hydra_cfg = HydraConfig.get()
         remove_unused_run_dir(Path(cfg.output_dir), hydra_cfg.job.name)  # nothing ran: nothing to keep
@@ -152,6 +158,7 @@ def main(cfg: DictConfig) -> float | None:
             _remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    return summary["metric"] if summary is not None else None
 
 
 if __name__ == "__main__":

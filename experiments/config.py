@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning as L
+# Private to Lightning, but the launcher is what decides how the other processes start.
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 from torch import nn
@@ -31,6 +34,36 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(missing)} must be set, e.g. on the command line: {example}")
     if cfg.get("ckpt_path") is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path!r}")
+
+
+def check_launcher(trainer: L.Trainer, multirun: bool) -> None:
+    """Raise :class:`ConfigError` for a ``trainer.strategy`` whose processes ``run.py`` cannot run.
+
+    - ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` train in processes started for each
+      ``fit``/``validate``/``test`` call, and what ``run.py`` reads afterwards stays there (the
+      summary's timer and throughput callbacks, the data module's splits); ``trainer.validate``
+      after ``fit`` even fails in the CSV logger.
+    - ``ddp`` starts each extra process by running ``sys.argv`` again. In a Hydra sweep (``-m``)
+      that command is the whole sweep: every child runs all the jobs again, in step with the
+      parent's only by luck, and writes a second sweep directory. Where something else starts
+      every process, nothing is re-run: under ``hydra/launcher=slurm`` each sweep job is a SLURM
+      job whose tasks (one per device) all run that one job as the ranks of its DDP.
+    """
+    launcher = trainer.strategy.launcher
+    name = type(trainer.strategy).__name__
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ConfigError(
+            f"trainer.strategy: a {name} whose processes torch.multiprocessing starts (ddp_spawn, ddp_fork, "
+            "ddp_notebook) does not work in run.py: what the run summary reads stays in those processes; "
+            "use trainer.strategy=ddp"
+        )
+    if (multirun and isinstance(launcher, _SubprocessScriptLauncher)
+            and not launcher.cluster_environment.creates_processes_externally):
+        raise ConfigError(
+            f"trainer.strategy: {name} starts its other processes by re-running the command line, which in a "
+            "sweep (-m) would run the whole sweep again in each; sweep DDP jobs with hydra/launcher=slurm "
+            "(SLURM starts the processes), or start the runs one by one without -m"
+        )
 
 
 def xconv_options(cfg: DictConfig) -> dict:

@@ -141,6 +141,7 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("xconv.deflation_rank=2", "xconv.deflation_rank=2 needs deflation="),
         ("task=classification data=digit_scenes", "model.in_channels: Interpolation key 'data.in_channels' not found"),
         ("trainer.max_epochs=-3", "trainer: `max_epochs` must be a non-negative integer"),
+        ("trainer.strategy=ddp_spawn trainer.devices=2", "trainer.strategy: a DDPStrategy whose processes"),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):

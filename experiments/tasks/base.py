@@ -1,11 +1,25 @@
 """What ``run.py`` and the run summary need from every task."""
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for process ``rank`` of a distributed run seeded with ``seed``.
+
+    numpy's ``SeedSequence`` hashes both numbers, so runs of a seed sweep do not share streams,
+    as they would with ``seed + rank`` (seed 0 rank 1 = seed 1 rank 0).
+
+    >>> rank_seed(0, 1) == rank_seed(0, 1) != rank_seed(0, 0)
+    True
+    """
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 class XConvTask(L.LightningModule):
@@ -37,6 +51,22 @@ class XConvTask(L.LightningModule):
     def summary_metrics(self) -> dict:
         """Final metrics that ``self.log`` cannot carry (e.g. strings); the run summary adds them to its ``metrics``."""
         return {}
+
+    def on_fit_start(self) -> None:
+        """In a distributed run, reseed torch's default generator per rank, from (run seed, global rank).
+
+        XConv layers draw their probe seeds from that generator (``xconv.probes.draw_seed``), and
+        every rank was seeded alike (``seed_everything`` in each process): without this, all ranks
+        would draw the same probes, their weight-gradient errors would be identical, and DDP's
+        gradient average would not reduce them. Here, after the model is wrapped (DDP has already
+        broadcast rank 0's parameters) and before the first step, each rank gets its own stream,
+        reproducible from the seed and the rank. The run seed is ``seed_everything``'s, which
+        Lightning passes to every process as ``PL_GLOBAL_SEED`` (without it, the seed torch was
+        last seeded with). A single-process run is left untouched: it stays bit for bit what it was.
+        """
+        if self.trainer.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            torch.manual_seed(rank_seed(seed, self.trainer.global_rank))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
