@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 # Private to Lightning, but the launcher is what decides how the other processes start.
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +21,21 @@ RELU_CHOICES = {"bit": True, "exact": False}
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the config key and the allowed values."""
+
+
+def sweep_dir() -> str | None:
+    """The sweep directory of a Hydra sweep (``-m``) job; None in a single run or outside a Hydra app.
+
+    Registered as the ``${sweep_dir:}`` resolver, for the W&B logger's ``group``: the jobs of one
+    sweep share it, a single run gets none. Unlike ``${hydra:sweep.dir}``, it also resolves
+    where no Hydra app runs (configs composed in tests and scripts).
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().sweep.dir
+
+
+OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
 
 
 def check_run_config(cfg: DictConfig) -> None:

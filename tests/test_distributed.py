@@ -1,4 +1,4 @@
-"""Runs beyond one process, at tiny sizes on CPU: DDP over 2 gloo processes, submitit."""
+"""Runs beyond one process, at tiny sizes on CPU: DDP over 2 gloo processes, W&B groups of a sweep, submitit."""
 from __future__ import annotations
 
 import json
@@ -53,8 +53,8 @@ def test_ddp_ranks_keep_equal_parameters_and_draw_their_own_probes(task, overrid
     # Each rank draws its probes from its own stream, seeded from (seed, rank).
     assert ranks[0]["probe_seed"] != ranks[1]["probe_seed"]
     assert [record["torch_seed"] for record in ranks] == [rank_seed(0, 0), rank_seed(0, 1)]
-    if "logger=wandb" in overrides:  # one W&B run, from rank 0
-        assert ranks[0]["wandb"] is not None and ranks[1]["wandb"] is None
+    if "logger=wandb" in overrides:  # one W&B run, from rank 0; a single run has no sweep group
+        assert ranks[0]["wandb"]["group"] == "" and ranks[1]["wandb"] is None  # "": wandb's Run.group for none
         assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
 
 
@@ -83,6 +83,19 @@ def test_ddp_in_a_sweep_is_allowed_where_slurm_starts_the_processes(monkeypatch)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False)
     assert trainer.strategy.cluster_environment.creates_processes_externally
     check_launcher(trainer, multirun=True)
+
+
+def test_sweep_jobs_are_separate_wandb_runs_in_one_group(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    overrides = with_logger(TINY_CLASSIFICATION, "wandb")
+    result = run_py("-m", *overrides, PROBE, "xconv.probes=0,8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [sweep_dir / "0_probes0", sweep_dir / "1_probes8"]
+    runs = [torch.load(job / "probe_rank0.pt")["wandb"] for job in jobs]
+    assert runs[0]["id"] != runs[1]["id"]
+    assert runs[0]["group"] == runs[1]["group"] == str(sweep_dir)
+    for job, wandb_run in zip(jobs, runs):
+        assert [p.name.rpartition("-")[2] for p in (job / "wandb").glob("offline-run-*")] == [wandb_run["id"]]
 
 
 def test_submitit_local_sweep_runs_every_job(tmp_path):
