@@ -157,3 +157,17 @@ def test_precisions_are_tables_not_seeds(tmp_path):
     assert "on DigitsDataModule, batch 32\n" in result.stdout
     assert "on DigitsDataModule, batch 32, bf16-mixed\n" in result.stdout
     assert result.stdout.count("| exact |") == 2
+
+
+@pytest.mark.parametrize("model, convs", [("unet", 31), ("resnet18", 20)])
+def test_gradient_quality_on_natural_crops(model, convs, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", model, "--batch", "2", "--size", "64",
+         "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--csv", str(tmp_path / "layers.csv")],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f": {convs} conv layers" in result.stdout
+    rows = list(csv.DictReader(open(tmp_path / "layers.csv", newline="")))
+    # Layers whose input has no more pixels than r keep the plain conv and are not measured.
+    assert 0 < len(rows) <= convs and all(float(r["rel_error"]) > 0 for r in rows)
