@@ -41,7 +41,7 @@ class ClassificationTask(XConvTask):
     def _evaluate(self, batch, stage: str) -> None:
         images, labels = batch
         logits = self.net(images)
-        self.log(f"{stage}/loss", self.cross_entropy(logits, labels))
+        self.log(f"{stage}/loss", self.cross_entropy(logits, labels), sync_dist=True)  # the mean over all DDP ranks
         self.accuracy[stage].update(logits, labels)
         self.log(f"{stage}/acc", self.accuracy[stage], prog_bar=True)
 

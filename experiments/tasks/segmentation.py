@@ -72,7 +72,7 @@ class SegmentationTask(XConvTask):
     def _evaluate(self, batch, stage: str) -> None:
         images, masks = batch
         logits = self.net(images)
-        self.log(f"{stage}/loss", self.criterion(logits, masks))
+        self.log(f"{stage}/loss", self.criterion(logits, masks), sync_dist=True)  # the mean over all DDP ranks
         preds = logits.argmax(dim=1)
         self.mean_scores[stage].update(preds, masks)
         self.class_scores[stage].update(preds, masks)
