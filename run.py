@@ -85,7 +85,7 @@ def build(cfg: DictConfig):
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
     trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
-    check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN, task=task)
     return datamodule, task, trainer
 
 

@@ -8,6 +8,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 # Private to Lightning, but the launcher is what decides how the other processes start.
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
@@ -53,8 +54,9 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path!r}")
 
 
-def check_launcher(trainer: L.Trainer, multirun: bool) -> None:
-    """Raise :class:`ConfigError` for a ``trainer.strategy`` whose processes ``run.py`` cannot run.
+def check_launcher(trainer: L.Trainer, multirun: bool, task: L.LightningModule | None = None) -> None:
+    """Raise :class:`ConfigError` for a ``trainer.strategy`` whose processes ``run.py`` cannot run,
+    or that ``task`` cannot train with.
 
     - ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` train in processes started for each
       ``fit``/``validate``/``test`` call, and what ``run.py`` reads afterwards stays there (the
@@ -65,6 +67,9 @@ def check_launcher(trainer: L.Trainer, multirun: bool) -> None:
       parent's only by luck, and writes a second sweep directory. Where something else starts
       every process, nothing is re-run: under ``hydra/launcher=slurm`` each sweep job is a SLURM
       job whose tasks (one per device) all run that one job as the ranks of its DDP.
+    - A task whose backward passes leave some parameters without gradients (the GAN's
+      discriminator update: ``ddp_unused_parameters = True``) fails in DDP's reducer after
+      its first step unless DDP looks for unused parameters.
     """
     launcher = trainer.strategy.launcher
     name = type(trainer.strategy).__name__
@@ -80,6 +85,13 @@ def check_launcher(trainer: L.Trainer, multirun: bool) -> None:
             f"trainer.strategy: {name} starts its other processes by re-running the command line, which in a "
             "sweep (-m) would run the whole sweep again in each; sweep DDP jobs with hydra/launcher=slurm "
             "(SLURM starts the processes), or start the runs one by one without -m"
+        )
+    # Lightning keeps the DDP constructor's arguments in a private field; nothing public says.
+    if (getattr(task, "ddp_unused_parameters", False) and isinstance(trainer.strategy, DDPStrategy)
+            and not trainer.strategy._ddp_kwargs.get("find_unused_parameters", False)):
+        raise ConfigError(
+            f"trainer.strategy: {type(task).__name__} updates parts of its network in separate backward passes, "
+            "which DDP must be told about: use trainer.strategy=ddp_find_unused_parameters_true"
         )
 
 

@@ -9,11 +9,12 @@ import sys
 import lightning as L
 import pytest
 import torch
-from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION
+from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, TINY_TRAINER, compose_config
 from test_run import check_summary
 
-from experiments.config import check_launcher
+from experiments.config import ConfigError, check_launcher
 from experiments.tasks.base import rank_seed
+from run import build
 
 DDP = ["trainer.strategy=ddp", "trainer.devices=2"]
 # tests/run_probe.py: per rank, the first probe seed of training, the final parameters, the W&B run.
@@ -108,3 +109,15 @@ def test_submitit_local_sweep_runs_every_job(tmp_path):
         summary = json.loads((sweep_dir / f"{job}_probes{probes}" / "summary.json").read_text())
         check_summary(summary, "classification", probes, steps=2)
     assert (sweep_dir / ".submitit").is_dir()
+
+
+@pytest.mark.parametrize("strategy, error", [("ddp", True), ("ddp_find_unused_parameters_true", False)])
+def test_gan_needs_ddp_to_find_unused_parameters(strategy, error, tmp_path):
+    # D's update leaves G without gradients; plain DDP would fail after the first step.
+    cfg = compose_config("task=gan", "data.image_size=16", *TINY_TRAINER, f"trainer.strategy={strategy}",
+                         "trainer.devices=2", output_dir=tmp_path)
+    if error:
+        with pytest.raises(ConfigError, match="trainer.strategy: GANTask .* use trainer.strategy=ddp_find_unused_parameters_true"):
+            build(cfg)
+    else:
+        build(cfg)

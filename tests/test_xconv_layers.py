@@ -136,6 +136,15 @@ def test_channels_last_layout_is_kept(transposed, options):
         assert tensor.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("contraction", ["probes", "decompress"])
+def test_weight_grad_has_the_weight_strides(kernel_size, contraction):
+    # Strides of size-1 dims too: DDP compares them with its gradient buckets.
+    layer = xconv.XConv2d(4, 8, kernel_size, probes=2, contraction=contraction)
+    layer(torch.randn(2, 4, 16, 16)).sum().backward()
+    assert layer.weight.grad.stride() == layer.weight.stride()
+
+
 def _small_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

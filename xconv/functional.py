@@ -443,6 +443,10 @@ class XConvFunction(torch.autograd.Function):
             else:
                 grad_w = _multi_weight_grad(grad_y, sketch, cfg, ctx.seed, ctx.plan, ctx.x_shape, weight.shape, geom)
             grad_w = grad_w.to(weight.dtype)
+            if grad_w.stride() != weight.stride():
+                # The parameter's exact strides (size-1 dims included): DDP's gradient buckets
+                # expect them and otherwise copy and warn on every step.
+                grad_w = torch.empty_like(weight).copy_(grad_w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dims = [0] + list(range(2, grad_y.dim()))
             grad_b = grad_y.sum(dims, dtype=torch.float32).to(grad_y.dtype)

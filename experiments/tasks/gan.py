@@ -62,6 +62,10 @@ class GANTask(XConvTask):
     """
 
     metric_name = "val/fid"
+    # D's update backpropagates through D only (G's output is detached), so under DDP the
+    # generator's parameters get no gradient in that pass: run.py asks for
+    # trainer.strategy=ddp_find_unused_parameters_true.
+    ddp_unused_parameters = True
 
     def __init__(
         self,
