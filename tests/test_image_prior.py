@@ -221,6 +221,15 @@ def test_skip_net_any_size_every_conv_and_leaky_relu_converted():
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.parametrize("scales", [1, 3])
+def test_skip_net_smallest_input_and_a_clear_error_below_it(scales):
+    net = SkipNet(in_channels=2, channels=[4] * scales)
+    size = 2**scales + 1  # the coarsest scale keeps 2x2 pixels
+    assert net(torch.rand(1, 2, size, size + 3)).shape == (1, 3, size, size + 3)
+    with pytest.raises(ValueError, match=f"too small for {scales} scales: it needs at least {size}x{size}"):
+        net(torch.rand(1, 2, size + 3, size - 1))
+
+
 @pytest.mark.parametrize("preset, iterations", [("paper_superres", 2000), ("paper_inpainting", 5000)])
 def test_paper_presets_are_the_papers_protocol(preset, iterations, tmp_path):
     cfg = compose_config(f"experiment={preset}", output_dir=tmp_path)

@@ -44,8 +44,9 @@ class SkipNet(nn.Module):
     and the ``nn.LeakyReLU``s by 1-bit ones; all 3x3 convs use ``padding_mode``, the same in
     exact and XConv runs.
 
-    Any input size works: the decoder interpolates to each skip's exact size, so sizes need
-    not be divisible by ``2 ** len(channels)``.
+    Any input size above ``2 ** len(channels)`` works: the decoder interpolates to each skip's
+    exact size, so sizes need not be divisible by it, and the coarsest scale keeps at least 2x2
+    pixels (reflection padding and BatchNorm of a single image need them).
 
     Args:
         in_channels: channels of the input (the fixed noise).
@@ -62,7 +63,8 @@ class SkipNet(nn.Module):
 
     Raises:
         ValueError: empty ``channels``, a ``skip_channels`` list of another length or with a
-            negative entry, an even ``kernel_size``, or an unknown ``upsample`` mode.
+            negative entry, an even ``kernel_size``, or an unknown ``upsample`` mode; in
+            ``forward``, an input of at most ``2 ** len(channels)`` pixels in height or width.
 
     Example:
         >>> net = SkipNet(in_channels=8, channels=[16, 16, 16], skip_channels=4)
@@ -114,6 +116,13 @@ class SkipNet(nn.Module):
         self.head = nn.Conv2d(channels[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each scale halves the size, rounding up: the coarsest is ceil(size / 2**scales).
+        smallest = 2 ** len(self.down) + 1
+        if min(x.shape[-2:]) < smallest:
+            raise ValueError(
+                f"input of {x.shape[-2]}x{x.shape[-1]} pixels is too small for {len(self.down)} scales: it needs at "
+                f"least {smallest}x{smallest} (larger images: data.crop / data.resize; fewer scales: model.channels)"
+            )
         skips = []
         for down, skip in zip(self.down, self.skip):
             skips.append(skip(x))
