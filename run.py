@@ -67,7 +67,9 @@ def _build(cfg: DictConfig, key: str, **kwargs):
         node = re.search(r"full_key: (\S+)", str(err))
         where = _user_key(cfg, node[1]) if node else key
         if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
-            raise ConfigError(f"{where}.{err.__cause__}") from err.__cause__
+            # Lightning's Trainer writes sentences ("Precision 'fp8' is invalid..."), not "<argument>: ...".
+            separator = ": " if key == "trainer" else "."
+            raise ConfigError(f"{where}{separator}{err.__cause__}") from err.__cause__
         if isinstance(err.__cause__, MisconfigurationException):  # Lightning's, e.g. trainer.max_epochs=-3
             raise ConfigError(f"{where}: {err.__cause__}") from err.__cause__
         if isinstance(err.__cause__, KeyError):  # e.g. smp's unknown encoder name
@@ -76,12 +78,17 @@ def _build(cfg: DictConfig, key: str, **kwargs):
 
 
 def build(cfg: DictConfig):
-    """Data module, converted task and Trainer, or a ConfigError before anything trains."""
+    """Data module, converted task and Trainer, built after ``seed_everything(cfg.seed)``, or a ConfigError
+    before anything trains."""
     check_run_config(cfg)
     options = xconv_options(cfg)
+    L.seed_everything(cfg.seed, workers=True)  # before anything random is built
     datamodule = _build(cfg, "data")
     task = _build(cfg, "task")
-    xconv.convert(task.net, **options)
+    try:
+        xconv.convert(task.net, **options)
+    except ValueError as err:  # options are checked already; what is left names the network's modules
+        raise ConfigError(f"xconv.{err}") from err
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
     trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
@@ -99,7 +106,6 @@ def run(cfg: DictConfig) -> dict | None:
     ranks return None.
     """
     commit = git_commit()  # the code that runs is the code checked out now
-    L.seed_everything(cfg.seed, workers=True)
     datamodule, task, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

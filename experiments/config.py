@@ -41,7 +41,7 @@ OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
 
 def check_run_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for a mandatory key (``???`` in a config) left unset, an interpolation
-    that does not resolve (a data set of another task) or a missing checkpoint."""
+    that does not resolve (a data set of another task), a seed that is not an int or a missing checkpoint."""
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))  # resolves every interpolation on the way
     except InterpolationResolutionError as err:
@@ -50,6 +50,8 @@ def check_run_config(cfg: DictConfig) -> None:
     if missing:
         example = " ".join(f"{key}=..." for key in missing)
         raise ConfigError(f"{', '.join(missing)} must be set, e.g. on the command line: {example}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an int, got {cfg.seed!r}")
     if cfg.get("ckpt_path") is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path!r}")
 

@@ -1,7 +1,6 @@
 """The run summary (``summary.json``): what every run records, built in one place."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -12,6 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig, OmegaConf
 
 import xconv
@@ -43,19 +43,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def activation_memory(task: XConvTask, batch, device: torch.device, forward_context=contextlib.nullcontext) -> dict:
+def activation_memory(task: XConvTask, batch, device: torch.device, precision: Precision | None = None) -> dict:
     """Saved-for-backward bytes of one training forward + loss on ``batch``, converted vs plain torch.
 
     Both networks are deep copies, so measuring touches neither the trained weights nor
     BatchNorm statistics. Also the CUDA peak of a full training step (forward, loss,
-    backward) of the converted network, None off CUDA. ``forward_context`` is the one
-    training ran under (Lightning's precision plugin: autocast for ``bf16-mixed``), so the
-    bytes are those of the run's compute dtype.
+    backward) of the converted network, None off CUDA. ``precision`` is the run's Lightning
+    precision plugin: the batch is converted and the forward runs as in training (autocast for
+    ``bf16-mixed``, float64 inputs for ``64-true``), so the bytes are those of the run's dtypes.
     """
+    precision = precision or Precision()
     converted = copy.deepcopy(task.net).to(device).train()
     plain = xconv.revert(copy.deepcopy(task.net)).to(device).train()
-    batch = move_data_to_device(batch, device)
-    with torch.enable_grad(), forward_context():
+    batch = precision.convert_input(move_data_to_device(batch, device))
+    with torch.enable_grad(), precision.forward_context():
         activation = saved_tensor_bytes(task.loss, batch, net=converted).total_bytes
         exact = saved_tensor_bytes(task.loss, batch, net=plain).total_bytes
         peak = cuda_peak_memory_bytes(lambda: task.loss(batch, net=converted).backward(), device=device)
@@ -74,8 +75,7 @@ def build_summary(
     """
     timer, throughput = _callback(trainer, Timer), _callback(trainer, TrainThroughput)
     device = trainer.strategy.root_device
-    memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device,
-                               trainer.precision_plugin.forward_context)
+    memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device, trainer.precision_plugin)
     return {
         "task": cfg.task_name,
         "probes": cfg.xconv.probes,
@@ -92,6 +92,7 @@ def build_summary(
         "steps": trainer.global_step,
         "device": str(device),
         "precision": trainer.precision,
+        "world_size": trainer.world_size,
         "seed": cfg.seed,
         "git_commit": commit,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from make_tables import TABLE_KEYS  # noqa: E402
+from make_tables import TABLE_KEYS, settings_label  # noqa: E402
 
 PANELS = [("metric", None), ("activation_mib", "activation memory (MiB)"), ("step_s", "time per step (s)")]
 
@@ -34,7 +34,7 @@ def _float(value: str) -> float | None:
 
 
 def read_tables(path: Path) -> dict[tuple, list[dict]]:
-    """Rows of ``tables.csv`` grouped by table (task, data, model, batch size, precision, metric)."""
+    """Rows of ``tables.csv`` grouped by table (task, data, model, batch size, precision, processes, metric)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     tables: dict[tuple, list[dict]] = {}
@@ -44,14 +44,14 @@ def read_tables(path: Path) -> dict[tuple, list[dict]]:
 
 
 def _series_label(row: dict) -> str:
-    label = f"{row['mode']} {row['distribution']}"
-    return label + (f" deflation={row['deflation']} k={row['deflation_rank'] or 1}" if row["deflation"] else "")
+    return f"{row['mode']} {row['distribution']}" + settings_label(row)
 
 
 def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     """Write one three-panel PNG for the rows of one table; return its path."""
-    task, data, model, batch, precision, metric = key
+    task, data, model, batch, precision, processes, metric = key
     precision = "" if precision == "32-true" else f", {precision}"
+    precision += "" if processes == "1" else f", {processes} processes"
     exact = next((r for r in rows if r["probes"] == "0"), None)
     series: dict[str, list[dict]] = {}
     for row in rows:

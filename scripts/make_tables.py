@@ -1,9 +1,10 @@
 """Paper-style tables from run directories: one row per estimator, exact first, means over seeds.
 
 Reads every ``summary.json`` below the given directories (a multirun folder, several, or single
-runs), groups the runs into tables by task, data set, model, batch size and precision (Lightning's
-``trainer.precision``; named in the heading unless fp32), and within a table
-into rows by the XConv settings (probes, mode, distribution, deflation). Per row:
+runs), groups the runs into tables by task, data set, model, batch size, precision (Lightning's
+``trainer.precision``; named in the heading unless fp32) and number of DDP processes (named
+unless 1), and within a table into rows by the XConv settings (probes, mode, distribution,
+deflation, ReLU, include/exclude patterns, min_pixels; labelled where not the default). Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
   standard deviation over the row's runs (seeds; the mean alone for a single run), and their number;
@@ -40,13 +41,20 @@ from benchlib import write_csv
 
 MIB = 2**20
 # What separates tables, and within a table, rows.
-TABLE_KEYS = ("task", "data", "model", "batch_size", "precision", "metric_name")
-ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank")
+TABLE_KEYS = ("task", "data", "model", "batch_size", "precision", "processes", "metric_name")
+ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank", "relu", "include", "exclude", "min_pixels")
 
 
 def _target(node) -> str:
     """The short class name a config node builds (``experiments.data.DigitsDataModule`` -> ``DigitsDataModule``)."""
     return str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def _patterns(value) -> str:
+    """``xconv.include`` / ``exclude`` (None, a pattern or a list of them) as one string; "" for None."""
+    if not value:
+        return ""
+    return value if isinstance(value, str) else ",".join(value)
 
 
 def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
@@ -67,6 +75,7 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
             if name not in summary["metrics"]:
                 raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
             batch = config["data"].get("batch_size")
+            estimated = bool(summary["probes"])  # which convs are converted, and how, matters only then
             runs.append({
                 "task": summary["task"],
                 # One image per run (deep image prior): each image is its own table, not a seed.
@@ -74,7 +83,9 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "model": _target(config["model"]) + (f"({config['model']['encoder_name']})"
                                                      if "encoder_name" in config["model"] else ""),
                 "batch_size": batch,
-                "precision": summary.get("precision", "32-true"),  # summaries before it was recorded: fp32
+                # Summaries from before these were recorded: fp32, one process.
+                "precision": summary.get("precision", "32-true"),
+                "processes": summary.get("world_size", 1),
                 "metric_name": name,
                 "metric": summary["metrics"][name],
                 "probes": summary["probes"],
@@ -82,6 +93,10 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "distribution": xconv["distribution"] if summary["probes"] else "",
                 "deflation": (xconv.get("deflation") or "") if summary["probes"] else "",
                 "deflation_rank": (xconv.get("deflation_rank") or "") if summary["probes"] else "",
+                "relu": xconv.get("relu", "bit"),
+                "include": _patterns(xconv.get("include")) if estimated else "",
+                "exclude": _patterns(xconv.get("exclude")) if estimated else "",
+                "min_pixels": (xconv.get("min_pixels") or "") if estimated else "",
                 "activation_mib": summary["activation_bytes"] / MIB,
                 "peak_mib": summary["peak_memory_bytes"] / MIB if summary["peak_memory_bytes"] else None,
                 "step_s": batch / summary["samples_per_s"] if batch and summary["samples_per_s"] else None,
@@ -107,7 +122,7 @@ def _sortable(value) -> tuple:
 
 def _row_order(row: dict) -> tuple:
     return (row["probes"] != 0, row["probes"], row["mode"], row["distribution"], row["deflation"],
-            str(row["deflation_rank"]))
+            str(row["deflation_rank"]), row["relu"] != "exact", row["include"], row["exclude"], str(row["min_pixels"]))
 
 
 def table_keys(batch_rows: bool) -> tuple[str, ...]:
@@ -135,8 +150,9 @@ def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
             row[f"{field}_mean"], row[f"{field}_std"] = _mean_std([m[field] for m in members])
         rows.append(row)
     for row in rows:
+        # The exact run of the same table (of the smallest batch), with the same ReLU where there is one.
         exact = min((r for r in rows if r["probes"] == 0 and all(r[k] == row[k] for k in tables)),
-                    key=lambda r: r["batch_size"] or 0, default=None)
+                    key=lambda r: (r["batch_size"] or 0, r["relu"] != row["relu"]), default=None)
         for field in ("activation_mib", "step_s"):
             base = exact and exact[f"{field}_mean"]
             row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
@@ -151,25 +167,34 @@ def _spread(mean: float | None, std: float | None) -> str:
     return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
+def settings_label(row: dict) -> str:
+    """What sets a row's runs apart beyond r, mode and distribution: deflation, and options that are not the defaults."""
+    label = f" deflation={row['deflation']} k={row['deflation_rank'] or 1}" if row["deflation"] else ""
+    if row["relu"] != "bit":
+        label += f" relu={row['relu']}"
+    for key in ("include", "exclude", "min_pixels"):
+        if row[key] not in ("", None):
+            label += f" {key}={row[key]}"
+    return label
+
+
 def _label(row: dict, batch_rows: bool) -> str:
-    label = "exact"
-    if row["probes"] != 0:
-        label = f"r={row['probes']} {row['mode']} {row['distribution']}"
-    if row["deflation"]:
-        label += f" deflation={row['deflation']} k={row['deflation_rank'] or 1}"
-    return label + (f", batch {row['batch_size']}" if batch_rows else "")
+    label = "exact" if row["probes"] == 0 else f"r={row['probes']} {row['mode']} {row['distribution']}"
+    return label + settings_label(row) + (f", batch {row['batch_size']}" if batch_rows else "")
 
 
 def markdown(rows: list[dict], batch_rows: bool = False) -> str:
-    """The tables in markdown, one section per (task, data, model, batch size unless ``batch_rows``, precision, metric)."""
+    """The tables in markdown, one section per (task, data, model, batch size unless ``batch_rows``, precision,
+    processes, metric)."""
     tables = table_keys(batch_rows)
     out = []
     for key in dict.fromkeys(tuple(r[k] for k in tables) for r in rows):
         named = dict(zip(tables, key))
         batch = "" if batch_rows else f", batch {named['batch_size']}"
         precision = "" if named["precision"] == "32-true" else f", {named['precision']}"
+        processes = "" if named["processes"] == 1 else f", {named['processes']} processes"
         task, data, model, metric = named["task"], named["data"], named["model"], named["metric_name"]
-        out += [f"### {task}: {model} on {data}{batch}{precision}", "",
+        out += [f"### {task}: {model} on {data}{batch}{precision}{processes}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if tuple(r[k] for k in tables) == key):

@@ -27,3 +27,15 @@ def test_bf16_mixed_run_trains_and_measures_bf16_activations(task, tmp_path):
     # stay fp32, and the 1-bit masks are dtype-free: somewhat more than half is left.
     for key in ("activation_bytes", "activation_bytes_exact"):
         assert 0.4 * fp32[key] < bf16[key] < 0.8 * fp32[key], (key, bf16[key], fp32[key])
+
+
+@pytest.mark.parametrize("precision, dtype_bytes", [("64-true", 8), ("bf16-true", 2)])
+def test_true_precisions_train_and_measure_in_their_dtype(precision, dtype_bytes, tmp_path):
+    # The summary measures activations on a batch converted as Lightning converts it for training.
+    cfg = compose_config(*TINY_CLASSIFICATION, "xconv.probes=8", f"trainer.precision={precision}", output_dir=tmp_path)
+    summary = run(cfg)
+    assert summary["precision"] == precision and math.isfinite(summary["metric"])
+    fp32 = run(compose_config(*TINY_CLASSIFICATION, "xconv.probes=8", output_dir=tmp_path / "fp32"))
+    # The max-pools' int64 indices keep their size; everything else scales with the dtype.
+    ratio = summary["activation_bytes_exact"] / fp32["activation_bytes_exact"]
+    assert (ratio > 1.5) if dtype_bytes == 8 else (ratio < 0.75), ratio

@@ -16,7 +16,7 @@ from run import build, run
 SUMMARY_FIELDS = {
     "task", "probes", "mode", "distribution", "metric_name", "metric", "metrics", "activation_bytes",
     "activation_bytes_exact", "peak_memory_bytes", "train_time_s", "samples_per_s", "epochs", "steps",
-    "device", "precision", "seed", "git_commit", "config",
+    "device", "precision", "world_size", "seed", "git_commit", "config",
 }
 
 # Per task: the overrides of a tiny run, its headline metric and other metrics its summary holds.

@@ -15,7 +15,7 @@ MIB = 2**20
 
 
 def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None,
-              precision=None):
+              precision=None, world_size=None, **xconv_options):
     """A run directory with the summary.json fields the table script reads."""
     run = root / name
     run.mkdir(parents=True)
@@ -27,11 +27,13 @@ def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s,
             "data": {"_target_": "experiments.data.DigitsDataModule", "batch_size": batch, "image": image},
             "model": {"_target_": "experiments.models.SmallCNN"},
             "xconv": {"probes": probes, "mode": "independent", "distribution": "gaussian",
-                      "deflation": deflation, "deflation_rank": None},
+                      "deflation": deflation, "deflation_rank": None, **xconv_options},
         },
     }
     if precision is not None:  # older summaries lack the field: they were fp32
         summary["precision"] = precision
+    if world_size is not None:  # likewise: one process
+        summary["world_size"] = world_size
     (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -171,3 +173,22 @@ def test_gradient_quality_on_natural_crops(model, convs, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "layers.csv", newline="")))
     # Layers whose input has no more pixels than r keep the plain conv and are not measured.
     assert 0 < len(rows) <= convs and all(float(r["rel_error"]) > 0 for r in rows)
+
+
+def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
+    write_run(tmp_path, "bit", 0, 0, 0.5, 2 * MIB, 100.0)
+    write_run(tmp_path, "plain", 0, 0, 0.6, 4 * MIB, 100.0, relu="exact")
+    write_run(tmp_path, "r8", 8, 0, 0.4, MIB, 100.0)
+    write_run(tmp_path, "r8_plain_relu", 8, 0, 0.3, 3 * MIB, 100.0, relu="exact")
+    write_run(tmp_path, "r8_part", 8, 0, 0.45, 1.5 * MIB, 100.0, include=["features.*"], exclude="features.0")
+    write_run(tmp_path, "ddp", 8, 0, 0.7, MIB, 100.0, world_size=2)
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # Each run is its own row; ratios are to the exact run with the same ReLU.
+    assert "| exact | 0.500 | 1 | 2.0 | 1.00 |" in result.stdout
+    assert "| exact relu=exact | 0.600 | 1 | 4.0 | 1.00 |" in result.stdout
+    assert "| r=8 independent gaussian | 0.400 | 1 | 1.0 | 0.50 |" in result.stdout
+    assert "| r=8 independent gaussian relu=exact | 0.300 | 1 | 3.0 | 0.75 |" in result.stdout
+    assert "| r=8 independent gaussian include=features.* exclude=features.0 | 0.450 | 1 | 1.5 | 0.75 |" in result.stdout
+    assert "### classification: SmallCNN on DigitsDataModule, batch 32, 2 processes" in lines

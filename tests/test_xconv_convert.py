@@ -85,6 +85,15 @@ def test_include_exclude_relu_flag_and_set_probes():
     assert model[0].probes == 2 and model[0].sketch_config.mode == "orthogonal"
 
 
+def test_include_that_selects_nothing_raises_before_replacing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"include: no conv or ReLU matches \['conv\*'\]; the model's convs: 0"):
+        xconv.convert(model, include="conv*")
+    with pytest.raises(ValueError, match=r"include: no conv matches \['1'\]"):
+        xconv.convert(model, include="1", relu=False)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU
+
+
 def test_convert_transposed_and_a_bare_conv():
     layer = xconv.convert(nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1), probes=2, mode="orthogonal")
     assert isinstance(layer, xconv.XConvTranspose2d) and layer.sketch_config.mode == "orthogonal"

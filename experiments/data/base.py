@@ -17,7 +17,14 @@ class SplitsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, batch_size: int, num_workers: int):
+        """
+        Raises:
+            ValueError: ``batch_size`` not an int >= 1 or ``num_workers`` not an int >= 0.
+        """
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
