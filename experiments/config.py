@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-# Private to Lightning, but the launcher is what decides how the other processes start.
 from lightning.pytorch.strategies import DDPStrategy
+# Private to Lightning, but the launcher is what decides how the other processes start.
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
