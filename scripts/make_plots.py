@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from make_tables import TABLE_KEYS, settings_label  # noqa: E402
+from make_tables import TABLE_KEYS, settings_label, setup_suffix  # noqa: E402
 
 PANELS = [("metric", None), ("activation_mib", "activation memory (MiB)"), ("step_s", "time per step (s)")]
 
@@ -50,8 +50,7 @@ def _series_label(row: dict) -> str:
 def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     """Write one three-panel PNG for the rows of one table; return its path."""
     task, data, model, batch, precision, processes, metric = key
-    precision = "" if precision == "32-true" else f", {precision}"
-    precision += "" if processes == "1" else f", {processes} processes"
+    setup = setup_suffix(precision, processes)
     exact = next((r for r in rows if r["probes"] == "0"), None)
     series: dict[str, list[dict]] = {}
     for row in rows:
@@ -76,9 +75,9 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
         ax.set_ylabel(ylabel or metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: {model} on {data}, batch {batch}{precision}")
+    fig.suptitle(f"{task}: {model} on {data}, batch {batch}{setup}")
     fig.tight_layout()
-    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}_b{batch}{precision}_{metric}").strip("_")
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}_b{batch}{setup}_{metric}").strip("_")
     path = out / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

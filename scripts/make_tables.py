@@ -178,6 +178,13 @@ def settings_label(row: dict) -> str:
     return label
 
 
+def setup_suffix(precision: str, processes) -> str:
+    """``", bf16-mixed, 2 processes"`` for a table heading: the precision unless fp32, the DDP
+    processes unless one (``processes`` an int, or a string as read back from ``tables.csv``)."""
+    suffix = "" if precision == "32-true" else f", {precision}"
+    return suffix + ("" if str(processes) == "1" else f", {processes} processes")
+
+
 def _label(row: dict, batch_rows: bool) -> str:
     label = "exact" if row["probes"] == 0 else f"r={row['probes']} {row['mode']} {row['distribution']}"
     return label + settings_label(row) + (f", batch {row['batch_size']}" if batch_rows else "")
@@ -191,10 +198,9 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
     for key in dict.fromkeys(tuple(r[k] for k in tables) for r in rows):
         named = dict(zip(tables, key))
         batch = "" if batch_rows else f", batch {named['batch_size']}"
-        precision = "" if named["precision"] == "32-true" else f", {named['precision']}"
-        processes = "" if named["processes"] == 1 else f", {named['processes']} processes"
+        setup = setup_suffix(named["precision"], named["processes"])
         task, data, model, metric = named["task"], named["data"], named["model"], named["metric_name"]
-        out += [f"### {task}: {model} on {data}{batch}{precision}{processes}", "",
+        out += [f"### {task}: {model} on {data}{batch}{setup}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if tuple(r[k] for k in tables) == key):
