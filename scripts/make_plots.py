@@ -34,12 +34,15 @@ def _float(value: str) -> float | None:
 
 
 def read_tables(path: Path) -> dict[tuple, list[dict]]:
-    """Rows of ``tables.csv`` grouped by table (task, data, model, batch size, precision, processes, metric)."""
+    """Rows of ``tables.csv`` grouped by table (:data:`make_tables.TABLE_KEYS`).
+
+    Tables written before a key existed lack its column; it reads as empty.
+    """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     tables: dict[tuple, list[dict]] = {}
     for row in rows:
-        tables.setdefault(tuple(row[k] for k in TABLE_KEYS), []).append(row)
+        tables.setdefault(tuple(row.get(k, "") for k in TABLE_KEYS), []).append(row)
     return tables
 
 
@@ -49,8 +52,9 @@ def _series_label(row: dict) -> str:
 
 def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     """Write one three-panel PNG for the rows of one table; return its path."""
-    task, data, model, batch, precision, processes, metric = key
+    task, data, model, settings, batch, precision, processes, metric = key
     setup = setup_suffix(precision, processes)
+    settings = f", {settings}" if settings else ""
     exact = next((r for r in rows if r["probes"] == "0"), None)
     series: dict[str, list[dict]] = {}
     for row in rows:
@@ -59,7 +63,8 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (field, ylabel) in zip(axes, PANELS):
         for label, members in series.items():
-            members = sorted(members, key=lambda r: int(r["probes"]))
+            # Runs without a value here (no step time recorded) leave no point.
+            members = sorted((r for r in members if r[f"{field}_mean"]), key=lambda r: int(r["probes"]))
             x = [int(r["probes"]) for r in members]
             y = [_float(r[f"{field}_mean"]) for r in members]
             yerr = [_float(r[f"{field}_std"]) or 0.0 for r in members]
@@ -75,9 +80,9 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
         ax.set_ylabel(ylabel or metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: {model} on {data}, batch {batch}{setup}")
+    fig.suptitle(f"{task}: {model} on {data}{settings}, batch {batch}{setup}")
     fig.tight_layout()
-    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}_b{batch}{setup}_{metric}").strip("_")
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}{settings}_b{batch}{setup}_{metric}").strip("_")
     path = out / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

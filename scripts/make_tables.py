@@ -2,9 +2,12 @@
 
 Reads every ``summary.json`` below the given directories (a multirun folder, several, or single
 runs), groups the runs into tables by task, data set, model, batch size, precision (Lightning's
-``trainer.precision``; named in the heading unless fp32) and number of DDP processes (named
-unless 1), and within a table into rows by the XConv settings (probes, mode, distribution,
-deflation, ReLU, include/exclude patterns, min_pixels; labelled where not the default). Per row:
+``trainer.precision``; named in the heading unless fp32), number of DDP processes (named
+unless 1) and every other config value that differs between the runs read (``data.scale``,
+``model.channels``, ``trainer.max_epochs``, ...; named in the heading), and within a table into
+rows by the XConv settings (probes, mode, distribution, deflation, ReLU, include/exclude
+patterns, min_pixels; labelled where not the default). Only the seed, output paths, loggers and
+callbacks may differ between the runs of a row. Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
   standard deviation over the row's runs (seeds; the mean alone for a single run), and their number;
@@ -41,8 +44,14 @@ from benchlib import write_csv
 
 MIB = 2**20
 # What separates tables, and within a table, rows.
-TABLE_KEYS = ("task", "data", "model", "batch_size", "precision", "processes", "metric_name")
+TABLE_KEYS = ("task", "data", "model", "settings", "batch_size", "precision", "processes", "metric_name")
 ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank", "relu", "include", "exclude", "min_pixels")
+# Config values that may differ between the runs of one row: seeds, where a run wrote its
+# files, how it logged; the XConv options and what TABLE_KEYS already name are compared there.
+NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "trainer.default_root_dir", "task_name",
+                "data._target_", "data.image", "data.batch_size", "model._target_", "model.encoder_name",
+                "task._target_", "trainer.precision", "trainer.devices", "trainer.num_nodes"}
+NOT_SETTINGS_PREFIXES = ("xconv.", "callbacks.", "logger.", "hydra.", "task.net.")  # task.net is ${model}
 
 
 def _target(node) -> str:
@@ -74,7 +83,8 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
             name = metric or summary["metric_name"]
             if name not in summary["metrics"]:
                 raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
-            batch = config["data"].get("batch_size")
+            # The deep image prior's data modules have no batch_size: they train on one image per step.
+            batch = config["data"].get("batch_size", 1)
             estimated = bool(summary["probes"])  # which convs are converted, and how, matters only then
             runs.append({
                 "task": summary["task"],
@@ -102,8 +112,37 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "step_s": batch / summary["samples_per_s"] if batch and summary["samples_per_s"] else None,
                 "seed": summary["seed"],
                 "path": str(path.parent),
+                "config": dict(_flatten(config)),
             })
+    _name_settings(runs)
     return runs
+
+
+def _flatten(node: dict, prefix: str = ""):
+    """``("data.scale", "4")`` pairs of a nested config, values as text (lists as JSON, so they compare by value)."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value if isinstance(value, str) else json.dumps(value)
+
+
+def _name_settings(runs: list[dict]) -> None:
+    """Set each run's ``settings``: ``"data.scale=4 model.channels=[64, 64]"`` for every config value
+    (outside :data:`NOT_SETTINGS`) that differs between ``runs``; ``""`` when none does.
+
+    A key that some runs lack (a config option added later) separates them only where the runs
+    that have it disagree.
+    """
+    values: dict[str, set] = {}
+    for run in runs:
+        for key, value in run["config"].items():
+            if key not in NOT_SETTINGS and not key.startswith(NOT_SETTINGS_PREFIXES):
+                values.setdefault(key, set()).add(value)
+    varying = sorted(k for k, seen in values.items() if len(seen) > 1)
+    for run in runs:
+        config = run.pop("config")
+        run["settings"] = " ".join(f"{k}={config[k]}" for k in varying if k in config)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -191,8 +230,8 @@ def _label(row: dict, batch_rows: bool) -> str:
 
 
 def markdown(rows: list[dict], batch_rows: bool = False) -> str:
-    """The tables in markdown, one section per (task, data, model, batch size unless ``batch_rows``, precision,
-    processes, metric)."""
+    """The tables in markdown, one section per (task, data, model, settings, batch size unless ``batch_rows``,
+    precision, processes, metric)."""
     tables = table_keys(batch_rows)
     out = []
     for key in dict.fromkeys(tuple(r[k] for k in tables) for r in rows):
@@ -200,7 +239,8 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
         batch = "" if batch_rows else f", batch {named['batch_size']}"
         setup = setup_suffix(named["precision"], named["processes"])
         task, data, model, metric = named["task"], named["data"], named["model"], named["metric_name"]
-        out += [f"### {task}: {model} on {data}{batch}{setup}", "",
+        settings = f", {named['settings']}" if named["settings"] else ""
+        out += [f"### {task}: {model} on {data}{settings}{batch}{setup}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if tuple(r[k] for k in tables) == key):
@@ -230,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: RUN_DIR: no summary.json below {' '.join(map(str, args.run_dirs))}", file=sys.stderr)
         return 2
     rows = summarize(runs, args.batch_rows)
+    for row in rows:
+        seeds = row["seeds"].split()
+        if len(set(seeds)) < len(seeds):
+            print(f"warning: {_label(row, args.batch_rows)}{', ' + row['settings'] if row['settings'] else ''}: "
+                  f"seeds {row['seeds']}: the same settings and seed ran more than once; averaged as if new seeds",
+                  file=sys.stderr)
     text = markdown(rows, args.batch_rows)
     if args.out is None:
         print(text)

@@ -15,16 +15,21 @@ MIB = 2**20
 
 
 def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None,
-              precision=None, world_size=None, **xconv_options):
-    """A run directory with the summary.json fields the table script reads."""
+              precision=None, world_size=None, data_options=(), **xconv_options):
+    """A run directory with the summary.json fields the table script reads (``batch=None``: no
+    ``data.batch_size``, as in the deep image prior's data modules)."""
     run = root / name
     run.mkdir(parents=True)
+    data = {"_target_": "experiments.data.DigitsDataModule", "image": image, "seed": seed, **dict(data_options)}
+    if batch is not None:
+        data["batch_size"] = batch
     summary = {
         "task": "classification", "probes": probes, "seed": seed, "metric_name": "val/acc",
         "metrics": {"val/acc": metric, "test/acc": metric - 0.01}, "activation_bytes": activation_bytes,
         "peak_memory_bytes": None, "samples_per_s": samples_per_s,
         "config": {
-            "data": {"_target_": "experiments.data.DigitsDataModule", "batch_size": batch, "image": image},
+            "seed": seed, "output_dir": str(run),
+            "data": data,
             "model": {"_target_": "experiments.models.SmallCNN"},
             "xconv": {"probes": probes, "mode": "independent", "distribution": "gaussian",
                       "deflation": deflation, "deflation_rank": None, **xconv_options},
@@ -192,3 +197,47 @@ def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
     assert "| r=8 independent gaussian relu=exact | 0.300 | 1 | 3.0 | 0.75 |" in result.stdout
     assert "| r=8 independent gaussian include=features.* exclude=features.0 | 0.450 | 1 | 1.5 | 0.75 |" in result.stdout
     assert "### classification: SmallCNN on DigitsDataModule, batch 32, 2 processes" in lines
+
+
+def test_other_config_values_are_tables_not_seeds(tmp_path):
+    # Same seed, two scales and two widths: four tables named by what differs, nothing averaged.
+    for scale in (2, 4):
+        for width in (32, 64):
+            write_run(tmp_path, f"s{scale}_w{width}", 0, 0, 0.1 * scale + width / 1000, MIB, 100.0,
+                      data_options={"scale": scale, "width": width, "crop": 96, "size": [8, 8]}, image="astronaut")
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("| exact |") == 4
+    # Values every run shares (crop, size) are not named.
+    assert "on DigitsDataModule(astronaut), data.scale=2 data.width=64, batch 32\n" in result.stdout
+    assert "data.scale=4 data.width=32, batch 32\n\n| estimator | val/acc (mean ± std) |" in result.stdout
+    assert "| exact | 0.432 | 1 |" in result.stdout  # scale 4, width 32: its own row, not a mean
+    assert "warning" not in result.stderr
+
+
+def test_tables_name_unequal_lists_and_warn_on_repeated_seeds(tmp_path):
+    write_run(tmp_path, "a", 0, 0, 0.5, MIB, 100.0, data_options={"size": [8, 8]})
+    write_run(tmp_path, "b", 0, 0, 0.7, MIB, 100.0, data_options={"size": [8, 16]})
+    write_run(tmp_path, "c", 0, 0, 0.9, MIB, 100.0, data_options={"size": [8, 16]})
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "data.size=[8, 8], batch 32" in result.stdout and "| exact | 0.800 ± 0.141 | 2 |" in result.stdout
+    assert "warning: exact, data.size=[8, 16]: seeds 0 0:" in result.stderr
+
+
+def test_tables_and_plots_without_a_batch_size(tmp_path):
+    # The deep image prior trains on one image per step: time per step is 1 / samples_per_s.
+    # A run that recorded no throughput leaves its time blank, and the plot skips it.
+    write_run(tmp_path / "runs", "exact", 0, 0, 22.0, 4 * MIB, 4.0, batch=None)
+    write_run(tmp_path / "runs", "r32", 32, 0, 21.0, 2 * MIB, 5.0, batch=None)
+    write_run(tmp_path / "runs", "r128", 128, 0, 21.5, 3 * MIB, None, batch=None)
+    assert make_tables(tmp_path / "runs", "--out", tmp_path / "tables").returncode == 0
+    text = (tmp_path / "tables" / "tables.md").read_text()
+    assert "on DigitsDataModule, batch 1\n" in text
+    assert "| exact | 22.000 | 1 | 4.0 | 1.00 |  | 0.2500 | 1.00 |" in text
+    assert "| r=32 independent gaussian | 21.000 | 1 | 2.0 | 0.50 |  | 0.2000 | 0.80 |" in text
+    assert "| r=128 independent gaussian | 21.500 | 1 | 3.0 | 0.75 |  |  |  |" in text
+    result = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(tmp_path / "tables")],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "tables").glob("*.png"))) == 1
