@@ -82,9 +82,15 @@ def build(cfg: DictConfig):
     before anything trains."""
     check_run_config(cfg)
     options = xconv_options(cfg)
-    L.seed_everything(cfg.seed, workers=True)  # before anything random is built
+    # Before anything random is built; quietly, so that a config error is the only line printed
+    # (the seed is in the run's config and summary).
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = _build(cfg, "data")
     task = _build(cfg, "task")
+    try:
+        task.check_data(datamodule)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     try:
         xconv.convert(task.net, **options)
     except ValueError as err:  # options are checked already; what is left names the network's modules

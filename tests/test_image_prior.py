@@ -180,11 +180,28 @@ def test_folder_image_is_read_by_name_or_stem(tmp_path):
         ("inpainting", "data.mask=file", "data.mask_file: mask=file needs a mask image"),
         ("inpainting", "data.mask=file data.mask_file=/nonexistent/mask.png", "data.mask_file: no file"),
         ("inpainting", "data.mask=random data.hole_fraction=1.5", "data.hole_fraction"),
+        ("inpainting", "data.mask=random data.hole_fraction=abc", r"data.hole_fraction: must be a number in \[0, 1\), got 'abc'"),
+        ("inpainting", "data.mask=random data.hole_size=2.5", "data.hole_size: must be an int >= 1, got 2.5"),
+        ("superres", "data.scale=4.0", r"data.scale: must be one of \[2, 3, 4, 8\], got 4.0"),
+        ("superres", "data.crop=0", "data.crop: must be an int >= 1, got 0"),
+        ("superres", "data.resize=-5", "data.resize: must be an int >= 1, got -5"),
+        ("superres", "data.input_channels=0", "data.input_channels: must be an int >= 1, got 0"),
+        ("superres", "data.steps_per_epoch=2.5", "data.steps_per_epoch: must be an int >= 1, got 2.5"),
+        ("superres", "data.noise_scale=0", "data.noise_scale: must be a number > 0, got 0"),
+        ("inpainting", "data.mask_file=/tmp/mask.png", "data.mask_file: read only with mask=file, got mask='text'"),
+        ("inpainting", "data=superres_image", "data: needs data of type InpaintingDataModule, got SuperResolutionDataModule"),
+        ("superres", "data.crop=16 data.resize=16", "model.channels: 4 scales need an input of at least 17x17 pixels, got 16x16"),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(task, override, error, tmp_path):
     with pytest.raises(ConfigError, match=error):
         build(compose_config(f"task={task}", *TINY_TRAINER, *override.split(), output_dir=tmp_path))
+
+
+def test_mask_file_that_is_not_an_image_is_named(tmp_path):
+    (tmp_path / "mask.png").write_text("not an image")
+    with pytest.raises(ValueError, match="mask_file: .*mask.png' is not an image file PIL can read"):
+        InpaintingDataModule("astronaut", mask="file", mask_file=str(tmp_path / "mask.png"))
 
 
 def test_image_missing_from_the_folder_is_named(tmp_path):
@@ -226,7 +243,7 @@ def test_skip_net_smallest_input_and_a_clear_error_below_it(scales):
     net = SkipNet(in_channels=2, channels=[4] * scales)
     size = 2**scales + 1  # the coarsest scale keeps 2x2 pixels
     assert net(torch.rand(1, 2, size, size + 3)).shape == (1, 3, size, size + 3)
-    with pytest.raises(ValueError, match=f"too small for {scales} scales: it needs at least {size}x{size}"):
+    with pytest.raises(ValueError, match=f"{scales} scales need an input of at least {size}x{size} pixels"):
         net(torch.rand(1, 2, size + 3, size - 1))
 
 

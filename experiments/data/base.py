@@ -9,6 +9,15 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 
+def check_int(name: str, value, least: int) -> None:
+    """Raise ``ValueError("<name>: must be an int >= <least>, got ...")`` unless ``value`` is such an int.
+
+    Hydra passes ``4.0`` or ``"abc"`` through as given; they would otherwise fail deep inside torch.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
+
+
 class SplitsDataModule(L.LightningDataModule):
     """Loaders over ``self.train_set`` / ``self.val_set`` and, where the data has one, ``self.test_set``.
 
@@ -22,9 +31,8 @@ class SplitsDataModule(L.LightningDataModule):
             ValueError: ``batch_size`` not an int >= 1 or ``num_workers`` not an int >= 0.
         """
         super().__init__()
-        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None

@@ -16,12 +16,13 @@ import lightning as L
 import numpy as np
 import skimage.data
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from .base import check_int
 from .folder import IMAGE_SUFFIXES
 
 # Photographs (and a few textures and scans) whose files ship inside the scikit-image wheel.
@@ -132,12 +133,11 @@ def random_mask(
     Returns:
         float32 [1, height, width], 1 where the pixel is known, 0 in a hole.
     Raises:
-        ValueError: ``hole_fraction`` outside [0, 1) or ``hole_size`` < 1.
+        ValueError: ``hole_fraction`` not a number in [0, 1) or ``hole_size`` not an int >= 1.
     """
-    if not 0 <= hole_fraction < 1:
-        raise ValueError(f"hole_fraction: must lie in [0, 1), got {hole_fraction}")
-    if hole_size < 1:
-        raise ValueError(f"hole_size: must be >= 1, got {hole_size}")
+    if isinstance(hole_fraction, bool) or not isinstance(hole_fraction, (int, float)) or not 0 <= hole_fraction < 1:
+        raise ValueError(f"hole_fraction: must be a number in [0, 1), got {hole_fraction!r}")
+    check_int("hole_size", hole_size, 1)
     rows, cols = math.ceil(height / hole_size), math.ceil(width / hole_size)
     tiles = torch.ones(rows * cols)
     tiles[torch.randperm(rows * cols, generator=generator)[: round(hole_fraction * rows * cols)]] = 0
@@ -153,12 +153,11 @@ def text_mask(height: int, width: int, text: str, font_size: int) -> torch.Tenso
     Returns:
         float32 [1, height, width], 1 where the pixel is known, 0 under a letter.
     Raises:
-        ValueError: empty ``text`` or ``font_size`` < 1.
+        ValueError: empty ``text`` or ``font_size`` not an int >= 1.
     """
     if not text:
         raise ValueError("text: must not be empty")
-    if font_size < 1:
-        raise ValueError(f"font_size: must be >= 1, got {font_size}")
+    check_int("font_size", font_size, 1)
     canvas = Image.new("L", (width, height), 255)
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=font_size)
     line = f"{text} "
@@ -175,11 +174,16 @@ def load_mask(path: str | Path) -> torch.Tensor:
         float32 [1, H, W] in {0, 1}.
     Raises:
         FileNotFoundError: no file at ``path``.
+        ValueError: a file PIL cannot read as an image.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask_file: no file {str(path)!r}")
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L")) >= 128).float()[None]
+    try:
+        picture = Image.open(path)
+    except UnidentifiedImageError as err:
+        raise ValueError(f"mask_file: {str(path)!r} is not an image file PIL can read") from err
+    return torch.from_numpy(np.asarray(picture.convert("L")) >= 128).float()[None]
 
 
 class _Repeated(Dataset):
@@ -214,7 +218,8 @@ class SingleImageDataModule(L.LightningDataModule):
 
     Raises:
         ValueError, FileNotFoundError: from :func:`load_image` and :func:`fit_image`, naming the argument;
-            ``steps_per_epoch`` < 1.
+            ``resize``, ``crop`` not None or an int >= 1; ``input_channels``, ``steps_per_epoch`` not
+            an int >= 1; ``noise_scale`` not a number > 0.
     """
 
     multiple = 1  # both sides of the clean image are trimmed to a multiple of this
@@ -231,8 +236,13 @@ class SingleImageDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch}")
+        for name, value in (("resize", resize), ("crop", crop)):
+            if value is not None:
+                check_int(name, value, 1)
+        check_int("input_channels", input_channels, 1)
+        check_int("steps_per_epoch", steps_per_epoch, 1)
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not noise_scale > 0:
+            raise ValueError(f"noise_scale: must be a number > 0, got {noise_scale!r}")
         self.steps_per_epoch = steps_per_epoch
         self.generator = torch.Generator().manual_seed(seed)
         # Everything is built here, not in setup(): it takes milliseconds, and a bad image name,
@@ -273,8 +283,8 @@ class SuperResolutionDataModule(SingleImageDataModule):
     """
 
     def __init__(self, image: str = "astronaut", scale: int = 4, **kwargs):
-        if scale not in SCALES:
-            raise ValueError(f"scale: must be one of {list(SCALES)}, got {scale}")
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale not in SCALES:
+            raise ValueError(f"scale: must be one of {list(SCALES)}, got {scale!r}")
         self.scale = self.multiple = scale
         super().__init__(image, **kwargs)
 
@@ -295,7 +305,8 @@ class InpaintingDataModule(SingleImageDataModule):
         other arguments: see :class:`SingleImageDataModule`.
 
     Raises:
-        ValueError: ``mask`` not in :data:`MASKS`, ``mask="file"`` without ``mask_file``, a mask
+        ValueError: ``mask`` not in :data:`MASKS`, ``mask="file"`` without ``mask_file`` (or
+            ``mask_file`` with another ``mask``), a mask
             file of another size than the image, bad ``hole_fraction``/``hole_size``/``text``/``font_size``.
         FileNotFoundError: no file at ``mask_file``.
 
@@ -321,6 +332,8 @@ class InpaintingDataModule(SingleImageDataModule):
             raise ValueError(f"mask: must be one of {list(MASKS)}, got {mask!r}")
         if mask == "file" and mask_file is None:
             raise ValueError("mask_file: mask=file needs a mask image, e.g. data.mask_file=/path/mask.png")
+        if mask != "file" and mask_file is not None:
+            raise ValueError(f"mask_file: read only with mask=file, got mask={mask!r}")
         self.mask_kind, self.hole_fraction, self.hole_size = mask, hole_fraction, hole_size
         self.text, self.font_size, self.mask_file = text, font_size, mask_file
         super().__init__(image, **kwargs)

@@ -115,14 +115,18 @@ class SkipNet(nn.Module):
             finer = c
         self.head = nn.Conv2d(channels[0], out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, height: int, width: int) -> None:
+        """Raise ValueError when an input of ``height`` x ``width`` pixels is too small for the scales."""
         # Each scale halves the size, rounding up: the coarsest is ceil(size / 2**scales).
         smallest = 2 ** len(self.down) + 1
-        if min(x.shape[-2:]) < smallest:
+        if min(height, width) < smallest:
             raise ValueError(
-                f"input of {x.shape[-2]}x{x.shape[-1]} pixels is too small for {len(self.down)} scales: it needs at "
-                f"least {smallest}x{smallest} (larger images: data.crop / data.resize; fewer scales: model.channels)"
+                f"model.channels: {len(self.down)} scales need an input of at least {smallest}x{smallest} pixels, "
+                f"got {height}x{width} (larger images: data.crop / data.resize; fewer scales: model.channels)"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(*x.shape[-2:])
         skips = []
         for down, skip in zip(self.down, self.skip):
             skips.append(skip(x))

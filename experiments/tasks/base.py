@@ -30,15 +30,24 @@ class XConvTask(L.LightningModule):
     constructor (Hydra's ``_partial_: true``) that receives the parameters; ``scheduler``, if
     given, a partially-applied ``torch.optim.lr_scheduler`` class that receives the optimizer and
     steps once per epoch (e.g. ``CosineAnnealingLR`` with ``T_max`` = the number of epochs).
+    Subclasses whose batches only one data module makes name it in :attr:`datamodule_type`.
     """
 
     metric_name: str
+    datamodule_type: type | None = None
 
     def __init__(self, net: nn.Module, optimizer: partial, scheduler: partial | None = None):
         super().__init__()
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Raise ValueError, naming the config key, when ``datamodule`` cannot feed this task;
+        ``run.py`` calls it before training."""
+        if self.datamodule_type is not None and not isinstance(datamodule, self.datamodule_type):
+            raise ValueError(f"data: needs data of type {self.datamodule_type.__name__}, got "
+                             f"{type(datamodule).__name__} (leave data= at the task's default)")
 
     def loss(self, batch, net: nn.Module | None = None) -> torch.Tensor:
         """The training loss of ``batch`` through ``net`` (default ``self.net``): one forward + loss.

@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import save_image
 
-from ..data.single_image import downsample
+from ..data.single_image import InpaintingDataModule, SuperResolutionDataModule, downsample
 from .base import XConvTask
 
 # ITU-R BT.601 luma with studio swing (Y in [16, 235] of 255), as MATLAB's rgb2ycbcr and
@@ -95,6 +95,12 @@ class ImagePriorTask(XConvTask):
         """What PSNR and SSIM compare, from ``images`` [B, 3, H, W]: the whole RGB image unless overridden."""
         return images
 
+    def check_data(self, datamodule) -> None:
+        """Also raise ValueError when the network cannot take the image's size (too small for its scales)."""
+        super().check_data(datamodule)
+        if hasattr(self.net, "check_input"):
+            self.net.check_input(*datamodule.train_sample["noise"].shape[-2:])
+
     def baselines(self, batch: dict) -> dict[str, torch.Tensor]:
         """Trivial reconstructions [B, 3, H, W] from the observation, one per name in :attr:`baseline_names`."""
         raise NotImplementedError
@@ -162,6 +168,8 @@ class SuperResolutionTask(ImagePriorTask):
         torch.Size([])
     """
 
+    datamodule_type = SuperResolutionDataModule
+
     def __init__(
         self,
         net: nn.Module,
@@ -205,6 +213,7 @@ class InpaintingTask(ImagePriorTask):
     """
 
     baseline_names = ("baseline", "mean_fill")
+    datamodule_type = InpaintingDataModule
 
     def degrade(self, images: torch.Tensor, batch: dict) -> torch.Tensor:
         return images * batch["mask"]
