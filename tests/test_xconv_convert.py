@@ -91,6 +91,8 @@ def test_include_that_selects_nothing_raises_before_replacing():
         xconv.convert(model, include="conv*")
     with pytest.raises(ValueError, match=r"include: no conv matches \['1'\]"):
         xconv.convert(model, include="1", relu=False)
+    with pytest.raises(ValueError, match=r"exclude: no module matches \['head'\]; the model's convs: 0"):
+        xconv.convert(model, exclude=["0", "head"])
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU
 
 

@@ -88,9 +88,9 @@ def convert(
     Returns:
         ``model`` (or the new layer when ``model`` itself is a conv).
     Raises:
-        TypeError, ValueError: invalid estimator options, or ``include`` patterns that select
-            nothing to convert (a typo would otherwise leave the model exact), before anything
-            is replaced.
+        TypeError, ValueError: invalid estimator options, ``include`` patterns that select
+            nothing to convert (a typo would otherwise leave the model exact), or an ``exclude``
+            pattern that matches no module, before anything is replaced.
     """
     options = dict(
         probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
@@ -100,11 +100,15 @@ def convert(
     include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))
     selected = [(name, module) for name, module in model.named_modules() if _selected(name, include, exclude)]
     convertible = tuple(XCONV_CLASSES) + (tuple(_ACTIVATIONS) if relu else ())
+    convs = [name for name, module in model.named_modules() if isinstance(module, tuple(XCONV_CLASSES))]
+    shown = ", ".join(convs[:8]) + (", ..." if len(convs) > 8 else "")
     if include and not any(isinstance(module, convertible) for _, module in selected):
-        convs = [name for name, module in model.named_modules() if isinstance(module, tuple(XCONV_CLASSES))]
-        shown = ", ".join(convs[:8]) + (", ..." if len(convs) > 8 else "")
         raise ValueError(f"include: no conv{' or ReLU' if relu else ''} matches {include}; "
                          f"the model's convs: {shown or 'none'}")
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [p for p in exclude or () if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:  # a typo would otherwise convert the layers it was meant to keep exact
+        raise ValueError(f"exclude: no module matches {unmatched}; the model's convs: {shown or 'none'}")
     converted, skipped = [], []
     for name, module in selected:
         tcls = _torch_conv_class(module)
