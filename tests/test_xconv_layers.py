@@ -268,6 +268,17 @@ def test_peak_tensor_bytes_counts_live_storages():
     assert peak_tensor_bytes(fn) == 3 * 2**20
 
 
+def test_peak_tensor_bytes_does_not_count_views_of_inputs():
+    x = torch.ones(2**18)  # 1 MiB, made before the call
+
+    def fn():
+        y = x.detach().view(64, -1)  # shares x's storage
+        y.mul_(1.0)
+        return y.t().sum(0)  # 64 floats of new memory
+
+    assert peak_tensor_bytes(fn) == 64 * 4
+
+
 def test_saved_bytes_by_module():
     model = nn.Sequential(xconv.XConv2d(4, 8, 3, padding=1, probes=4), xconv.BitReLU())
     x = torch.randn(2, 4, 16, 16)

@@ -124,17 +124,26 @@ class _LiveTensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self._sizes: dict[int, int] = {}
+        self._outside: set[int] = set()  # storages an op received that no op here created
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # A view or in-place result of an input or parameter shares its storage: not new memory.
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._sizes and key not in self._outside:
+                    self._outside.add(key)
+                    weakref.finalize(storage, self._outside.discard, key)
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self._sizes:
+                if key and key not in self._sizes and key not in self._outside:
                     self._sizes[key] = storage.nbytes()
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
