@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torchvision
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from skimage import data as skdata
@@ -319,7 +321,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source_group = parser.add_mutually_exclusive_group()
     source_group.add_argument("--model", choices=["unet", "resnet18"], default="unet", help="natural-crop source")
-    source_group.add_argument("--task", default=None, help="a task of configs/task/; Hydra overrides may follow")
+    source_group.add_argument("--task", default=None, choices=sorted(f.stem for f in (REPO_ROOT / "configs" / "task").glob("*.yaml")),
+                              help="a task of configs/task/; Hydra overrides (key=value) may follow the options")
     parser.add_argument("--batch", type=int, default=8, help="crops per batch (--model only)")
     parser.add_argument("--size", type=int, default=128, help="crop side (--model only)")
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -336,8 +339,14 @@ def main(argv=None):
     if overrides and args.task is None:
         parser.error(f"Hydra overrides {overrides} need --task")
     torch.manual_seed(0)
-    source = (task_source(args.task, overrides, args.device) if args.task
-              else crop_source(args.model, args.batch, args.size, args.device))
+    try:
+        source = (task_source(args.task, overrides, args.device) if args.task
+                  else crop_source(args.model, args.batch, args.size, args.device))
+    except (ConfigCompositionException, OverrideParseException) as err:
+        parser.error(f"Hydra overrides {overrides}: {str(err).splitlines()[0]}")
+    except InstantiationException as err:  # a bad value, named by the constructor (run.py shows the same)
+        node = re.search(r"full_key: (\S+)", str(err))
+        parser.error(f"{node[1] if node else 'config'}.{err.__cause__}")
     source.model.train()
     pretrain(source, args.train_steps)
     layers = capture_layers(source.model, source.batch(0), source.loss)

@@ -241,3 +241,14 @@ def test_tables_and_plots_without_a_batch_size(tmp_path):
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "tables").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--task", "nope"], "argument --task: invalid choice: 'nope'"),
+    (["--task", "superres", "data.nope=3"], "Hydra overrides ['data.nope=3']: Could not override 'data.nope'"),
+    (["--task", "superres", "data.scale=x"], "data.scale: must be one of [2, 3, 4, 8], got 'x'"),
+])
+def test_gradient_quality_bad_task_or_override_is_one_line(args, error):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "gradient_quality.py"), *args, "--probes", "2"],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 2 and error in result.stderr.splitlines()[-1], result.stderr
