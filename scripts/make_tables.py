@@ -129,20 +129,25 @@ def _flatten(node: dict, prefix: str = ""):
 
 def _name_settings(runs: list[dict]) -> None:
     """Set each run's ``settings``: ``"data.scale=4 model.channels=[64, 64]"`` for every config value
-    (outside :data:`NOT_SETTINGS`) that differs between ``runs``; ``""`` when none does.
+    (outside :data:`NOT_SETTINGS`) that differs between the runs of its task, data set and model;
+    ``""`` when none does. (Values that differ only between tasks are already a table apart.)
 
     A key that some runs lack (a config option added later) separates them only where the runs
     that have it disagree.
     """
-    values: dict[str, set] = {}
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        for key, value in run["config"].items():
-            if key not in NOT_SETTINGS and not key.startswith(NOT_SETTINGS_PREFIXES):
-                values.setdefault(key, set()).add(value)
-    varying = sorted(k for k, seen in values.items() if len(seen) > 1)
-    for run in runs:
-        config = run.pop("config")
-        run["settings"] = " ".join(f"{k}={config[k]}" for k in varying if k in config)
+        groups.setdefault((run["task"], run["data"], run["model"]), []).append(run)
+    for group in groups.values():
+        values: dict[str, set] = {}
+        for run in group:
+            for key, value in run["config"].items():
+                if key not in NOT_SETTINGS and not key.startswith(NOT_SETTINGS_PREFIXES):
+                    values.setdefault(key, set()).add(value)
+        varying = sorted(k for k, seen in values.items() if len(seen) > 1)
+        for run in group:
+            config = run.pop("config")
+            run["settings"] = " ".join(f"{k}={config[k]}" for k in varying if k in config)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -215,6 +215,15 @@ def test_other_config_values_are_tables_not_seeds(tmp_path):
     assert "warning" not in result.stderr
 
 
+def test_settings_are_compared_within_a_data_set(tmp_path):
+    # Two data sets that differ in data.scale, each swept over nothing: no setting to name.
+    write_run(tmp_path, "a", 0, 0, 0.5, MIB, 100.0, image="astronaut", data_options={"scale": 2})
+    write_run(tmp_path, "b", 0, 0, 0.7, MIB, 100.0, image="coffee", data_options={"scale": 4})
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "data.scale" not in result.stdout and result.stdout.count("| exact |") == 2
+
+
 def test_tables_name_unequal_lists_and_warn_on_repeated_seeds(tmp_path):
     write_run(tmp_path, "a", 0, 0, 0.5, MIB, 100.0, data_options={"size": [8, 8]})
     write_run(tmp_path, "b", 0, 0, 0.7, MIB, 100.0, data_options={"size": [8, 16]})
