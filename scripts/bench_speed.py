@@ -11,15 +11,21 @@ With ``--compile BACKEND`` every model (exact and XConv alike) runs through
 graph breaks it caused are counted and their distinct reasons printed (XConv layers run
 eagerly inside a ``torch.compiler.disable``d call, so each is a break).
 
+``--batch-scale K`` multiplies every case's batch size by K: on a GPU the default sizes take
+well under a millisecond per layer, where fixed per-call costs dominate. ``--profile``
+prints ``torch.profiler`` operator tables (self device time on CUDA, self CPU time on CPU)
+instead of timing, to see where a ratio comes from.
+
 Usage:
     python scripts/bench_speed.py [--probes 4 8 16 32] [--min-run-time 1.0]
-                                  [--only layers|steps] [--compile inductor]
-                                  [--csv results/bench/speed_cpu.csv]
+                                  [--only layers|steps] [--compile inductor] [--batch-scale 1]
+                                  [--csv results/bench/speed_cpu.csv | --profile]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -27,23 +33,30 @@ import torch
 import torchvision
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity
 from torch.utils import benchmark
 
 import xconv
 from benchlib import write_csv
 
-# (name, torch layer, input shape)
+# (name, torch layer, input shape); "{b}" in a name is the batch size.
 LAYERS = [
-    ("conv3x3 64->64 32x32 b64", lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 64, 32, 32)),
-    ("conv3x3 256->256 8x8 b128", lambda: nn.Conv2d(256, 256, 3, padding=1), (128, 256, 8, 8)),
-    ("stem7x7/2 3->64 128x128 b32", lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3), (32, 3, 128, 128)),
-    ("convT4x4/2 128->64 16x16 b64", lambda: nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), (64, 128, 16, 16)),
+    ("conv3x3 64->64 32x32 b{b}", lambda: nn.Conv2d(64, 64, 3, padding=1), (64, 64, 32, 32)),
+    ("conv3x3 256->256 8x8 b{b}", lambda: nn.Conv2d(256, 256, 3, padding=1), (128, 256, 8, 8)),
+    ("stem7x7/2 3->64 128x128 b{b}", lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3), (32, 3, 128, 128)),
+    ("convT4x4/2 128->64 16x16 b{b}", lambda: nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), (64, 128, 16, 16)),
 ]
-# (name, model, input shape, number of classes of a per-pixel target or None)
+# (name, model, input shape)
 STEPS = [
-    ("U-Net(resnet18) b8 128x128", lambda: smp.Unet("resnet18", encoder_weights=None, classes=2), (8, 3, 128, 128)),
-    ("resnet18 b64 32x32", lambda: torchvision.models.resnet18(num_classes=10), (64, 3, 32, 32)),
+    ("U-Net(resnet18) b{b} 128x128", lambda: smp.Unet("resnet18", encoder_weights=None, classes=2), (8, 3, 128, 128)),
+    ("resnet18 b{b} 32x32", lambda: torchvision.models.resnet18(num_classes=10), (64, 3, 32, 32)),
 ]
+
+
+def scaled(cases, batch_scale: int):
+    """``cases`` with every batch size multiplied by ``batch_scale`` and named accordingly."""
+    return [(name.format(b=shape[0] * batch_scale), make, (shape[0] * batch_scale, *shape[1:]))
+            for name, make, shape in cases]
 
 
 def median_seconds(fn, min_run_time: float) -> float:
@@ -128,6 +141,34 @@ def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds, bac
     return rows
 
 
+def profile(kind, cases, make_timers, probes_list, device, iterations: int) -> str:
+    """``torch.profiler``'s operator table of ``iterations`` forward+backward passes (layers) or
+    training steps, exact and at each r, heaviest first: self device time on CUDA, self CPU
+    time on CPU. Each heading gives the wall-clock time per iteration (seconds, synchronised)."""
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    parts = []
+    for name, make, shape in cases:
+        for r in [0, *probes_list]:
+            torch.manual_seed(0)
+            fn = make_timers(make, shape, r, device)[0]["total"]
+            fn()
+            sync()
+            with torch.profiler.profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    fn()
+                sync()
+                wall = (time.perf_counter() - start) / iterations
+            variant = "exact" if r == 0 else f"r={r}"
+            table = prof.key_averages().table(
+                sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
+            parts.append(f"## {kind} {name}, {variant}: {wall * 1e3:.2f} ms per iteration (profiled)\n\n{table}")
+            print(parts[-1], flush=True)
+    return "\n".join(parts)
+
+
 def format_row(row):
     parts = [row["kind"], row["case"], row["variant"]]
     for key in ("forward", "backward", "total"):
@@ -147,14 +188,27 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="torch.compile every model with this backend (inductor, aot_eager, ...)")
+    parser.add_argument("--batch-scale", type=int, default=1, metavar="K",
+                        help="multiply every case's batch size by K (larger batches: less per-call overhead)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, print torch.profiler operator tables of 10 iterations")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.batch_scale < 1:
+        parser.error(f"--batch-scale must be an int >= 1, got {args.batch_scale}")
+    if any(r < 1 for r in args.probes):
+        parser.error(f"--probes must be ints >= 1 (exact is always measured), got {args.probes}")
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    kinds = [("layer", scaled(LAYERS, args.batch_scale), layer_timers),
+             ("step", scaled(STEPS, args.batch_scale), step_timers)]
+    kinds = [k for k in kinds if args.only in (None, k[0] + "s")]
+    if args.profile:
+        for kind, cases, make in kinds:
+            profile(kind, cases, make, args.probes, args.device, iterations=10)
+        return
     rows = []
-    if args.only in (None, "layers"):
-        rows += run("layer", LAYERS, layer_timers, args.probes, args.device, args.min_run_time, args.rounds, args.compile)
-    if args.only in (None, "steps"):
-        rows += run("step", STEPS, step_timers, args.probes, args.device, args.min_run_time, args.rounds, args.compile)
+    for kind, cases, make in kinds:
+        rows += run(kind, cases, make, args.probes, args.device, args.min_run_time, args.rounds, args.compile)
     if args.csv:
         write_csv(rows, args.csv)
 

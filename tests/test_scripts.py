@@ -1,4 +1,4 @@
-"""The scripts that read runs and measure gradients: make_tables.py, make_plots.py, gradient_quality.py."""
+"""The scripts that read runs and measure: make_tables.py, make_plots.py, gradient_quality.py, bench_speed.py."""
 from __future__ import annotations
 
 import csv
@@ -261,3 +261,36 @@ def test_gradient_quality_bad_task_or_override_is_one_line(args, error):
     result = subprocess.run([sys.executable, str(SCRIPTS / "gradient_quality.py"), *args, "--probes", "2"],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 2 and error in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.fixture
+def bench_speed(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_speed
+
+    return bench_speed
+
+
+def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
+    import torch
+
+    tiny = [("conv3x3 8->8 12x12 b{b}", lambda: torch.nn.Conv2d(8, 8, 3, padding=1), (2, 8, 12, 12))]
+    cases = bench_speed.scaled(tiny, 3)
+    assert [(name, shape) for name, _, shape in cases] == [("conv3x3 8->8 12x12 b6", (6, 8, 12, 12))]
+    rows = bench_speed.run("layer", cases, bench_speed.layer_timers, [4], "cpu", min_run_time=0.01, rounds=1)
+    assert [r["variant"] for r in rows] == ["exact", "r=4"]
+    assert rows[0]["total_ratio"] == 1.0 and rows[1]["total_s"] > rows[1]["forward_s"] > 0
+    text = bench_speed.profile("layer", cases, bench_speed.layer_timers, [4], "cpu", iterations=2)
+    exact, xconv_part = text.split("## layer conv3x3 8->8 12x12 b6, r=4")
+    assert "ms per iteration" in exact and "XConvFunction" not in exact
+    assert "XConvFunction" in xconv_part
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--batch-scale", "0"], "--batch-scale must be an int >= 1, got 0"),
+    (["--probes", "8", "0"], "--probes must be ints >= 1"),
+])
+def test_bench_speed_bad_arguments_are_one_line(args, error):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_speed.py"), *args],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr

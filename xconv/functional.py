@@ -9,7 +9,6 @@ kernel (``aten.convolution_backward``), so every geometry torch supports is hand
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -319,7 +318,7 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
     Returns:
         ``[R, |K|, p]`` where ``p`` is the number of pixels the weight gradient sums over:
         im2col of the probes. For a convolution each tap is a strided slice of the
-        zero-padded probes (a copy, no arithmetic); for a transposed convolution it is a
+        zero-padded probes (all taps one copy, no arithmetic); for a transposed convolution it is a
         transposed convolution with a one-hot kernel, so stride, padding, dilation and output
         padding mean exactly what they mean in torch.
     """
@@ -330,15 +329,16 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
         u = torch.ops.aten.convolution(z.unsqueeze(1), onehot, None, stride, padding, dilation, True, out_pad, 1)
         return u.flatten(2)
     pad = [p for p in reversed(padding) for _ in range(2)]
-    zp = torch.nn.functional.pad(z, pad) if any(pad) else z
+    zp = torch.nn.functional.pad(z, pad) if any(pad) else z.contiguous()
     out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(z.shape[1:], padding, dilation, taps, stride)]
-    u = z.new_empty(z.shape[0], math.prod(taps), *out)
-    for i, tap in enumerate(itertools.product(*(range(k) for k in taps))):
-        window = (slice(None),) + tuple(
-            slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out)
-        )
-        u[:, i] = zp[window]
-    return u.flatten(2)
+    # im2col as one strided view [R, *taps, *out] of the padded probes and one copy: a
+    # kernel per tap costs more in launches than in bytes (GPU) for these small images.
+    pixel_strides = zp.stride()[1:]
+    view = zp.as_strided(
+        (zp.shape[0], *taps, *out),
+        (zp.stride(0), *(t * d for t, d in zip(pixel_strides, dilation)), *(t * s for t, s in zip(pixel_strides, stride))),
+    )
+    return view.reshape(zp.shape[0], math.prod(taps), math.prod(out))
 
 
 def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, geom, order, basis):
