@@ -14,7 +14,9 @@ eagerly inside a ``torch.compiler.disable``d call, so each is a break).
 ``--batch-scale K`` multiplies every case's batch size by K: on a GPU the default sizes take
 well under a millisecond per layer, where fixed per-call costs dominate. ``--profile``
 prints ``torch.profiler`` operator tables (self device time on CUDA, self CPU time on CPU)
-instead of timing, to see where a ratio comes from.
+instead of timing, to see where a ratio comes from. On CUDA, cuDNN runs fp32 convolutions in
+TF32 by default while matmuls (XConv's contractions) stay fp32; ``--matmul-tf32`` lets the
+matmuls use TF32 too.
 
 Usage:
     python scripts/bench_speed.py [--probes 4 8 16 32] [--min-run-time 1.0]
@@ -163,7 +165,7 @@ def profile(kind, cases, make_timers, probes_list, device, iterations: int) -> s
                 wall = (time.perf_counter() - start) / iterations
             variant = "exact" if r == 0 else f"r={r}"
             table = prof.key_averages().table(
-                sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
+                sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25)
             parts.append(f"## {kind} {name}, {variant}: {wall * 1e3:.2f} ms per iteration (profiled)\n\n{table}")
             print(parts[-1], flush=True)
     return "\n".join(parts)
@@ -190,6 +192,8 @@ def main(argv=None):
                         help="torch.compile every model with this backend (inductor, aot_eager, ...)")
     parser.add_argument("--batch-scale", type=int, default=1, metavar="K",
                         help="multiply every case's batch size by K (larger batches: less per-call overhead)")
+    parser.add_argument("--matmul-tf32", action="store_true",
+                        help="let CUDA matmuls use TF32, as cuDNN convolutions do by default (cudnn.allow_tf32)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, print torch.profiler operator tables of 10 iterations")
     parser.add_argument("--csv", type=Path, default=None)
@@ -198,7 +202,9 @@ def main(argv=None):
         parser.error(f"--batch-scale must be an int >= 1, got {args.batch_scale}")
     if any(r < 1 for r in args.probes):
         parser.error(f"--probes must be ints >= 1 (exact is always measured), got {args.probes}")
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    torch.backends.cuda.matmul.allow_tf32 = args.matmul_tf32
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"matmul TF32 {args.matmul_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
     kinds = [("layer", scaled(LAYERS, args.batch_scale), layer_timers),
              ("step", scaled(STEPS, args.batch_scale), step_timers)]
     kinds = [k for k in kinds if args.only in (None, k[0] + "s")]
