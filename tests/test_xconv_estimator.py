@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import xconv
+from xconv.functional import FLIP_MIN_PIXELS
 from stats import bias_statistic, total_variance
 
 TORCH = {
@@ -100,6 +101,30 @@ def test_forward_and_input_grad_exact(geometry, estimator):
     torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
     if gb is not None:
         torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-5, atol=1e-5)
+
+
+# Maps with at least FLIP_MIN_PIXELS output pixels: on CPU at stride 1 the input gradient is a
+# conv with the flipped kernel there, unless the padding exceeds the kernel's reach ("k1-p1").
+LARGE_MAPS = [
+    ("1d-k3-p1", 1, False, dict(kernel_size=3, padding=1), (FLIP_MIN_PIXELS,)),
+    ("2d-k3-p1", 2, False, dict(kernel_size=3, padding=1), (32, 32)),
+    ("2d-k4-same-even", 2, False, dict(kernel_size=4, padding="same"), (32, 33)),
+    ("2d-groups2-d2", 2, False, dict(kernel_size=3, dilation=2, padding=1, groups=2), (36, 36)),
+    ("2d-k3x1-d3x1", 2, False, dict(kernel_size=(3, 1), dilation=(3, 1), padding=(2, 0)), (34, 32)),
+    ("2d-k1-p1", 2, False, dict(kernel_size=1, padding=1), (32, 32)),
+    ("2d-k3-s2", 2, False, dict(kernel_size=3, stride=2, padding=1), (64, 64)),
+    ("3d-k3-p1", 3, False, dict(kernel_size=3, padding=1), (11, 11, 11)),
+]
+
+
+@pytest.mark.parametrize("geometry", LARGE_MAPS, ids=[g[0] for g in LARGE_MAPS])
+def test_input_grad_exact_on_large_maps(geometry):
+    ref, layer, x = make_pair(geometry, contraction="decompress")
+    y, grad_y, gx, _, _ = exact_grads(ref, x)
+    assert math.prod(y.shape[2:]) >= FLIP_MIN_PIXELS
+    x = x.clone().requires_grad_(True)
+    layer(x).backward(grad_y)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
