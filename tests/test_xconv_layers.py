@@ -1,6 +1,9 @@
 """XConv layer behaviour around the estimator: RNG, grad modes, dtypes, errors, 1-bit ReLUs."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -284,6 +287,17 @@ def test_saved_bytes_by_module():
     x = torch.randn(2, 4, 16, 16)
     report = saved_tensor_bytes(lambda: model(x).sum(), model=model)
     assert report.by_module == {"0": 2 * 4 * 4 * 4, "1": 2 * 8 * 16 * 16 // 8}
+
+
+def test_saved_bytes_frees_the_graph_with_the_report():
+    # The graph holds the pack hook; a hook that reached the result would keep both alive
+    # forever (a cycle through C++), one leaked forward per measurement.
+    model = nn.Sequential(xconv.XConv2d(4, 8, 3, padding=1, probes=4), xconv.BitReLU())
+    report = saved_tensor_bytes(lambda: model(torch.randn(2, 4, 16, 16)).sum(), model=model)
+    result = weakref.ref(report.result)
+    del report
+    gc.collect()
+    assert result() is None
 
 
 @pytest.mark.parametrize("probes", [0, 4])

@@ -55,10 +55,11 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
     seen: set[tuple] = set()
     if model is not None:
         seen.update(_storage_key(t) for t in (*model.parameters(), *model.buffers()))
-    report = SavedTensorReport()
     by_module: dict[str, int] = defaultdict(int)
     running: list[str] = []
 
+    # Autograd keeps the pack hook alive as long as the graph: the hook must not reach the
+    # result (the graph), or the two form a cycle through C++ that Python's gc cannot free.
     def pack(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, nn.Parameter) or _is_parameter_cast(t):
             return t
@@ -68,7 +69,6 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
             return t
         if key not in seen:
             seen.add(key)
-            report.total_bytes += key[2]
             by_module[running[-1] if running else "<outside>"] += key[2]
         return t
 
@@ -88,12 +88,11 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
             handles.append(module.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            report.result = fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    report.by_module = dict(by_module)
-    return report
+    return SavedTensorReport(total_bytes=sum(by_module.values()), by_module=dict(by_module), result=result)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
