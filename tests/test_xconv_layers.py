@@ -290,14 +290,23 @@ def test_saved_bytes_by_module():
 
 
 def test_saved_bytes_frees_the_graph_with_the_report():
-    # The graph holds the pack hook; a hook that reached the result would keep both alive
-    # forever (a cycle through C++), one leaked forward per measurement.
-    model = nn.Sequential(xconv.XConv2d(4, 8, 3, padding=1, probes=4), xconv.BitReLU())
-    report = saved_tensor_bytes(lambda: model(torch.randn(2, 4, 16, 16)).sum(), model=model)
+    # The graph holds the pack hook and what it packed; a hook that reached the result, or a
+    # saved output (ReLU's) packed with its grad_fn, would keep the graph alive for good (a
+    # cycle through C++), one leaked forward per measurement.
+    model = nn.Sequential(xconv.XConv2d(4, 8, 3, padding=1, probes=4), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    outputs = []
+    model[1].register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    report = saved_tensor_bytes(lambda: model(x).sum(), model=model)
     result = weakref.ref(report.result)
     del report
     gc.collect()
-    assert result() is None
+    assert result() is None and outputs[0]() is None
+    # What was packed still serves backward (backward itself frees the graph, so apart).
+    torch.manual_seed(0)
+    saved_tensor_bytes(lambda: model(x).sum(), model=model).result.backward()
+    torch.manual_seed(0)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(model(x).sum(), x)[0])
 
 
 @pytest.mark.parametrize("probes", [0, 4])

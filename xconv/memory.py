@@ -58,8 +58,10 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
     by_module: dict[str, int] = defaultdict(int)
     running: list[str] = []
 
-    # Autograd keeps the pack hook alive as long as the graph: the hook must not reach the
-    # result (the graph), or the two form a cycle through C++ that Python's gc cannot free.
+    # Autograd keeps the pack hook and what it returns alive as long as the graph; neither may
+    # reach the graph, or they form a cycle through C++ that Python's gc cannot free: the hook
+    # does not see the result, and a saved output (ReLU's) is returned without its grad_fn
+    # (unpacking attaches the saved autograd metadata again).
     def pack(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, nn.Parameter) or _is_parameter_cast(t):
             return t
@@ -70,7 +72,7 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
         if key not in seen:
             seen.add(key)
             by_module[running[-1] if running else "<outside>"] += key[2]
-        return t
+        return t.detach()
 
     def enter(name: str):
         def hook(module, args) -> None:
