@@ -230,7 +230,10 @@ def test_set_probes_validates():
     ],
     ids=["relu", "leaky"],
 )
-def test_bit_activation_matches_torch(make, inplace):
+@pytest.mark.parametrize("chunk", [None, 400], ids=["one-chunk", "chunks-of-samples"])
+def test_bit_activation_matches_torch(make, inplace, chunk, monkeypatch):
+    if chunk is not None:  # 400 elements: one 315-element sample at a time
+        monkeypatch.setattr(xconv.functional, "SIGN_CHUNK_ELEMENTS", chunk)
     ref, bit = make(inplace)
     base = torch.randn(3, 5, 7, 9)
     base[0, 0, 0, :3] = 0.0  # the kink: both must take the x <= 0 branch
@@ -244,6 +247,20 @@ def test_bit_activation_matches_torch(make, inplace):
         grads.append(leaf.grad)
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (0, 4), (2, 3, 4, 5, 6), "channels_last"])
+def test_bit_relu_gradient_on_any_shape_and_layout(shape):
+    if shape == "channels_last":
+        x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(shape)
+    grad = torch.randn_like(x)
+    for negative_slope, bit in ((0.0, xconv.BitReLU()), (0.2, xconv.BitLeakyReLU(0.2))):
+        leaves = [x.clone().requires_grad_() for _ in range(2)]
+        torch.nn.functional.leaky_relu(leaves[0], negative_slope).backward(grad)
+        bit(leaves[1]).backward(grad)
+        assert torch.equal(leaves[0].grad, leaves[1].grad)
 
 
 def test_bit_relu_keeps_one_bit_per_element():
