@@ -533,20 +533,19 @@ class BitLeakyReLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        mask = unpack_bits(packed, ctx.shape)
-        if grad_y.dim() == 0:
-            return torch.where(mask, grad_y, grad_y * ctx.negative_slope), None, None
+        shape = ctx.shape if len(ctx.shape) else (1,)  # a scalar is walked as one row
+        mask, grad = unpack_bits(packed, shape), grad_y.reshape(shape)
         # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
         # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of
         # the gradient's dtype: the mask is cast a few samples at a time so that copy stays small.
-        grad_x = torch.empty_like(grad_y)
-        step = max(1, SIGN_CHUNK_ELEMENTS // max(1, math.prod(ctx.shape[1:])))
-        for b0 in range(0, grad_y.shape[0], step):
+        grad_x = torch.empty_like(grad)
+        step = max(1, SIGN_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        for b0 in range(0, shape[0], step):
             rows = slice(b0, b0 + step)
-            sign = mask[rows].to(grad_y.dtype)
+            sign = mask[rows].to(grad.dtype)
             if ctx.negative_slope == 0:
-                torch.ops.aten.threshold_backward.grad_input(grad_y[rows], sign, 0, grad_input=grad_x[rows])
+                torch.ops.aten.threshold_backward.grad_input(grad[rows], sign, 0, grad_input=grad_x[rows])
             else:
-                torch.ops.aten.leaky_relu_backward.grad_input(grad_y[rows], sign, ctx.negative_slope, False,
+                torch.ops.aten.leaky_relu_backward.grad_input(grad[rows], sign, ctx.negative_slope, False,
                                                               grad_input=grad_x[rows])
-        return grad_x, None, None
+        return grad_x.view(grad_y.shape), None, None
