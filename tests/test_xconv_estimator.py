@@ -179,15 +179,22 @@ def test_variance_falls_as_one_over_r(kwargs):
     assert 3.0 < var_4 / var_16 < 5.3
 
 
-def test_contraction_orders_agree_for_the_same_probes():
-    geometry = GEOMETRIES[GEOMETRY_IDS.index("2d-k4-s2-p1-dcgan")]
+# Both orders must give the same estimate from the same probes, in every layout of the probes'
+# im2col: 1-d and 1xk kernels on one-row maps make it a strided view, not a copy.
+AGREE = [GEOMETRIES[GEOMETRY_IDS.index(g)] for g in ("2d-k4-s2-p1-dcgan", "1d-k3-p1", "t2d-k4-s2-p1-dcgan", "3d-k3-s122")]
+AGREE.append(("2d-k1x3-one-row", 2, False, dict(kernel_size=(1, 3)), (1, 32)))
+
+
+@pytest.mark.parametrize("geometry", AGREE, ids=[g[0] for g in AGREE])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_contraction_orders_agree_for_the_same_probes(geometry, per_sample):
+    ref, _, x = make_pair(geometry)
+    grad_y = torch.randn_like(ref(x))
     grads = []
     for order in ("probes", "decompress"):
-        ref, layer, x = make_pair(geometry, contraction=order)
+        _, layer, _ = make_pair(geometry, contraction=order, per_sample=per_sample)
+        layer.load_state_dict(ref.state_dict())
         torch.manual_seed(1)
-        layer.load_state_dict(nn.Conv2d(4, 6, 4, stride=2, padding=1).state_dict())
-        x = torch.randn(3, 4, 8, 8)
-        grad_y = torch.randn(3, 6, 4, 4)
         grads.append(torch.autograd.grad(layer(x), layer.weight, grad_y)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 

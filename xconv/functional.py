@@ -334,7 +334,7 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
     Args:
         z: ``[R, *S_in]`` probe images.
     Returns:
-        ``[R, |K|, p]`` where ``p`` is the number of pixels the weight gradient sums over:
+        ``[R, |K|, p]``, contiguous, where ``p`` is the number of pixels the weight gradient sums over:
         im2col of the probes. For a convolution each tap is a strided slice of the
         zero-padded probes (all taps one copy, no arithmetic); for a transposed convolution it is a
         transposed convolution with a one-hot kernel, so stride, padding, dilation and output
@@ -356,7 +356,8 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
         (zp.shape[0], *taps, *out),
         (zp.stride(0), *(t * d for t, d in zip(pixel_strides, dilation)), *(t * s for t, s in zip(pixel_strides, stride))),
     )
-    return view.reshape(zp.shape[0], math.prod(taps), math.prod(out))
+    # reshape keeps a view (with overlapping strides) where no dims merge, e.g. in 1-d.
+    return view.reshape(zp.shape[0], math.prod(taps), math.prod(out)).contiguous()
 
 
 def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight_shape, geom, order, basis):
