@@ -200,6 +200,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_scale < 1:
         parser.error(f"--batch-scale must be an int >= 1, got {args.batch_scale}")
+    if args.rounds < 1 or args.min_run_time <= 0:
+        parser.error(f"--rounds must be >= 1 and --min-run-time > 0, got {args.rounds} and {args.min_run_time}")
+    if args.profile and (args.csv or args.compile):
+        parser.error("--profile prints operator tables of eager models: it takes neither --csv nor --compile")
     if any(r < 1 for r in args.probes):
         parser.error(f"--probes must be ints >= 1 (exact is always measured), got {args.probes}")
     torch.backends.cuda.matmul.allow_tf32 = args.matmul_tf32

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # All benchmarks on a CUDA machine in one call (about 5 minutes on one H200): operator
 # profiles, speed at the default and at 8x batch sizes, memory, gradient quality. Every table,
-# CSV and log goes under one folder; a part that fails is reported and the others still run
-# (exit status 1 if any failed). Usage: scripts/gpu_bench.sh [OUT_DIR]; PYTHON=python3 to
-# use another interpreter than .venv/bin/python.
+# CSV and log goes under one folder (default results/bench/gpu, replacing what is there); a
+# part that fails is reported and the others still run (exit status 1 if any failed).
+# Usage: scripts/gpu_bench.sh [OUT_DIR]; PYTHON=python3 to use another interpreter than
+# .venv/bin/python. Relative paths are taken from the current directory.
 set -uo pipefail
+py=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+case $py in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") ;; esac
+if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_bench.sh: $py sees no CUDA device; nothing was run" >&2
+    exit 2
+fi
+out=${1:-$(dirname "$0")/../results/bench/gpu}
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-out=${1:-results/bench/gpu}
-mkdir -p "$out"
-py=${PYTHON:-.venv/bin/python}
 failed=()
 
 part() {  # part NAME SCRIPT ARGS...: stdout to NAME.md (and the terminal), stderr to NAME.err

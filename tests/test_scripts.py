@@ -1,13 +1,16 @@
-"""The scripts that read runs and measure: make_tables.py, make_plots.py, gradient_quality.py, bench_speed.py."""
+"""The scripts that read runs and measure: make_tables.py, make_plots.py, gradient_quality.py, bench_speed.py,
+gpu_bench.sh."""
 from __future__ import annotations
 
 import csv
+import os
 import json
 import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 from hydra_helpers import REPO_ROOT
 
 SCRIPTS = REPO_ROOT / "scripts"
@@ -272,7 +275,6 @@ def bench_speed(monkeypatch):
 
 
 def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
-    import torch
 
     tiny = [("conv3x3 8->8 12x12 b{b}", lambda: torch.nn.Conv2d(8, 8, 3, padding=1), (2, 8, 12, 12))]
     cases = bench_speed.scaled(tiny, 3)
@@ -289,8 +291,38 @@ def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
 @pytest.mark.parametrize("args, error", [
     (["--batch-scale", "0"], "--batch-scale must be an int >= 1, got 0"),
     (["--probes", "8", "0"], "--probes must be ints >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1 and --min-run-time > 0"),
+    (["--profile", "--csv", "x.csv"], "--profile prints operator tables of eager models"),
 ])
 def test_bench_speed_bad_arguments_are_one_line(args, error):
     result = subprocess.run([sys.executable, str(SCRIPTS / "bench_speed.py"), *args],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr
+
+
+def gpu_bench(tmp_path, python, *args):
+    env = {**os.environ, "PYTHON": str(python)}
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_bench.sh"), *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_bench_refuses_to_run_without_cuda(tmp_path):
+    result = gpu_bench(tmp_path, sys.executable, "out")
+    assert result.returncode == 2 and "sees no CUDA device; nothing was run" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_bench_runs_every_part_and_reports_the_failed_ones(tmp_path):
+    # A stand-in interpreter that claims CUDA, prints its arguments and fails the memory part.
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "ran $*"\n'
+                    'case "$1" in *bench_memory*) echo boom >&2; exit 3;; esac\n')
+    fake.chmod(0o755)
+    result = gpu_bench(tmp_path, "./fake-python", "out dir")
+    out = tmp_path / "out dir"  # relative to the caller's directory, not the repository
+    assert result.returncode == 1 and "failed: memory" in result.stderr
+    parts = (out / "parts.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in parts] == ["profile", "speed", "speed_batch8x", "memory", "gradient"]
+    assert "memory: exit 3" in parts[3] and (out / "memory.err").read_text() == "boom\n"
+    assert f"--csv {out}/gradient.csv" in (out / "gradient.md").read_text()
