@@ -275,7 +275,6 @@ def bench_speed(monkeypatch):
 
 
 def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
-
     tiny = [("conv3x3 8->8 12x12 b{b}", lambda: torch.nn.Conv2d(8, 8, 3, padding=1), (2, 8, 12, 12))]
     cases = bench_speed.scaled(tiny, 3)
     assert [(name, shape) for name, _, shape in cases] == [("conv3x3 8->8 12x12 b6", (6, 8, 12, 12))]
