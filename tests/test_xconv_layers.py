@@ -258,6 +258,8 @@ def test_bit_relu_gradient_on_any_shape_and_layout(shape):
     grad = torch.randn_like(x)
     if grad.numel():  # at x <= 0 ReLU's gradient is 0 even for a NaN upstream; leaky ReLU's is NaN
         x[(0,) * x.dim()], grad[(0,) * grad.dim()] = -1.0, float("nan")
+    if x.numel() > 1:  # at x = NaN ReLU passes the gradient, leaky ReLU scales it
+        x[tuple(int(i) for i in torch.unravel_index(torch.tensor(1), x.shape))] = float("nan")
     for ref, bit in ((nn.ReLU(), xconv.BitReLU()), (nn.LeakyReLU(0.2), xconv.BitLeakyReLU(0.2))):
         leaves = [x.clone().requires_grad_() for _ in range(2)]
         ref(leaves[0]).backward(grad)

@@ -520,7 +520,9 @@ class BitLeakyReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, negative_slope: float, inplace: bool):
-        mask = x > 0
+        # Where x is NaN, ReLU's gradient passes (its backward zeroes x <= 0), leaky ReLU's is scaled
+        # (it passes x > 0): the mask keeps what the matching torch backward tests.
+        mask = x > 0 if negative_slope else (x <= 0).logical_not_()
         if inplace:
             ctx.mark_dirty(x)
             y = x.relu_() if negative_slope == 0 else torch.nn.functional.leaky_relu_(x, negative_slope)

@@ -46,6 +46,9 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
     is given, any tensor sharing a storage with its parameters or buffers. This
     is the activation memory that XConv and the 1-bit ReLU reduce.
 
+    Saved-tensor hooks turn off autograd's check for in-place changes to saved tensors, so a
+    backward through ``result`` does not catch them: measure, then train on a separate forward.
+
     Args:
         fn: typically ``lambda: loss_fn(model(x), y)``; grad mode must be on.
         model: when given, bytes are broken down by ``model.named_modules()`` name.
