@@ -260,11 +260,26 @@ def test_bit_relu_gradient_on_any_shape_and_layout(shape):
         x[(0,) * x.dim()], grad[(0,) * grad.dim()] = -1.0, float("nan")
     if x.numel() > 1:  # at x = NaN ReLU passes the gradient, leaky ReLU scales it
         x[tuple(int(i) for i in torch.unravel_index(torch.tensor(1), x.shape))] = float("nan")
-    for ref, bit in ((nn.ReLU(), xconv.BitReLU()), (nn.LeakyReLU(0.2), xconv.BitLeakyReLU(0.2))):
+    pairs = [(nn.ReLU(), xconv.BitReLU()), (nn.LeakyReLU(0.2), xconv.BitLeakyReLU(0.2)),
+             (nn.LeakyReLU(0.0), xconv.BitLeakyReLU(0.0))]  # leaky at slope 0 is not ReLU: -0.0, NaN
+    for ref, bit in pairs:
         leaves = [x.clone().requires_grad_() for _ in range(2)]
-        ref(leaves[0]).backward(grad)
-        bit(leaves[1]).backward(grad)
+        outs = [ref(leaves[0]), bit(leaves[1])]
+        for out, leaf in zip(outs, leaves):
+            out.backward(grad)
+        assert torch.equal(outs[0].nan_to_num(7.0), outs[1].nan_to_num(7.0))
+        assert torch.equal(outs[0].signbit(), outs[1].signbit())
         assert torch.equal(leaves[0].grad.nan_to_num(7.0), leaves[1].grad.nan_to_num(7.0))
+
+
+def test_bias_gradient_in_double_precision_is_torch_s():
+    ref = nn.Conv1d(3, 5, 3).double()
+    layer = xconv.XConv1d(3, 5, 3, probes=2).double()
+    layer.load_state_dict(ref.state_dict())
+    x, grad = torch.randn(2, 3, 32, dtype=torch.float64), torch.randn(2, 5, 30, dtype=torch.float64)
+    ref(x).backward(grad)
+    layer(x).backward(grad)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_bit_relu_keeps_one_bit_per_element():

@@ -476,7 +476,8 @@ class XConvFunction(torch.autograd.Function):
                 grad_w = torch.empty_like(weight).copy_(grad_w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dims = [0] + list(range(2, grad_y.dim()))
-            grad_b = grad_y.sum(dims, dtype=torch.float32).to(grad_y.dtype)
+            # Half precision sums in fp32; fp32 and fp64 in their own dtype, as torch does.
+            grad_b = grad_y.sum(dims, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(grad_y.dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -514,21 +515,21 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
 class BitLeakyReLUFunction(torch.autograd.Function):
     """(Leaky) ReLU that keeps a 1-bit sign mask for backward instead of a tensor.
 
-    ``negative_slope=0`` is ReLU. The gradient is ``grad`` where ``x > 0`` and
-    ``negative_slope * grad`` elsewhere, as in ``torch.nn.functional.leaky_relu``.
+    ``negative_slope=None`` is ``torch.relu``: the gradient is ``grad`` except where ``x <= 0``.
+    A number is ``torch.nn.functional.leaky_relu``: ``grad`` where ``x > 0``, else
+    ``negative_slope * grad``. (The two differ at NaN inputs, and so do their masks.)
     """
 
     @staticmethod
-    def forward(ctx, x, negative_slope: float, inplace: bool):
-        # Where x is NaN, ReLU's gradient passes (its backward zeroes x <= 0), leaky ReLU's is scaled
-        # (it passes x > 0): the mask keeps what the matching torch backward tests.
-        mask = x > 0 if negative_slope else (x <= 0).logical_not_()
+    def forward(ctx, x, negative_slope: float | None, inplace: bool):
+        relu = negative_slope is None
+        mask = (x <= 0).logical_not_() if relu else x > 0
         if inplace:
             ctx.mark_dirty(x)
-            y = x.relu_() if negative_slope == 0 else torch.nn.functional.leaky_relu_(x, negative_slope)
+            y = x.relu_() if relu else torch.nn.functional.leaky_relu_(x, negative_slope)
         else:
-            y = x.relu() if negative_slope == 0 else torch.nn.functional.leaky_relu(x, negative_slope)
-        ctx.shape, ctx.negative_slope = x.shape, negative_slope
+            y = x.relu() if relu else torch.nn.functional.leaky_relu(x, negative_slope)
+        ctx.shape, ctx.relu, ctx.negative_slope = x.shape, relu, 0.0 if relu else negative_slope
         ctx.save_for_backward(pack_bits(mask))
         return y
 
@@ -546,7 +547,7 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         for b0 in range(0, shape[0], step):
             rows = slice(b0, b0 + step)
             sign = mask[rows].to(grad.dtype)
-            if ctx.negative_slope == 0:
+            if ctx.relu:
                 torch.ops.aten.threshold_backward.grad_input(grad[rows], sign, 0, grad_input=grad_x[rows])
             else:
                 torch.ops.aten.leaky_relu_backward.grad_input(grad[rows], sign, ctx.negative_slope, False,

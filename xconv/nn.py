@@ -227,4 +227,4 @@ class BitReLU(nn.ReLU):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and input.requires_grad):
             return super().forward(input)
-        return BitLeakyReLUFunction.apply(input, 0.0, self.inplace)
+        return BitLeakyReLUFunction.apply(input, None, self.inplace)
