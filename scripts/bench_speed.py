@@ -26,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -200,7 +201,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_scale < 1:
         parser.error(f"--batch-scale must be an int >= 1, got {args.batch_scale}")
-    if args.rounds < 1 or args.min_run_time <= 0:
+    if args.rounds < 1 or not 0 < args.min_run_time < math.inf:
         parser.error(f"--rounds must be >= 1 and --min-run-time > 0, got {args.rounds} and {args.min_run_time}")
     if args.profile and (args.csv or args.compile):
         parser.error("--profile prints operator tables of eager models: it takes neither --csv nor --compile")

@@ -7,14 +7,17 @@
 # .venv/bin/python. Relative paths are taken from the current directory.
 set -uo pipefail
 py=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
-case $py in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") ;; esac
+case $py in */*)
+    dir=$(cd -- "$(dirname -- "$py")" 2> /dev/null && pwd) || { echo "gpu_bench.sh: no folder for $py" >&2; exit 2; }
+    py=$dir/$(basename -- "$py") ;;
+esac
 if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_bench.sh: $py sees no CUDA device; nothing was run" >&2
     exit 2
 fi
 out=${1:-$(dirname "$0")/../results/bench/gpu}
-mkdir -p "$out" || exit 2
-out=$(cd "$out" && pwd)
+mkdir -p -- "$out" || exit 2
+out=$(cd -- "$out" && pwd)
 cd "$(dirname "$0")/.."
 failed=()
 

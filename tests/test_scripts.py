@@ -291,6 +291,7 @@ def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
     (["--batch-scale", "0"], "--batch-scale must be an int >= 1, got 0"),
     (["--probes", "8", "0"], "--probes must be ints >= 1"),
     (["--rounds", "0"], "--rounds must be >= 1 and --min-run-time > 0"),
+    (["--min-run-time", "nan"], "--rounds must be >= 1 and --min-run-time > 0"),
     (["--profile", "--csv", "x.csv"], "--profile prints operator tables of eager models"),
 ])
 def test_bench_speed_bad_arguments_are_one_line(args, error):
