@@ -536,7 +536,7 @@ class BitLeakyReLUFunction(torch.autograd.Function):
             y = x.relu_() if relu else torch.nn.functional.leaky_relu_(x, negative_slope)
         else:
             y = x.relu() if relu else torch.nn.functional.leaky_relu(x, negative_slope)
-        ctx.shape, ctx.relu, ctx.negative_slope = x.shape, relu, 0.0 if relu else negative_slope
+        ctx.shape, ctx.negative_slope = x.shape, negative_slope
         ctx.save_for_backward(pack_bits(mask))
         return y
 
@@ -554,7 +554,7 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         for b0 in range(0, shape[0], step):
             rows = slice(b0, b0 + step)
             sign = mask[rows].to(grad.dtype)
-            if ctx.relu:
+            if ctx.negative_slope is None:
                 torch.ops.aten.threshold_backward.grad_input(grad[rows], sign, 0, grad_input=grad_x[rows])
             else:
                 torch.ops.aten.leaky_relu_backward.grad_input(grad[rows], sign, ctx.negative_slope, False,

@@ -32,7 +32,7 @@ def input_grad_before(grad_out, input_shape, weight, geom):
 def bit_backward_before(ctx, grad_y):
     (packed,) = ctx.saved_tensors
     mask = F.unpack_bits(packed, ctx.shape)
-    if ctx.negative_slope == 0:
+    if not ctx.negative_slope:  # ReLU: 0 then, None since 84cc8f0
         return torch.where(mask, grad_y, 0.0), None, None
     return torch.where(mask, grad_y, grad_y * ctx.negative_slope), None, None
 
