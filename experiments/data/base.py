@@ -9,6 +9,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is an int or float (bools, strings and None are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_int(name: str, value, least: int) -> None:
     """Raise ``ValueError("<name>: must be an int >= <least>, got ...")`` unless ``value`` is such an int.
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .base import check_int
+from .base import check_int, is_number
 from .folder import IMAGE_SUFFIXES
 
 # Photographs (and a few textures and scans) whose files ship inside the scikit-image wheel.
@@ -135,7 +135,7 @@ def random_mask(
     Raises:
         ValueError: ``hole_fraction`` not a number in [0, 1) or ``hole_size`` not an int >= 1.
     """
-    if isinstance(hole_fraction, bool) or not isinstance(hole_fraction, (int, float)) or not 0 <= hole_fraction < 1:
+    if not is_number(hole_fraction) or not 0 <= hole_fraction < 1:
         raise ValueError(f"hole_fraction: must be a number in [0, 1), got {hole_fraction!r}")
     check_int("hole_size", hole_size, 1)
     rows, cols = math.ceil(height / hole_size), math.ceil(width / hole_size)
@@ -241,7 +241,7 @@ class SingleImageDataModule(L.LightningDataModule):
                 check_int(name, value, 1)
         check_int("input_channels", input_channels, 1)
         check_int("steps_per_epoch", steps_per_epoch, 1)
-        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not noise_scale > 0:
+        if not is_number(noise_scale) or not noise_scale > 0:
             raise ValueError(f"noise_scale: must be a number > 0, got {noise_scale!r}")
         self.steps_per_epoch = steps_per_epoch
         self.generator = torch.Generator().manual_seed(seed)
