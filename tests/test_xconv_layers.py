@@ -295,6 +295,12 @@ def test_pack_bits_roundtrip_odd_length():
     packed = xconv.functional.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(xconv.functional.unpack_bits(packed, mask.shape), mask)
+    # any window, in any dtype: the backward unpacks a few samples at a time into the gradient's
+    flat = mask.flatten()
+    for start, count in [(0, 8), (3, 17), (13, 5), (100, 5)]:
+        window = xconv.functional.unpack_bits(packed, (count,), torch.bfloat16, start=start)
+        assert window.dtype == torch.bfloat16
+        assert torch.equal(window, flat[start : start + count].to(torch.bfloat16))
 
 
 def test_peak_tensor_bytes_counts_live_storages():

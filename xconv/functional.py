@@ -390,7 +390,7 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight, geom, o
         step = min(step, _batch_chunk(batch, c_out, r * k))
     step = max(1, step)
     equation = "bgojk,bgij->giok" if geom.transposed else "bgojk,bgij->goik"
-    dw = 0
+    dw = None
     for b0 in range(0, batch, step):
         b1 = min(batch, b0 + step)
         if cfg.per_sample:
@@ -398,7 +398,8 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight, geom, o
             a = torch.bmm(d[b0:b1], taps_b.transpose(1, 2))
         else:
             a = d[b0:b1] @ u.t()
-        dw = dw + torch.einsum(equation, a.float().view(b1 - b0, g, c_out // g, r, k), s[b0:b1])
+        part = torch.einsum(equation, a.float().view(b1 - b0, g, c_out // g, r, k), s[b0:b1])
+        dw = part if dw is None else dw.add_(part)
     shape = (c_in, c_out // g, *taps) if geom.transposed else (c_out, c_in // g, *taps)
     return dw.reshape(shape)
 
@@ -490,7 +491,7 @@ class XConvFunction(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- 1-bit activations
 
-# The 1-bit activations' backward casts at most this many mask elements (or one sample) at once.
+# The 1-bit activations' backward unpacks at most this many mask elements (or one sample) at once.
 SIGN_CHUNK_ELEMENTS = 2**20
 # Multiplying eight 0/1 bytes read as one little-endian int64 by this constant gathers
 # byte i into bit i of the top byte: no two partial products meet there or carry into it.
@@ -508,15 +509,19 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _unpack_table(device: torch.device) -> torch.Tensor:
-    """``[256, 8]`` bool: the bits of every byte value."""
-    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(device)
+def _unpack_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[256, 8]`` in ``dtype``: the bits (1 or 0) of every byte value."""
+    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(device=device, dtype=dtype)
 
 
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
-    bits = _unpack_table(packed.device).index_select(0, packed.long())
-    return bits.view(-1)[: math.prod(shape)].view(shape)
+def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool, start: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: elements ``start .. start + prod(shape)`` of the packed
+    mask as a tensor of ``shape`` in ``dtype`` (True/False, or 1/0)."""
+    count = math.prod(shape)
+    first, end = start // 8, -(-(start + count) // 8)
+    bits = _unpack_table(packed.device, dtype).index_select(0, packed[first:end].long())
+    offset = start - 8 * first
+    return bits.view(-1)[offset : offset + count].view(shape)
 
 
 class BitLeakyReLUFunction(torch.autograd.Function):
@@ -545,18 +550,21 @@ class BitLeakyReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
         shape = ctx.shape if len(ctx.shape) else (1,)  # a scalar is walked as one row
-        mask, grad = unpack_bits(packed, shape), grad_y.reshape(shape)
+        grad = grad_y.reshape(shape)
         # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
         # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of
-        # the gradient's dtype: the mask is cast a few samples at a time so that copy stays small.
+        # the gradient's dtype: the mask is unpacked straight into that dtype a few samples at
+        # a time, so no mask-sized temporary exists (1.7 ms less per 8x64x64x64 than unpacking
+        # to bool and casting).
         grad_x = torch.empty_like(grad)
-        step = max(1, SIGN_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        per_sample = math.prod(shape[1:])
+        step = max(1, SIGN_CHUNK_ELEMENTS // max(1, per_sample))
         for b0 in range(0, shape[0], step):
-            rows = slice(b0, b0 + step)
-            sign = mask[rows].to(grad.dtype)
+            b1 = min(shape[0], b0 + step)
+            sign = unpack_bits(packed, (b1 - b0, *shape[1:]), grad.dtype, start=b0 * per_sample)
             if ctx.negative_slope is None:
-                torch.ops.aten.threshold_backward.grad_input(grad[rows], sign, 0, grad_input=grad_x[rows])
+                torch.ops.aten.threshold_backward.grad_input(grad[b0:b1], sign, 0, grad_input=grad_x[b0:b1])
             else:
-                torch.ops.aten.leaky_relu_backward.grad_input(grad[rows], sign, ctx.negative_slope, False,
-                                                              grad_input=grad_x[rows])
+                torch.ops.aten.leaky_relu_backward.grad_input(grad[b0:b1], sign, ctx.negative_slope, False,
+                                                              grad_input=grad_x[b0:b1])
         return grad_x.view(grad_y.shape), None, None
