@@ -2,7 +2,9 @@
 
 Times are medians from ``torch.utils.benchmark`` (warm-up, repeated blocks; it
 synchronises CUDA), taken over ``--rounds`` rounds that visit exact and every r in turn, so
-load from other processes on a shared machine hits all variants alike. Single layers: forward (grad mode on), forward+backward, and backward
+load from other processes on a shared machine hits all variants alike; the quartiles of the
+rounds' own total ratios (each XConv time over the exact time of the same round) show how far
+that load still moved them. Single layers: forward (grad mode on), forward+backward, and backward
 as their difference. Training steps: forward, loss, backward, SGD step of a whole model,
 with every conv converted at r and the 1-bit ReLU. Prints a markdown table and writes CSV.
 
@@ -132,16 +134,26 @@ def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds, bac
         for m in medians:
             if "forward_s" in m:
                 m["backward_s"] = m["total_s"] - m["forward_s"]
-        for r, times, report in zip(variants, medians, reports):
+        for r, times, sample, report in zip(variants, medians, samples, reports):
             row = {"kind": kind, "case": name, "variant": "exact" if r == 0 else f"r={r}", "device": device}
             if backend:
                 row.update(compile=backend, graph_breaks=report["graph_breaks"],
                            break_reasons="; ".join(report["break_reasons"]))
             row.update(times)
             row.update({k.replace("_s", "_ratio"): v / medians[0][k] for k, v in times.items()})
+            row.update(round_ratio_quartiles(sample["total"], samples[0]["total"]))
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
+
+
+def round_ratio_quartiles(times, exact_times) -> dict:
+    """First and third quartile of the per-round ratios ``times[i] / exact_times[i]`` (seconds,
+    one per round): each pair was timed back to back, so the spread shows how far the machine's
+    load moved a single round's ratio. Keys ``total_ratio_q1``, ``total_ratio_q3``."""
+    ratios = [t / e for t, e in zip(times, exact_times)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"total_ratio_q1": q1, "total_ratio_q3": q3}
 
 
 def profile(kind, cases, make_timers, probes_list, device, iterations: int) -> str:
@@ -177,6 +189,8 @@ def format_row(row):
     for key in ("forward", "backward", "total"):
         if f"{key}_s" in row:
             parts.append(f"{key} {row[f'{key}_s'] * 1e3:.1f} ms ({row[f'{key}_ratio']:.2f}x)")
+    if row["variant"] != "exact":
+        parts.append(f"rounds' total ratios, quartiles {row['total_ratio_q1']:.2f}-{row['total_ratio_q3']:.2f}")
     if "compile" in row:
         parts.append(f"{row['compile']}: {row['graph_breaks']} graph breaks ({row['break_reasons'] or 'none'})")
     return "| " + " | ".join(parts) + " |"

@@ -199,6 +199,21 @@ def test_contraction_orders_agree_for_the_same_probes(geometry, per_sample):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("geometry", AGREE, ids=[g[0] for g in AGREE])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_probe_blocks_do_not_change_the_estimate(geometry, per_sample, monkeypatch):
+    """Building A in blocks of samples and taps (small maps) gives the one-block estimate."""
+    ref, layer, x = make_pair(geometry, contraction="probes", per_sample=per_sample)
+    grad_y = torch.randn_like(ref(x))
+    grads = []
+    for blocks in [(x.shape[0], 10**6), (x.shape[0], 1), (1, 1), (2, 3)]:  # whole first
+        monkeypatch.setattr(xconv.functional, "_probe_blocks", lambda *args, blocks=blocks: blocks)
+        torch.manual_seed(1)
+        grads.append(torch.autograd.grad(layer(x), layer.weight, grad_y)[0])
+    for got in grads[1:]:
+        torch.testing.assert_close(got, grads[0], rtol=1e-4, atol=1e-5)
+
+
 def test_probes_zero_is_the_torch_layer():
     ref = nn.Conv2d(4, 6, 3, padding=1)
     layer = xconv.XConv2d(4, 6, 3, padding=1, probes=0)

@@ -300,11 +300,16 @@ def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan
 # --------------------------------------------------------------------------- weight gradient
 
 
-def _batch_chunk(batch: int, pixels: int, columns: int) -> int:
-    """How many samples' ``A [chunk, C_out, columns]`` (``columns = r*|K|``) stay below a
-    quarter of ``D [B, C_out, pixels]``: the probes order walks the batch in chunks of at most
-    this many (and at least one) samples. May exceed ``batch``."""
-    return batch * pixels // (4 * columns)
+def _probe_blocks(batch: int, pixels: int, probes: int, taps: int) -> tuple[int, int]:
+    """``(samples, taps)`` per block of ``A [B, C_out, r, |K|]`` that the probes order builds at
+    once, keeping each block below a quarter of ``D [B, C_out, pixels]``: the whole batch and as
+    many taps as fit, or, where one tap of the whole batch does not fit (``pixels < 4r``), one tap
+    and as many samples as fit (at least one). A tap block keeps the sketch contraction's inner
+    dimension at ``B*r``; a sample block shrinks it."""
+    fit = batch * pixels // (4 * probes)  # samples x taps
+    if fit >= batch:
+        return batch, min(taps, fit // batch)
+    return max(1, fit), 1
 
 
 def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: ConvGeometry) -> str:
@@ -314,11 +319,11 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
     ``B*C_out*(C_in/g)*|K|*p``, where ``p`` is the number of pixels the weight gradient sums
     over (output pixels of a conv, input pixels of a transposed conv). On small maps ``A``
-    outgrows the upstream gradient and the probes order walks the batch in chunks
-    (:func:`_batch_chunk`); below 4 samples a chunk's
-    GEMMs are too thin to run near peak speed (measured, batch 8: 512 channels at 4x4 60 ms by
-    probes vs 34 ms decompressing, 256 at 8x8 26 vs 15 ms; at batch 128 the probes order wins),
-    so those layers decompress. Elsewhere the order with fewer multiply-adds wins.
+    outgrows the upstream gradient and the probes order builds it in blocks
+    (:func:`_probe_blocks`); where a block holds fewer than 8 samples its GEMMs are too thin to
+    run near peak speed, so those layers decompress (measured, batch 8, r=8, 4-sample blocks:
+    512 channels at 4x4 1.14-1.54x exact by probes, 1.04-1.32x decompressing). Elsewhere the
+    order with fewer multiply-adds wins.
     """
     if cfg.contraction != "auto":
         return cfg.contraction
@@ -326,7 +331,7 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     c_out = y_shape[1]
     taps = math.prod(weight_shape[2:])
     p = n if geom.transposed else math.prod(y_shape[2:])
-    if _batch_chunk(batch, p, cfg.probes * taps) < 4:
+    if _probe_blocks(batch, p, cfg.probes, taps)[0] < 8:
         return "decompress"
     c_in_g = c_in // geom.groups
     probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g)
@@ -381,27 +386,40 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight, geom, o
     d = grad_y.reshape(batch, c_out, -1)  # [B, C_out, p]
     p = d.shape[2]
     s = sketch.float().view(batch, g, c_in // g, r)
-    u = None if cfg.per_sample else _probe_taps(z, taps, geom).flatten(0, 1)  # [r*|K|, p]
-    # A[b, o, (j, k)] = <D[b, o], Phi_k z_j> is one GEMM against the probes' im2col. On small
-    # maps A ([B, C_out, r*|K|]) can outgrow the activation, so walk the batch keeping A (and
-    # per-sample probe taps) below a quarter of D: backward temporaries must not set the peak.
-    step = min(batch, _batch_chunk(batch, p, r * k))
+    # A[b, o, j, k] = <D[b, o], Phi_k z_j> is one GEMM against the probes' im2col, then it is
+    # contracted with the sketch. On small maps all of A can outgrow the activation, so it is
+    # built in blocks of taps (and samples) below a quarter of D: backward temporaries must not
+    # set the peak. Per-sample probe taps ([samples, r, |K|, p]) are kept below it too.
+    samples, tap_block = _probe_blocks(batch, p, r, k)
     if cfg.per_sample:
-        step = min(step, _batch_chunk(batch, c_out, r * k))
-    step = max(1, step)
-    equation = "bgojk,bgij->giok" if geom.transposed else "bgojk,bgij->goik"
-    dw = None
-    for b0 in range(0, batch, step):
-        b1 = min(batch, b0 + step)
+        samples = min(samples, max(1, batch * c_out // (4 * r * k)))
+    else:
+        u = _probe_taps(z, taps, geom)  # [r, |K|, p]
+    # Blocks fill a [|K|, g, C_out/g, C_in/g] buffer (C_in/g before C_out/g when transposed), so
+    # each writes whole rows; backward copies it into the parameter's layout once.
+    equation = "bgojk,bgij->kgio" if geom.transposed else "bgojk,bgij->kgoi"
+    head = (g, c_in // g, c_out // g) if geom.transposed else (g, c_out // g, c_in // g)
+    whole = samples >= batch and tap_block >= k
+    dw = None if whole else torch.empty(k, *head, dtype=torch.float32, device=grad_y.device)
+    for b0 in range(0, batch, samples):
+        b1 = min(batch, b0 + samples)
         if cfg.per_sample:
-            taps_b = _probe_taps(z[b0:b1].flatten(0, 1), taps, geom).view(b1 - b0, r * k, p)
-            a = torch.bmm(d[b0:b1], taps_b.transpose(1, 2))
-        else:
-            a = d[b0:b1] @ u.t()
-        part = torch.einsum(equation, a.float().view(b1 - b0, g, c_out // g, r, k), s[b0:b1])
-        dw = part if dw is None else dw.add_(part)
+            u_b = _probe_taps(z[b0:b1].flatten(0, 1), taps, geom).view(b1 - b0, r, k, p)
+        for t0 in range(0, k, tap_block):
+            t1 = min(k, t0 + tap_block)
+            if cfg.per_sample:
+                a = torch.bmm(d[b0:b1], u_b[:, :, t0:t1].reshape(b1 - b0, -1, p).transpose(1, 2))
+            else:
+                a = d[b0:b1] @ u[:, t0:t1].reshape(-1, p).t()
+            part = torch.einsum(equation, a.float().view(b1 - b0, g, c_out // g, r, t1 - t0), s[b0:b1])
+            if whole:
+                dw = part
+            elif b0 == 0:
+                dw[t0:t1] = part
+            else:
+                dw[t0:t1] += part
     shape = (c_in, c_out // g, *taps) if geom.transposed else (c_out, c_in // g, *taps)
-    return dw.reshape(shape)
+    return dw.permute(1, 2, 3, 0).reshape(shape)
 
 
 def _multi_weight_grad(grad_y, sketch, cfg, seed, plan, x_shape, weight_shape, geom):
