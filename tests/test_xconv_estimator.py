@@ -214,6 +214,32 @@ def test_probe_blocks_do_not_change_the_estimate(geometry, per_sample, monkeypat
         torch.testing.assert_close(got, grads[0], rtol=1e-4, atol=1e-5)
 
 
+# (batch, C_in, C_out, kernel, stride, map): the order "auto" must pick on the layers measured in
+# results/bench/README.md (run H), the cheaper one there.
+MEASURED_CHOICES = [
+    ((64, 512, 512, 3, 1, 4), "probes"),      # 0.83x exact vs 0.95-0.99x decompressing
+    ((64, 256, 512, 3, 2, 8), "probes"),      # 0.85-0.94x vs 1.02-1.05x
+    ((64, 128, 128, 3, 1, 4), "decompress"),  # 18 blocks: 1.31-1.36x vs 1.10-1.14x
+    ((64, 64, 128, 3, 2, 8), "decompress"),   # 1.32-1.40x vs 1.12-1.33x
+    ((64, 64, 64, 3, 1, 8), "probes"),        # 0.90-0.94x vs 0.99-1.13x
+    ((64, 3, 64, 7, 2, 32), "decompress"),    # 1.30-1.32x vs 1.06-1.07x
+    ((8, 768, 256, 3, 1, 8), "probes"),       # 0.77-0.84x vs 1.02-1.08x
+    ((8, 512, 512, 3, 1, 4), "decompress"),   # 1.08-1.12x vs 1.01x
+]
+
+
+@pytest.mark.parametrize("shape, order", MEASURED_CHOICES, ids=[str(s) for s, _ in MEASURED_CHOICES])
+def test_auto_contraction_picks_the_measured_faster_order(shape, order):
+    batch, c_in, c_out, k, stride, size = shape
+    pad = k // 2
+    out = (size + 2 * pad - k) // stride + 1
+    geom = xconv.functional.ConvGeometry((stride, stride), (pad, pad), (1, 1), 1)
+    cfg = xconv.functional.SketchConfig(probes=8)
+    got = xconv.functional.choose_contraction(cfg, (batch, c_in, size, size), (batch, c_out, out, out),
+                                              (c_out, c_in, k, k), geom)
+    assert got == order
+
+
 def test_probes_zero_is_the_torch_layer():
     ref = nn.Conv2d(4, 6, 3, padding=1)
     layer = xconv.XConv2d(4, 6, 3, padding=1, probes=0)

@@ -300,30 +300,38 @@ def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan
 # --------------------------------------------------------------------------- weight gradient
 
 
-def _probe_blocks(batch: int, pixels: int, probes: int, taps: int) -> tuple[int, int]:
+def _probe_blocks(cfg: SketchConfig, batch: int, pixels: int, c_out: int, taps: int) -> tuple[int, int]:
     """``(samples, taps)`` per block of ``A [B, C_out, r, |K|]`` that the probes order builds at
     once, keeping each block below a quarter of ``D [B, C_out, pixels]``: the whole batch and as
     many taps as fit, or, where one tap of the whole batch does not fit (``pixels < 4r``), one tap
     and as many samples as fit (at least one). A tap block keeps the sketch contraction's inner
-    dimension at ``B*r``; a sample block shrinks it."""
-    fit = batch * pixels // (4 * probes)  # samples x taps
-    if fit >= batch:
-        return batch, min(taps, fit // batch)
-    return max(1, fit), 1
+    dimension at ``B*r``; a sample block shrinks it. Per-sample probes' taps
+    (``[samples, r, |K|, pixels]``) are kept below a quarter of D too."""
+    r = cfg.probes
+    fit = batch * pixels // (4 * r)  # samples x taps
+    samples, tap_block = (batch, min(taps, fit // batch)) if fit >= batch else (max(1, fit), 1)
+    if cfg.per_sample:
+        samples = min(samples, max(1, batch * c_out // (4 * r * taps)))
+    return samples, tap_block
+
+
+# What one block of the probes order costs beyond its multiply-adds, in multiply-adds: measured on
+# CPU (2 cores, torch 2.14.1, r=8, batch 64) as 18 blocks of 128 channels at 4x4 taking ~3 ms
+# more than their arithmetic, at the ~50 G multiply-adds/s these GEMMs reach.
+BLOCK_COST = 2**23
 
 
 def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: ConvGeometry) -> str:
-    """Pick the contraction order for independent mode.
+    """Pick the contraction order for independent mode: the one with the lower cost.
 
-    ``"probes"`` costs ``B*C_out*r*|K|*(p + C_in/g)`` and builds ``A [B, C_out, r*|K|]``;
+    ``"probes"`` costs ``B*C_out*r*|K|*(p + C_in/g)`` multiply-adds, where ``p`` is the number
+    of pixels the weight gradient sums over (output pixels of a conv, input pixels of a
+    transposed conv), plus :data:`BLOCK_COST` for each block of ``A`` (:func:`_probe_blocks`):
+    on small maps ``A`` outgrows the upstream gradient and is built in many small blocks.
     ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
-    ``B*C_out*(C_in/g)*|K|*p``, where ``p`` is the number of pixels the weight gradient sums
-    over (output pixels of a conv, input pixels of a transposed conv). On small maps ``A``
-    outgrows the upstream gradient and the probes order builds it in blocks
-    (:func:`_probe_blocks`); where a block holds fewer than 8 samples its GEMMs are too thin to
-    run near peak speed, so those layers decompress (measured, batch 8, r=8, 4-sample blocks:
-    512 channels at 4x4 1.14-1.54x exact by probes, 1.04-1.32x decompressing). Elsewhere the
-    order with fewer multiply-adds wins.
+    ``B*C_out*(C_in/g)*|K|*p``. Measured per layer (forward + backward, batch 64, r=8, XConv /
+    exact, probes vs decompress): 512 channels at 4x4 0.83x vs 0.99x, 128 channels at 4x4 1.31x
+    vs 1.10x, 64 at 8x8 0.94x vs 1.13x; ``results/bench/README.md``, run H.
     """
     if cfg.contraction != "auto":
         return cfg.contraction
@@ -331,10 +339,10 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     c_out = y_shape[1]
     taps = math.prod(weight_shape[2:])
     p = n if geom.transposed else math.prod(y_shape[2:])
-    if _probe_blocks(batch, p, cfg.probes, taps)[0] < 8:
-        return "decompress"
+    samples, tap_block = _probe_blocks(cfg, batch, p, c_out, taps)
+    blocks = -(-batch // samples) * -(-taps // tap_block)
     c_in_g = c_in // geom.groups
-    probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g)
+    probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g) + blocks * BLOCK_COST
     decompress_cost = batch * c_in * n * cfg.probes + batch * c_out * c_in_g * taps * p
     return "probes" if probes_cost <= decompress_cost else "decompress"
 
@@ -389,11 +397,9 @@ def _independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight, geom, o
     # A[b, o, j, k] = <D[b, o], Phi_k z_j> is one GEMM against the probes' im2col, then it is
     # contracted with the sketch. On small maps all of A can outgrow the activation, so it is
     # built in blocks of taps (and samples) below a quarter of D: backward temporaries must not
-    # set the peak. Per-sample probe taps ([samples, r, |K|, p]) are kept below it too.
-    samples, tap_block = _probe_blocks(batch, p, r, k)
-    if cfg.per_sample:
-        samples = min(samples, max(1, batch * c_out // (4 * r * k)))
-    else:
+    # set the peak.
+    samples, tap_block = _probe_blocks(cfg, batch, p, c_out, k)
+    if not cfg.per_sample:
         u = _probe_taps(z, taps, geom)  # [r, |K|, p]
     # Blocks fill a [|K|, g, C_out/g, C_in/g] buffer (C_in/g before C_out/g when transposed), so
     # each writes whole rows; backward copies it into the parameter's layout once.

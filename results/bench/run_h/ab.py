@@ -1,0 +1,93 @@
+"""Run H's A/B: ``xconv/functional.py`` at an earlier commit ("before") against the checkout
+("after"), both in one process. The earlier file is loaded from git and its ``XConvFunction`` and
+``BitLeakyReLUFunction`` are swapped into ``xconv.nn`` for the "before" timings, so exact, before
+and after share the machine's load; each round visits them in alternating order.
+
+Usage, from the repository root (needs the git history):
+    python results/bench/run_h/ab.py speed COMMIT ROUNDS [CASES] [MIN_RUN_TIME]
+        # training steps; CASES 1: U-Net, 2: and ResNet-18; seconds per timed measurement (1.0)
+    python results/bench/run_h/ab.py memory COMMIT   # step peaks of both, r = 4..32
+"""
+import statistics
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_memory  # noqa: E402
+import bench_speed  # noqa: E402
+import xconv  # noqa: E402
+from xconv import nn as xnn  # noqa: E402
+
+
+def load_functional(commit):
+    source = subprocess.run(["git", "show", f"{commit}:xconv/functional.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"xconv.functional_{commit}")
+    module.__package__ = "xconv"
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{commit}:xconv/functional.py", "exec"), module.__dict__)
+    return module
+
+
+def versions(commit):
+    old = load_functional(commit)
+    return {"before": (old.XConvFunction, old.BitLeakyReLUFunction),
+            "after": (xnn.XConvFunction, xnn.BitLeakyReLUFunction)}
+
+
+def use(version):
+    xnn.XConvFunction, xnn.BitLeakyReLUFunction = version
+
+
+def speed(commit, rounds, cases=1, min_run_time=1.0):
+    code = versions(commit)
+    for name, make, shape in bench_speed.scaled(bench_speed.STEPS[:cases], 1):
+        torch.manual_seed(0)
+        timers = {"exact": bench_speed.step_timers(make, shape, 0, "cpu")[0]["total"]}
+        xc = bench_speed.step_timers(make, shape, 8, "cpu")[0]["total"]
+        times = {"exact": [], "before": [], "after": []}
+        for i in range(rounds):
+            order = ["exact", "before", "after"] if i % 2 == 0 else ["after", "before", "exact"]
+            for label in order:
+                if label != "exact":
+                    use(code[label])
+                times[label].append(bench_speed.median_seconds(timers.get(label, xc), min_run_time))
+        use(code["after"])
+        e = statistics.median(times["exact"])
+        print(name, {k: f"{statistics.median(v) * 1e3:.1f} ms ({statistics.median(v) / e:.3f}x)" for k, v in times.items()})
+        for label in ("before", "after"):
+            q = bench_speed.round_ratio_quartiles(times[label], times["exact"])
+            ratios = [a / b for a, b in zip(times[label], times["exact"])]
+            print(f"  {label} / exact per round: median {statistics.median(ratios):.3f}, quartiles "
+                  f"{q['total_ratio_q1']:.3f}-{q['total_ratio_q3']:.3f}", [round(x, 3) for x in ratios])
+        paired = [a / b for a, b in zip(times["after"], times["before"])]
+        q = bench_speed.round_ratio_quartiles(times["after"], times["before"])
+        print(f"  after / before per round: median {statistics.median(paired):.3f}, quartiles "
+              f"{q['total_ratio_q1']:.3f}-{q['total_ratio_q3']:.3f}", flush=True)
+
+
+def memory(commit):
+    code = versions(commit)
+    for name in ("unet", "resnet18"):
+        base, shape = bench_memory.MODELS[name]()
+        torch.manual_seed(0)
+        exact = bench_memory.step_peak(base, shape, "cpu")
+        for r in (4, 8, 16, 32):
+            for label in ("before", "after"):
+                use(code[label])
+                model = xconv.convert(bench_memory.MODELS[name]()[0], probes=r, relu=True)
+                peak = bench_memory.step_peak(model, shape, "cpu")
+                print(f"{name} r={r} {label}: step peak {peak / 2**20:.1f} MiB ({peak / exact:.3f}x exact)", flush=True)
+        use(code["after"])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "speed":
+        speed(sys.argv[2], *(int(a) for a in sys.argv[3:5]), *(float(a) for a in sys.argv[5:6]))
+    else:
+        memory(sys.argv[2])
