@@ -315,9 +315,9 @@ def _probe_blocks(cfg: SketchConfig, batch: int, pixels: int, c_out: int, taps: 
     return samples, tap_block
 
 
-# What one block of the probes order costs beyond its multiply-adds, in multiply-adds: measured on
-# CPU (2 cores, torch 2.14.1, r=8, batch 64) as 18 blocks of 128 channels at 4x4 taking ~3 ms
-# more than their arithmetic, at the ~50 G multiply-adds/s these GEMMs reach.
+# What one block of the probes order costs beyond its multiply-adds, in multiply-adds: on CPU
+# (2 cores, torch 2.14.1, r=8, batch 64) 18 blocks of 128 channels at 4x4 took ~3 ms more than
+# their arithmetic, ~170 us a block, and GEMMs of these shapes run at 50-70 G multiply-adds/s.
 BLOCK_COST = 2**23
 
 
@@ -330,8 +330,9 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     on small maps ``A`` outgrows the upstream gradient and is built in many small blocks.
     ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
     ``B*C_out*(C_in/g)*|K|*p``. Measured per layer (forward + backward, batch 64, r=8, XConv /
-    exact, probes vs decompress): 512 channels at 4x4 0.83x vs 0.99x, 128 channels at 4x4 1.31x
-    vs 1.10x, 64 at 8x8 0.94x vs 1.13x; ``results/bench/README.md``, run H.
+    exact, probes vs decompress): 512 channels at 4x4 0.83-0.84x vs 0.95-0.99x, 128 channels at
+    4x4 1.31-1.36x vs 1.10-1.14x, 64 at 8x8 0.90-0.94x vs 0.99-1.13x; ``results/bench/README.md``,
+    run H.
     """
     if cfg.contraction != "auto":
         return cfg.contraction

@@ -6,6 +6,9 @@ and after share the machine's load; each round visits them in alternating order.
 Usage, from the repository root (needs the git history):
     python results/bench/run_h/ab.py speed COMMIT ROUNDS [CASES] [MIN_RUN_TIME]
         # training steps; CASES 1: U-Net, 2: and ResNet-18; seconds per timed measurement (1.0)
+    python results/bench/run_h/ab.py layers COMMIT ROUNDS
+        # single layers of those models at r=8, before and after with contraction "auto", and
+        # after with each order forced; the minimum over rounds, as a ratio to exact
     python results/bench/run_h/ab.py memory COMMIT   # step peaks of both, r = 4..32
 """
 import statistics
@@ -71,6 +74,44 @@ def speed(commit, rounds, cases=1, min_run_time=1.0):
               f"{q['total_ratio_q1']:.3f}-{q['total_ratio_q3']:.3f}", flush=True)
 
 
+# (batch, C_in, C_out, kernel, stride, map size) of U-Net(resnet18) at batch 8 and ResNet-18 at batch 64
+LAYERS = [(8, 256, 256, 3, 1, 8), (8, 768, 256, 3, 1, 8), (8, 512, 512, 3, 1, 4), (8, 256, 512, 3, 2, 8),
+          (64, 512, 512, 3, 1, 4), (64, 256, 512, 3, 2, 8), (64, 128, 128, 3, 1, 4), (64, 64, 128, 3, 2, 8),
+          (64, 64, 64, 3, 1, 8), (64, 3, 64, 7, 2, 32)]
+
+
+def layers(commit, rounds):
+    code = versions(commit)
+    for batch, c_in, c_out, k, stride, size in LAYERS:
+        x = torch.randn(batch, c_in, size, size, requires_grad=True)
+        conv = torch.nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False)
+        grad = torch.randn_like(conv(x))
+        variants = {"exact": (conv, None)}
+        for order in ("auto", "probes", "decompress"):
+            layer = xconv.XConv2d(c_in, c_out, k, stride, k // 2, bias=False, probes=8, contraction=order)
+            layer.load_state_dict(conv.state_dict())
+            if order == "auto":
+                variants["before"] = (layer, "before")
+            variants[f"after {order}"] = (layer, "after")
+
+        def timer(layer, version):
+            def run():
+                if version:
+                    use(code[version])
+                layer(x).backward(grad)
+            return run
+
+        times = {label: [] for label in variants}
+        for _ in range(rounds):
+            for label, (layer, version) in variants.items():
+                times[label].append(bench_speed.median_seconds(timer(layer, version), 0.2))
+        use(code["after"])
+        best = {label: min(t) for label, t in times.items()}
+        print(f"b{batch} {c_in}->{c_out} {k}x{k}/{stride} at {size}x{size} (exact {best['exact'] * 1e3:.1f} ms): "
+              + ", ".join(f"{label} {t / best['exact']:.2f}" for label, t in best.items() if label != "exact"),
+              flush=True)
+
+
 def memory(commit):
     code = versions(commit)
     for name in ("unet", "resnet18"):
@@ -89,5 +130,7 @@ def memory(commit):
 if __name__ == "__main__":
     if sys.argv[1] == "speed":
         speed(sys.argv[2], *(int(a) for a in sys.argv[3:5]), *(float(a) for a in sys.argv[5:6]))
+    elif sys.argv[1] == "layers":
+        layers(sys.argv[2], int(sys.argv[3]))
     else:
         memory(sys.argv[2])
