@@ -240,6 +240,24 @@ def test_auto_contraction_picks_the_measured_faster_order(shape, order):
     assert got == order
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_contraction_cost_counts_the_blocks_backward_builds(transposed, monkeypatch):
+    """The cost model must see the pixels of D that the probes order contracts over (a transposed
+    conv's output pixels, not its input pixels)."""
+    calls = []
+    blocks = xconv.functional._probe_blocks
+    monkeypatch.setattr(xconv.functional, "_probe_blocks", lambda *args: calls.append(args[1:]) or blocks(*args))
+    make = xconv.XConvTranspose2d if transposed else xconv.XConv2d
+    layer = make(16, 8, 4, stride=2, padding=1, probes=8, contraction="probes")
+    x = torch.randn(4, 16, 6, 6)
+    y = layer(x)
+    torch.autograd.grad(y, layer.weight, torch.randn_like(y))
+    geom = xconv.functional.ConvGeometry((2, 2), (1, 1), (1, 1), 1, transposed, (0, 0))
+    xconv.functional.choose_contraction(xconv.functional.SketchConfig(probes=8), x.shape, y.shape,
+                                        layer.weight.shape, geom)
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+
 def test_probes_zero_is_the_torch_layer():
     ref = nn.Conv2d(4, 6, 3, padding=1)
     layer = xconv.XConv2d(4, 6, 3, padding=1, probes=0)

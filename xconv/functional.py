@@ -324,12 +324,12 @@ BLOCK_COST = 2**23
 def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: ConvGeometry) -> str:
     """Pick the contraction order for independent mode: the one with the lower cost.
 
-    ``"probes"`` costs ``B*C_out*r*|K|*(p + C_in/g)`` multiply-adds, where ``p`` is the number
-    of pixels the weight gradient sums over (output pixels of a conv, input pixels of a
-    transposed conv), plus :data:`BLOCK_COST` for each block of ``A`` (:func:`_probe_blocks`):
-    on small maps ``A`` outgrows the upstream gradient and is built in many small blocks.
-    ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
-    ``B*C_out*(C_in/g)*|K|*p``. Measured per layer (forward + backward, batch 64, r=8, XConv /
+    ``"probes"`` costs ``B*C_out*r*|K|*(P + C_in/g)`` multiply-adds, where ``P`` is the number
+    of output pixels (those of ``D``), plus :data:`BLOCK_COST` for each block of ``A``
+    (:func:`_probe_blocks`): on small maps ``A`` outgrows the upstream gradient and is built in
+    many small blocks. ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
+    ``B*C_out*(C_in/g)*|K|*p``, where ``p`` is the number of pixels that one sums over (output
+    pixels of a conv, input pixels of a transposed conv). Measured per layer (forward + backward, batch 64, r=8, XConv /
     exact, probes vs decompress): 512 channels at 4x4 0.83-0.84x vs 0.95-0.99x, 128 channels at
     4x4 1.31-1.36x vs 1.10-1.14x, 64 at 8x8 0.90-0.94x vs 0.99-1.13x; ``results/bench/README.md``,
     run H.
@@ -339,11 +339,12 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     batch, c_in, n = x_shape[0], x_shape[1], math.prod(x_shape[2:])
     c_out = y_shape[1]
     taps = math.prod(weight_shape[2:])
-    p = n if geom.transposed else math.prod(y_shape[2:])
-    samples, tap_block = _probe_blocks(cfg, batch, p, c_out, taps)
+    out_pixels = math.prod(y_shape[2:])
+    p = n if geom.transposed else out_pixels
+    samples, tap_block = _probe_blocks(cfg, batch, out_pixels, c_out, taps)
     blocks = -(-batch // samples) * -(-taps // tap_block)
     c_in_g = c_in // geom.groups
-    probes_cost = batch * c_out * cfg.probes * taps * (p + c_in_g) + blocks * BLOCK_COST
+    probes_cost = batch * c_out * cfg.probes * taps * (out_pixels + c_in_g) + blocks * BLOCK_COST
     decompress_cost = batch * c_in * n * cfg.probes + batch * c_out * c_in_g * taps * p
     return "probes" if probes_cost <= decompress_cost else "decompress"
 
@@ -354,7 +355,7 @@ def _probe_taps(z: torch.Tensor, taps, geom: ConvGeometry) -> torch.Tensor:
     Args:
         z: ``[R, *S_in]`` probe images.
     Returns:
-        ``[R, |K|, p]``, contiguous, where ``p`` is the number of pixels the weight gradient sums over:
+        ``[R, |K|, p]``, contiguous, where ``p`` is the number of output pixels (those of ``D``):
         im2col of the probes. For a convolution each tap is a strided slice of the
         zero-padded probes (all taps one copy, no arithmetic); for a transposed convolution it is a
         transposed convolution with a one-hot kernel, so stride, padding, dilation and output

@@ -11,6 +11,7 @@ Usage, from the repository root (needs the git history):
         # after with each order forced; the minimum over rounds, as a ratio to exact
     python results/bench/run_h/ab.py memory COMMIT   # step peaks of both, r = 4..32
 """
+import argparse
 import statistics
 import subprocess
 import sys
@@ -127,10 +128,31 @@ def memory(commit):
         use(code["after"])
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "speed":
-        speed(sys.argv[2], *(int(a) for a in sys.argv[3:5]), *(float(a) for a in sys.argv[5:6]))
-    elif sys.argv[1] == "layers":
-        layers(sys.argv[2], int(sys.argv[3]))
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for mode in ("speed", "layers", "memory"):
+        sub = modes.add_parser(mode)
+        sub.add_argument("commit", help="the earlier commit whose xconv/functional.py is 'before'")
+        if mode != "memory":
+            sub.add_argument("rounds", type=int)
+        if mode == "speed":
+            sub.add_argument("cases", type=int, nargs="?", default=1, choices=[1, 2])
+            sub.add_argument("min_run_time", type=float, nargs="?", default=1.0)
+    args = parser.parse_args(argv)
+    if getattr(args, "rounds", 1) < 1 or not 0 < getattr(args, "min_run_time", 1.0) < float("inf"):
+        parser.error("ROUNDS must be >= 1 and MIN_RUN_TIME a number of seconds > 0")
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.commit}^{{commit}}"], cwd=ROOT,
+                           capture_output=True)
+    if found.returncode != 0:
+        parser.error(f"COMMIT {args.commit!r} is not a commit of {ROOT} (the A/B needs the git history)")
+    if args.mode == "speed":
+        speed(args.commit, args.rounds, args.cases, args.min_run_time)
+    elif args.mode == "layers":
+        layers(args.commit, args.rounds)
     else:
-        memory(sys.argv[2])
+        memory(args.commit)
+
+
+if __name__ == "__main__":
+    main()
