@@ -228,10 +228,9 @@ def main(argv=None):
         parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
-    backends = torch.compiler.list_backends(exclude_tags=())
-    if args.compile is not None and args.compile not in backends:
-        parser.error(f"--compile must be one of torch.compiler.list_backends(): {', '.join(backends)}; "
-                     f"got {args.compile!r}")
+    if args.compile is not None and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(f"--compile must be one of torch.compiler.list_backends(exclude_tags=()): "
+                     f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}; got {args.compile!r}")
     torch.backends.cuda.matmul.allow_tf32 = args.matmul_tf32
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"matmul TF32 {args.matmul_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")

@@ -329,10 +329,10 @@ def choose_contraction(cfg: SketchConfig, x_shape, y_shape, weight_shape, geom: 
     (:func:`_probe_blocks`): on small maps ``A`` outgrows the upstream gradient and is built in
     many small blocks. ``"decompress"`` costs ``B*C_in*n*r`` plus the exact weight gradient
     ``B*C_out*(C_in/g)*|K|*p``, where ``p`` is the number of pixels that one sums over (output
-    pixels of a conv, input pixels of a transposed conv). Measured per layer (forward + backward, batch 64, r=8, XConv /
-    exact, probes vs decompress): 512 channels at 4x4 0.83-0.84x vs 0.95-0.99x, 128 channels at
-    4x4 1.31-1.36x vs 1.10-1.14x, 64 at 8x8 0.90-0.94x vs 0.99-1.13x; ``results/bench/README.md``,
-    run H.
+    pixels of a conv, input pixels of a transposed conv). Measured per layer (forward +
+    backward, batch 64, r=8, XConv / exact, probes vs decompress): 512 channels at 4x4
+    0.83-0.84x vs 0.95-0.99x, 128 channels at 4x4 1.31-1.36x vs 1.10-1.14x, 64 at 8x8
+    0.90-0.94x vs 0.99-1.13x; ``results/bench/README.md``, run H.
     """
     if cfg.contraction != "auto":
         return cfg.contraction
