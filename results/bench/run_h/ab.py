@@ -65,14 +65,15 @@ def speed(commit, rounds, cases=1, min_run_time=1.0):
         e = statistics.median(times["exact"])
         print(name, {k: f"{statistics.median(v) * 1e3:.1f} ms ({statistics.median(v) / e:.3f}x)" for k, v in times.items()})
         for label in ("before", "after"):
-            q = bench_speed.round_ratio_quartiles(times[label], times["exact"])
-            ratios = [a / b for a, b in zip(times[label], times["exact"])]
-            print(f"  {label} / exact per round: median {statistics.median(ratios):.3f}, quartiles "
-                  f"{q['total_ratio_q1']:.3f}-{q['total_ratio_q3']:.3f}", [round(x, 3) for x in ratios])
-        paired = [a / b for a, b in zip(times["after"], times["before"])]
-        q = bench_speed.round_ratio_quartiles(times["after"], times["before"])
-        print(f"  after / before per round: median {statistics.median(paired):.3f}, quartiles "
-              f"{q['total_ratio_q1']:.3f}-{q['total_ratio_q3']:.3f}", flush=True)
+            print(f"  {label} / exact per round: {paired_ratios(times[label], times['exact'])}",
+                  [round(a / b, 3) for a, b in zip(times[label], times["exact"])])
+        print(f"  after / before per round: {paired_ratios(times['after'], times['before'])}", flush=True)
+
+
+def paired_ratios(times, reference) -> str:
+    """Median and quartiles of the rounds' ratios ``times[i] / reference[i]``, formatted."""
+    q = bench_speed.round_ratio_quartiles(times, reference)
+    return f"median {q['total_ratio_q2']:.3f}, quartiles {q['total_ratio_q1']:.3f}-{q['total_ratio_q3']:.3f}"
 
 
 # (batch, C_in, C_out, kernel, stride, map size) of U-Net(resnet18) at batch 8 and ResNet-18 at batch 64
