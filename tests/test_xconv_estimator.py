@@ -57,6 +57,12 @@ ESTIMATORS = [
     ("orthogonal", dict(mode="orthogonal")),
     ("deflated-dct", dict(deflation="dct", contraction="probes")),
     ("deflated-pca-per-sample", dict(deflation="pca", deflation_rank=3, per_sample=True, contraction="decompress")),
+    ("sketch-8bit-capped", dict(bits=8, max_compression=3, contraction="probes")),
+    ("sketch-16bit-multi", dict(bits=16, mode="multi")),
+    ("quantized-2bit", dict(storage="quantized", bits=2)),
+    ("quantized-4bit", dict(storage="quantized", bits=4)),
+    ("quantized-8bit", dict(storage="quantized", bits=8)),
+    ("quantized-16bit", dict(storage="quantized", bits=16)),
 ]
 
 

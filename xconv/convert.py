@@ -67,6 +67,9 @@ def convert(
     per_sample: bool = False,
     deflation: str | None = None,
     deflation_rank: int | None = None,
+    storage: str = "sketch",
+    bits: int | None = None,
+    max_compression: int | None = None,
 ) -> nn.Module:
     """Replace every torch conv (and ReLU/LeakyReLU when ``relu``) by its XConv layer, in place.
 
@@ -77,8 +80,8 @@ def convert(
 
     Args:
         model: any ``nn.Module``; the model itself may be a conv.
-        probes, mode, distribution, per_sample, deflation, deflation_rank: see
-            :class:`xconv.XConv2d`.
+        probes, mode, distribution, per_sample, deflation, deflation_rank, storage, bits,
+            max_compression: see :class:`xconv.XConv2d`.
         relu: also swap ``nn.ReLU`` / ``nn.LeakyReLU`` for ``BitReLU`` / ``BitLeakyReLU``.
         min_pixels: see :class:`xconv.XConv2d`; ``None`` skips where the sketch would not be
             smaller than the input.
@@ -94,7 +97,8 @@ def convert(
     """
     options = dict(
         probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
-        deflation=deflation, deflation_rank=deflation_rank,
+        deflation=deflation, deflation_rank=deflation_rank, storage=storage, bits=bits,
+        max_compression=max_compression,
     )
     validate_sketch_config(**options)
     include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))
@@ -126,7 +130,8 @@ def convert(
             model = _replace(model, name, _rebuild(module, _ACTIVATIONS[type(module)]))
     if skipped:
         warnings.warn(f"xconv.convert skipped conv subclasses that override forward: {', '.join(skipped)}")
-    log.info("xconv.convert: %d convs converted (probes=%d, mode=%s)", len(converted), probes, mode)
+    how = f"bits={bits} quantized" if storage == "quantized" else f"probes={probes}, mode={mode}"
+    log.info("xconv.convert: %d convs converted (%s)", len(converted), how)
     return model
 
 

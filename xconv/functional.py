@@ -25,10 +25,12 @@ from .probes import (
     random_probes,
     range_basis,
 )
+from .quantize import check_bits, dequantize, quantize
 
 MODES = ("independent", "multi", "orthogonal")
 MODE_ALIASES = {"gaussian": "multi"}
 CONTRACTIONS = ("auto", "probes", "decompress")
+STORAGES = ("sketch", "quantized")
 # Smallest map on which the CPU input gradient runs as a conv with the flipped kernel. Measured
 # (2 cores, torch 2.14.1, 3x3, 8 rounds): flip / transposed conv 0.91x at 64ch 32x32 batch 64,
 # 0.81-0.84x at 64x64 and 128ch 32x32 batch 8, 0.90x at 32ch 128x128; 0.97-1.02x at 16x16,
@@ -81,6 +83,16 @@ class SketchConfig:
         deflation_rank: directions kept exactly (``< probes``); ``None``: 1 (with ``"dct"``
             the per-channel mean, which after a ReLU holds ~40% of the energy; measured
             best on U-Net layers, see ``results/bench/README.md``).
+        storage: ``"sketch"`` (the paper's estimator, the options above) or ``"quantized"``
+            (keep the input itself in SR low-bit storage, :mod:`xconv.quantize`; ``probes`` and
+            the sketch options are unused).
+        bits: bits per stored number (2, 4, 8 or 16; :data:`xconv.quantize.BITS`): the input's
+            with ``"quantized"`` (required), the sketch's with ``"sketch"`` (``None``: the
+            sketch in the input's dtype). Stochastic rounding keeps either unbiased.
+        max_compression: sketch only: a cap on each layer's compression (input numbers per
+            sketch number, ``H*W / r`` in independent mode); a layer on a larger map keeps
+            more probes than ``probes``: ``r = max(probes, ceil(H*W / max_compression))``.
+            ``None``: the fixed ``probes`` of the paper.
     """
 
     probes: int
@@ -90,6 +102,9 @@ class SketchConfig:
     contraction: str = "auto"
     deflation: str | None = None
     deflation_rank: int | None = None
+    storage: str = "sketch"
+    bits: int | None = None
+    max_compression: int | None = None
 
     @property
     def rank(self) -> int:
@@ -107,6 +122,9 @@ def validate_sketch_config(
     contraction: str = "auto",
     deflation: str | None = None,
     deflation_rank: int | None = None,
+    storage: str = "sketch",
+    bits: int | None = None,
+    max_compression: int | None = None,
 ) -> str:
     """Check estimator options; return the canonical mode name.
 
@@ -115,7 +133,10 @@ def validate_sketch_config(
         ValueError: ``probes < 0``, or ``mode``, ``distribution``, ``contraction`` or
             ``deflation`` is not one of the allowed values, or ``per_sample`` or
             ``deflation`` is combined with a multi-channel mode, or ``deflation_rank`` is
-            given without ``deflation`` or not in ``1 .. probes - 1``.
+            given without ``deflation`` or not in ``1 .. probes - 1``, or ``storage`` is not
+            allowed, ``bits`` is not in :data:`xconv.quantize.BITS` (or missing with
+            ``"quantized"``), ``max_compression`` is not None or an int >= 1, or a sketch
+            option is given with ``"quantized"``.
     """
     if isinstance(probes, bool) or not isinstance(probes, int):
         raise TypeError(f"probes must be an int >= 0 (0 = exact gradient), got {probes!r}")
@@ -146,12 +167,32 @@ def validate_sketch_config(
         # At least one random probe must remain, or the estimate is a biased low-pass one.
         if deflation_rank < 1 or (probes > 0 and deflation_rank >= probes):
             raise ValueError(f"deflation_rank must be in 1 .. probes - 1 = {probes - 1}, got {deflation_rank}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    check_bits("bits", bits, none_ok=storage == "sketch")
+    if max_compression is not None and (isinstance(max_compression, bool) or not isinstance(max_compression, int)
+                                        or max_compression < 1):
+        raise ValueError(f"max_compression must be None or an int >= 1, got {max_compression!r}")
+    if storage == "quantized":
+        sketch_only = dict(mode=canonical != "independent", per_sample=per_sample, deflation=deflation is not None,
+                           max_compression=max_compression is not None)
+        given = [name for name, set_ in sketch_only.items() if set_]
+        if given:
+            raise ValueError(f"{given[0]} is a sketch option; storage='quantized' keeps the input itself")
     return canonical
 
 
 def sketch_numel_per_sample(cfg: SketchConfig, channels: int) -> int:
     """Numbers the sketch keeps per sample: ``C_in * r`` (independent) or ``r`` (multi)."""
     return channels * cfg.probes if cfg.mode == "independent" else cfg.probes
+
+
+def layer_probes(cfg: SketchConfig, x_shape) -> int:
+    """The probe count of a sketch of an input of ``x_shape``: ``probes``, raised by ``max_compression``."""
+    if cfg.max_compression is None:
+        return cfg.probes
+    per_sketch_number = math.prod(x_shape[2:]) * (1 if cfg.mode == "independent" else x_shape[1])
+    return max(cfg.probes, -(-per_sketch_number // cfg.max_compression))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -462,8 +503,8 @@ class XConvFunction(torch.autograd.Function):
     """Convolution whose backward estimates ``dL/dW`` from a sketch of the input.
 
     Forward returns exactly ``aten.convolution(x, weight, bias, ...)`` and keeps only the
-    weight, the sketch (``[B, C_in, r]`` or ``[B, r]``), an integer seed and, with
-    ``deflation="pca"``, the deflation basis (``[k, n]``). Backward
+    weight, the sketch (``[B, C_in, r]`` or ``[B, r]``; with ``bits``, in SR low-bit storage),
+    an integer seed and, with ``deflation="pca"``, the deflation basis (``[k, n]``). Backward
     returns the exact input and bias gradients and an unbiased estimate of the weight
     gradient (Hutchinson trace estimation; paper section 3).
     """
@@ -473,7 +514,7 @@ class XConvFunction(torch.autograd.Function):
         y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
         ctx.geom, ctx.cfg, ctx.seed = geom, cfg, seed
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        ctx.plan = None
+        ctx.plan = ctx.stored = None
         sketch = stored_basis = None
         if ctx.needs_input_grad[1]:
             if cfg.mode != "independent":
@@ -483,13 +524,19 @@ class XConvFunction(torch.autograd.Function):
             ctx.order = choose_contraction(cfg, x.shape, y.shape, weight.shape, geom)
             # The DCT basis is a cached function of the shape; only the data-adaptive one is kept.
             stored_basis = basis if cfg.deflation == "pca" else None
-        ctx.save_for_backward(weight, sketch, stored_basis)
+            if cfg.bits is not None:
+                stored = quantize(sketch, cfg.bits)
+                ctx.stored = stored.layout()
+                ctx.save_for_backward(weight, stored_basis, *stored.tensors())
+                return y
+        ctx.save_for_backward(weight, stored_basis, sketch)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        weight, sketch, basis = ctx.saved_tensors
+        weight, basis, *stored = ctx.saved_tensors
+        sketch = stored[0] if ctx.stored is None else dequantize(ctx.stored.with_tensors(*stored))
         geom, cfg = ctx.geom, ctx.cfg
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -503,16 +550,26 @@ class XConvFunction(torch.autograd.Function):
                 )
             else:
                 grad_w = _multi_weight_grad(grad_y, sketch, cfg, ctx.seed, ctx.plan, ctx.x_shape, weight.shape, geom)
-            grad_w = grad_w.to(weight.dtype)
-            if grad_w.stride() != weight.stride():
-                # The parameter's exact strides (size-1 dims included): DDP's gradient buckets
-                # expect them and otherwise copy and warn on every step.
-                grad_w = torch.empty_like(weight).copy_(grad_w)
+            grad_w = parameter_layout(grad_w, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dims = [0] + list(range(2, grad_y.dim()))
-            # Half precision sums in fp32; fp32 and fp64 in their own dtype, as torch does.
-            grad_b = grad_y.sum(dims, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(grad_y.dtype)
+            grad_b = bias_grad(grad_y)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def parameter_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``param``'s dtype and exact strides (size-1 dims included): DDP's gradient
+    buckets expect them and otherwise copy and warn on every step."""
+    grad = grad.to(param.dtype)
+    if grad.stride() != param.stride():
+        grad = torch.empty_like(param).copy_(grad)
+    return grad
+
+
+def bias_grad(grad_y: torch.Tensor) -> torch.Tensor:
+    """The conv bias gradient ``[C_out]``: ``grad_y [B, C_out, *S_out]`` summed over all but dim 1.
+    Half precision sums in fp32; fp32 and fp64 in their own dtype, as torch does."""
+    dims = [0] + list(range(2, grad_y.dim()))
+    return grad_y.sum(dims, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(grad_y.dtype)
 
 
 # --------------------------------------------------------------------------- 1-bit activations

@@ -19,10 +19,12 @@ from .functional import (
     ConvGeometry,
     SketchConfig,
     XConvFunction,
+    layer_probes,
     sketch_numel_per_sample,
     validate_sketch_config,
 )
 from .probes import draw_seed
+from .quantized_conv import QuantizedConvFunction
 
 
 # torch.compile cannot trace the seed draw (a tensor -> int) or the private probe generator;
@@ -31,7 +33,13 @@ from .probes import draw_seed
 # costs one graph break per layer.
 @torch.compiler.disable
 def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig) -> torch.Tensor:
-    """``XConvFunction`` with a fresh probe seed from torch's default generator."""
+    """``XConvFunction`` with a fresh probe seed from torch's default generator and the layer's
+    probe count, or ``QuantizedConvFunction`` for ``storage="quantized"``."""
+    if cfg.storage == "quantized":
+        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits)
+    probes = layer_probes(cfg, x.shape)
+    if probes != cfg.probes:
+        cfg = dataclasses.replace(cfg, probes=probes)
     return XConvFunction.apply(x, weight, bias, geom, cfg, draw_seed())
 
 
@@ -59,16 +67,21 @@ class _XConvMixin:
     def uses_estimator(self, x: torch.Tensor) -> bool:
         """Whether a forward on ``x`` keeps a sketch instead of running the plain layer.
 
-        Needs grad mode, a weight that requires grad and ``probes > 0``. Then the layer
-        input must have at least ``min_pixels`` pixels, or, when ``min_pixels`` is None,
-        the sketch must be smaller than the input (``H*W > r`` in independent mode).
+        Needs grad mode, a weight that requires grad and ``probes > 0`` (any ``probes`` with
+        ``storage="quantized"``). Then the layer input must have at least ``min_pixels``
+        pixels, or, when ``min_pixels`` is None, the sketch must be smaller than the input
+        (``H*W > r`` in independent mode; always, with quantized storage).
         """
         cfg = self.sketch_config
-        if cfg.probes == 0 or not torch.is_grad_enabled() or not self.weight.requires_grad:
+        quantized = cfg.storage == "quantized"
+        if (cfg.probes == 0 and not quantized) or not torch.is_grad_enabled() or not self.weight.requires_grad:
             return False
         pixels = math.prod(x.shape[2:])
         if self.min_pixels is not None:
             return pixels >= self.min_pixels
+        if quantized:
+            return True
+        cfg = dataclasses.replace(cfg, probes=layer_probes(cfg, x.shape))
         return sketch_numel_per_sample(cfg, x.shape[1]) < x.shape[1] * pixels
 
     def _run_estimator(self, x, geom: ConvGeometry) -> torch.Tensor:
@@ -86,7 +99,16 @@ class _XConvMixin:
 
     def extra_repr(self) -> str:
         cfg = self.sketch_config
+        if cfg.storage == "quantized":
+            extra = f", storage='quantized', bits={cfg.bits}"
+            if self.min_pixels is not None:
+                extra += f", min_pixels={self.min_pixels}"
+            return super().extra_repr() + extra
         extra = f", probes={cfg.probes}, mode={cfg.mode!r}, distribution={cfg.distribution!r}"
+        if cfg.bits is not None:
+            extra += f", bits={cfg.bits}"
+        if cfg.max_compression is not None:
+            extra += f", max_compression={cfg.max_compression}"
         if cfg.per_sample:
             extra += ", per_sample=True"
         if cfg.deflation is not None:
@@ -152,11 +174,19 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
             complement: same sketch size, still unbiased, lower variance on smooth inputs.
         deflation_rank: number k of exactly kept directions, ``1 .. probes - 1``;
             ``None``: 1.
+        storage: ``"sketch"`` (the paper's estimator) or ``"quantized"``: keep the input
+            itself stochastically rounded to ``bits`` bits (unbiased; the sketch options and
+            ``probes`` are then unused).
+        bits: 2, 4, 8 or 16: bits per stored number of the quantized input (required with
+            ``"quantized"``) or of the sketch; ``None``: the sketch in the input's dtype.
+        max_compression: sketch only: each layer keeps at least ``ceil(H*W / max_compression)``
+            probes (a cap on its compression); ``None``: ``probes`` everywhere.
         min_pixels: run the plain layer on inputs with fewer pixels than this; ``None``
             runs it wherever the sketch would not be smaller than the input.
 
     Forward output, input gradient and bias gradient equal the torch layer's; the weight
-    gradient is an unbiased estimate with variance falling as 1/r (paper section 3).
+    gradient is an unbiased estimate with variance falling as 1/r (paper section 3), or, with
+    quantized storage, ~4x per stored bit.
 
     Raises:
         TypeError, ValueError: invalid estimator options, at construction.
@@ -172,12 +202,14 @@ def _make_layer(name, base, mixin, example_shape):
     def __init__(
         self, *args, probes: int = 8, mode: str = "independent", distribution: str = "gaussian",
         per_sample: bool = False, contraction: str = "auto", deflation: str | None = None,
-        deflation_rank: int | None = None, min_pixels: int | None = None, **kwargs,
+        deflation_rank: int | None = None, storage: str = "sketch", bits: int | None = None,
+        max_compression: int | None = None, min_pixels: int | None = None, **kwargs,
     ):
         base.__init__(self, *args, **kwargs)
         self._init_xconv(
             min_pixels, probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
             contraction=contraction, deflation=deflation, deflation_rank=deflation_rank,
+            storage=storage, bits=bits, max_compression=max_compression,
         )
 
     doc = _DOC.format(torch_name=base.__name__, name=name, example_shape=example_shape)

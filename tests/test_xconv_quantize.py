@@ -1,0 +1,144 @@
+"""SR low-bit storage (``xconv.quantize``) and the conv layers that keep their input in it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import xconv
+from xconv.memory import saved_tensor_bytes
+from xconv.quantize import GROUP_SIZE, dequantize, pack_codes, quantize, stored_bytes, unpack_codes
+from stats import bias_statistic, total_variance
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_codes_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (8 * 37,), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == codes.numel() * bits // 8
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+LAYOUTS = {
+    "contiguous": lambda: torch.randn(3, 5, 7, 9),
+    "channels-last": lambda: torch.randn(3, 5, 7, 9).to(memory_format=torch.channels_last),
+    "strided-slice": lambda: torch.randn(3, 5, 7, 18)[..., ::2],
+    "1-d": lambda: torch.randn(130),
+    "fp64": lambda: torch.randn(4, 33, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_quantize_is_unbiased_and_keeps_the_layout(layout, bits):
+    x = LAYOUTS[layout]()
+    draws = torch.stack([dequantize(quantize(x, bits)) for _ in range(400)])
+    one = dequantize(quantize(x, bits))
+    assert one.shape == x.shape and one.dtype == x.dtype
+    if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+        assert one.is_contiguous(memory_format=torch.channels_last)
+    t, threshold = bias_statistic(draws, x)
+    assert t < threshold, f"T={t:.2f} > {threshold:.2f}"
+    # Every stored value lies on the grid around x: at most one step (range / (2^b - 1)) away.
+    span = x.max() - x.min()
+    step = span / ((1 << bits) - 1) if bits < 16 else x.abs().max() * 2**-7
+    assert (one - x).abs().max() <= step * 1.01
+
+
+def test_bias_statistic_rejects_deterministic_rounding(monkeypatch):
+    """Rounding down (no noise) is biased; the unbiasedness check must catch it."""
+    x = torch.randn(4, 64)
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)
+    draws = torch.stack([dequantize(quantize(x, 4)) + 1e-4 * torch.randn_like(x) for _ in range(100)])
+    t, threshold = bias_statistic(draws, x)
+    assert t > threshold
+
+
+def test_constant_and_bf16_exact_groups_are_kept_exactly():
+    x = torch.full((3, GROUP_SIZE), 0.375)
+    assert torch.equal(dequantize(quantize(x, 2)), x)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 64), (4, 16, 8, 8)])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_stored_bytes_is_what_quantize_keeps(shape, bits):
+    x = torch.randn(shape)
+    assert quantize(x, bits).nbytes == stored_bytes(x.numel(), bits)
+
+
+def test_variance_falls_with_bits_as_predicted():
+    """Per-element variance is scale^2 f (1 - f) with scale = range / (2^b - 1): 2 -> 4 bits divides
+    it by (15 / 3)^2 = 25, 4 -> 8 bits by (255 / 15)^2 = 289 (f uniform in both)."""
+    x = torch.randn(8, GROUP_SIZE * 8)
+    var = {b: total_variance(torch.stack([dequantize(quantize(x, b)) for _ in range(400)])) for b in (2, 4, 8)}
+    # 400 draws estimate each trace within a few per cent; f's distribution adds ~10%.
+    assert 25 / 1.3 < var[2] / var[4] < 25 * 1.3
+    assert 289 / 1.3 < var[4] / var[8] < 289 * 1.3
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_quantized_conv_keeps_the_packed_input_only(bits, channels_last):
+    layer = xconv.XConv2d(16, 8, 3, padding=1, storage="quantized", bits=bits)
+    x = torch.randn(4, 16, 12, 12, requires_grad=True)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    report = saved_tensor_bytes(layer, x, model=layer)
+    assert report.total_bytes == stored_bytes(x.numel(), bits)
+    ref = nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ref.load_state_dict(layer.state_dict())
+    y, y_ref = layer(x), ref(x)
+    assert torch.equal(y, y_ref)
+    grad_y = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, layer.weight), grad_y)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, ref.weight), grad_y)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert gw.stride() == layer.weight.stride()
+    # The weight-gradient error sums D * (q(x) - x) over independent elements, so its expected
+    # squared norm is the exact kernel applied to D^2 and the per-element variance of q(x).
+    var_x = torch.stack([dequantize(quantize(x.detach(), bits)) for _ in range(300)]).var(0)
+    predicted = torch.ops.aten.convolution_backward(
+        grad_y.square(), var_x, layer.weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, (False, True, False)
+    )[1].sum()
+    errors = [(torch.autograd.grad(layer(x), layer.weight, grad_y)[0] - gw_ref).square().sum() for _ in range(8)]
+    # 8 draws of a sum over 1152 weight entries: within ~5%; var_x from 300 draws: ~8%.
+    assert 0.75 < torch.stack(errors).mean() / predicted < 1.3
+
+
+def test_quantized_conv_under_bf16_autocast():
+    layer = xconv.XConv2d(8, 8, 3, padding=1, storage="quantized", bits=4)
+    ref = nn.Conv2d(8, 8, 3, padding=1)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = layer(x), ref(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(storage="quantized"), "bits must be one of 2, 4, 8, 16"),
+        (dict(storage="quantized", bits=3), "bits must be one of 2, 4, 8, 16"),
+        (dict(bits=True), "bits must be one of None, 2, 4, 8, 16"),
+        (dict(storage="packed"), "storage must be one of"),
+        (dict(storage="quantized", bits=4, mode="multi"), "mode is a sketch option"),
+        (dict(storage="quantized", bits=4, deflation="dct"), "deflation is a sketch option"),
+        (dict(max_compression=0), "max_compression must be None or an int >= 1"),
+    ],
+)
+def test_bad_storage_options_are_refused_in_one_line(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message) as err:
+        xconv.XConv2d(4, 4, 3, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_max_compression_raises_the_probes_of_large_maps_only():
+    layer = xconv.XConv2d(4, 4, 3, padding=1, probes=4, max_compression=16)
+    small, large = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 32, 32)
+    for x, probes in ((small, 4), (large, 64)):  # 64 / 16 = 4 < 4 probes; 1024 / 16 = 64
+        report = saved_tensor_bytes(layer, x.requires_grad_(), model=layer)
+        assert report.total_bytes == 2 * 4 * probes * 4  # sketch [B, C_in, r] in fp32
