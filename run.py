@@ -91,9 +91,12 @@ def build(cfg: DictConfig):
         task.check_data(datamodule)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    budget = options.pop("budget")
     try:
         xconv.convert(task.net, **options)
-    except ValueError as err:  # options are checked already; what is left names the network's modules
+        if budget is not None:
+            task.plan_storage(datamodule, budget)
+    except ValueError as err:  # options are checked already; what is left names the network's modules or the budget
         raise ConfigError(f"xconv.{err}") from err
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()

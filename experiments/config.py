@@ -100,16 +100,20 @@ def check_launcher(trainer: L.Trainer, multirun: bool, task: L.LightningModule |
 def xconv_options(cfg: DictConfig) -> dict:
     """Keyword arguments for ``xconv.convert`` from ``cfg.xconv``, checked before anything is built.
 
-    Only ``relu`` is translated here (``bit`` -> 1-bit ReLU, ``exact`` -> torch ReLU). Every
-    other key goes to ``xconv.convert`` as it is, and ``xconv``, which owns the allowed values,
-    checks them all (see :func:`check_xconv_options`).
+    Only ``relu`` is translated here (``bit`` -> 1-bit ReLU, ``exact`` -> torch ReLU) and ``budget``
+    (for ``xconv.plan_storage``, not ``convert``) checked. Every other key goes to ``xconv.convert``
+    as it is, and ``xconv``, which owns the allowed values, checks them all (see
+    :func:`check_xconv_options`).
     """
     options = OmegaConf.to_container(cfg.xconv, resolve=True)
     relu = options.get("relu", "bit")
     if relu not in RELU_CHOICES:
         raise ConfigError(f"xconv.relu must be one of {sorted(RELU_CHOICES)}, got {relu!r}")
     options["relu"] = RELU_CHOICES[relu]
-    check_xconv_options(options)
+    budget = options.get("budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1):
+        raise ConfigError(f"xconv.budget must be null or a fraction in (0, 1] of plain-torch activation bytes, got {budget!r}")
+    check_xconv_options({k: v for k, v in options.items() if k != "budget"})
     return options
 
 

@@ -78,10 +78,8 @@ def build_summary(
     memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device, trainer.precision_plugin)
     return {
         "task": cfg.task_name,
-        "probes": cfg.xconv.probes,
-        "mode": cfg.xconv.mode,
-        "distribution": cfg.xconv.distribution,
-        "relu": cfg.xconv.relu,
+        **OmegaConf.to_container(cfg.xconv, resolve=True),  # every xconv option, at top level
+        "storage_plan": plan.to_dict() if (plan := getattr(task, "storage_plan", None)) else None,
         "metric_name": task.metric_name,
         "metric": metrics.get(task.metric_name),
         "metrics": {**metrics, **task.summary_metrics()},

@@ -1,6 +1,7 @@
 """Activation memory of exact vs XConv training steps: saved-for-backward bytes (and CUDA peak).
 
-Prints a table per model: exact, then XConv at each r with and without the 1-bit ReLU;
+Prints a table per model: exact, then XConv at each r with and without the 1-bit ReLU, SR low-bit
+storage of conv and BatchNorm inputs at 8/4/2 bits, and the per-layer planner at 0.5x and 0.25x;
 activation bytes are the deduplicated bytes of tensors saved for backward by one forward +
 loss (``xconv.memory.saved_tensor_bytes``), measured in this process against the exact
 model. It adds the peak memory of a whole training step (forward, loss, backward, SGD step),
@@ -72,21 +73,36 @@ def step_peak(model: nn.Module, shape, device: str) -> int:
     return peak_tensor_bytes(step)
 
 
+# SR storage of the convs' and BatchNorms' inputs at these bits, with offset max-pools and the 1-bit ReLU.
+STORAGE_BITS = (8, 4, 2)
+# Budgets of the per-layer planner (fractions of plain torch's bytes), with BatchNorms at 4 bits.
+PLANNER_BUDGETS = (0.5, 0.25)
+
+
 def variants(probes_list):
-    yield "exact", None
+    """``(label, convert options, planner budget)`` of every row."""
+    yield "exact", None, None
     for r in probes_list:
-        yield f"xconv r={r}", dict(probes=r, relu=False)
-        yield f"xconv r={r} + BitReLU", dict(probes=r, relu=True)
+        yield f"xconv r={r}", dict(probes=r, relu=False), None
+        yield f"xconv r={r} + BitReLU", dict(probes=r, relu=True), None
+    for bits in STORAGE_BITS:
+        yield (f"SR {bits}-bit convs + BN, pool offsets, BitReLU",
+               dict(storage="quantized", bits=bits, batchnorm_bits=bits, maxpool=True), None)
+    for budget in PLANNER_BUDGETS:
+        yield f"planner {budget}x (BN 4-bit, pool offsets, BitReLU)", dict(batchnorm_bits=4, maxpool=True), budget
 
 
 def measure(name: str, probes_list, budget_gb: float | None, device: str):
     base, shape = MODELS[name]()
     base = base.to(device).train()
     rows = []
-    for label, options in variants(probes_list):
+    for label, options, budget in variants(probes_list):
         model = copy.deepcopy(base)
         if options is not None:
             xconv.convert(model, **options)
+        if budget is not None:
+            batch = torch.randn(shape, device=device)
+            xconv.plan_storage(model, _loss, batch, budget=budget).apply(model)
         act = activation_bytes(model, shape)
         row = dict(model=name, variant=label, batch=shape[0], activation_bytes=act,
                    peak_bytes=step_peak(model, shape, device))

@@ -23,13 +23,18 @@ error of the half-precision estimate against the fp32 exact gradient and against
 estimate drawn with the same probes (same seed), next to the rounding floor, the exact conv's
 own half-vs-fp32 error on the same layer.
 
+With ``--storage-bits 8 4 2`` it also compares, layer by layer at equal bytes, SR low-bit storage
+of the layer input (``storage="quantized"``) with the paper's sketch given the same bytes (per
+layer ``r = bytes / (4 B C_in)``, independent mode; layers where that sketch would not be smaller
+than the input are left out of its row).
+
 With ``--plot PNG`` it draws the median relative error, the median cosine and (with ``--age``)
 AGE / SGD AGE against r, one line per estimator.
 
 Usage:
     python scripts/gradient_quality.py [--model unet|resnet18 | --task NAME [OVERRIDE ...]]
                                        [--probes 4 8 16 32] [--draws 8] [--train-steps 0] [--age M]
-                                       [--half bfloat16|float16]
+                                       [--half bfloat16|float16] [--storage-bits 8 4 2]
                                        [--csv results/bench/gradient_cpu.csv] [--plot gradient.png]
     e.g. python scripts/gradient_quality.py --task classification data.batch_size=32 --age 8
 """
@@ -57,6 +62,7 @@ from torch import nn
 
 import xconv
 from xconv.functional import deflation_basis
+from xconv.quantize import stored_bytes
 from benchlib import write_csv
 
 matplotlib.use("Agg")  # files only, no display
@@ -218,6 +224,32 @@ def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.
     return statistics.fmean(errors), statistics.fmean(cosines), kept
 
 
+def equal_bytes_table(layers, bits_list, draws: int) -> list[dict]:
+    """Per bits: the median over layers of the relative error of SR storage and of the sketch kept in
+    the same bytes; prints a markdown table and returns one row per layer and storage."""
+    rows = []
+    print("| storage | bytes / fp32 input | layers | median rel. error | median cosine |")
+    print("|---|---|---|---|---|")
+    for bits in bits_list:
+        results = {"SR": [], "sketch": []}
+        for name, conv, inp, d, exact in layers:
+            kept = stored_bytes(inp.numel(), bits)
+            probes = max(1, round(kept / (inp.shape[0] * inp.shape[1] * inp.element_size())))
+            for kind, options in (("SR", dict(storage="quantized", bits=bits)), ("sketch", dict(probes=probes))):
+                result = draw_errors(conv, inp, d, exact, options, draws)
+                if result is not None:
+                    results[kind].append(result)
+                    rows.append(dict(layer=name, bits=bits, storage=kind, probes=probes if kind == "sketch" else None,
+                                     bytes=kept, rel_error=result[0], cosine=result[1]))
+        for kind, per_layer in results.items():
+            if per_layer:
+                label = f"SR {bits}-bit" if kind == "SR" else f"sketch in SR {bits}-bit's bytes"
+                print(f"| {label} | {stored_bytes(2**20, bits) / 2**22:.3f} | {len(per_layer)} "
+                      f"| {statistics.median(e for e, _, _ in per_layer):.4f} "
+                      f"| {statistics.median(c for _, c, _ in per_layer):.4f} |", flush=True)
+    return rows
+
+
 def _half_weight_grad(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=dtype):
         y = layer(x)
@@ -333,6 +365,8 @@ def main(argv=None):
     parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
     parser.add_argument("--half", choices=["bfloat16", "float16"], default=None,
                         help="also compare estimates under autocast in this dtype with fp32 ones")
+    parser.add_argument("--storage-bits", type=int, nargs="+", default=[], choices=[2, 4, 8, 16],
+                        help="also compare SR storage at these bits with the sketch at equal bytes")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
     args, overrides = parser.parse_known_args(argv)
@@ -369,6 +403,10 @@ def main(argv=None):
             kept = [k for _, _, k in per_layer if k is not None]
             kept = f"{statistics.median(kept):.2f}" if kept else "-"
             print(f"| {label} | {r} | {len(per_layer)} | {err:.2f} | {cos:.3f} | {kept} |", flush=True)
+    if args.storage_bits:
+        storage_rows = equal_bytes_table(layers, args.storage_bits, args.draws)
+        if args.csv:
+            write_csv(storage_rows, args.csv.with_name(f"{args.csv.stem}_storage{args.csv.suffix}"))
     age_ratios = age_table(args, source) if args.age else {}
     if args.csv:
         write_csv(rows, args.csv)

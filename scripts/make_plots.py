@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from make_tables import TABLE_KEYS, settings_label, setup_suffix  # noqa: E402
+from make_tables import TABLE_KEYS, row_label, settings_label, setup_suffix  # noqa: E402
 
 PANELS = [("metric", None), ("activation_mib", "activation memory (MiB)"), ("step_s", "time per step (s)")]
 
@@ -55,11 +55,15 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     task, data, model, settings, batch, precision, processes, metric = key
     setup = setup_suffix(precision, processes)
     settings = f", {settings}" if settings else ""
-    exact = next((r for r in rows if r["probes"] == "0"), None)
+    # Rows from tables.csv (text); rows of tables written before the storage options lack them.
+    exact = next((r for r in rows if r["probes"] == "0" and not r.get("storage") and not r.get("batchnorm_bits")), None)
     series: dict[str, list[dict]] = {}
+    levels = []  # SR storage, the planner, BatchNorm storage with exact convs: one value each, no r axis
     for row in rows:
-        if row["probes"] != "0":
+        if row["probes"] != "0" and row.get("storage", "sketch") in ("", "sketch"):
             series.setdefault(_series_label(row), []).append(row)
+        elif row is not exact:
+            levels.append(row)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (field, ylabel) in zip(axes, PANELS):
         for label, members in series.items():
@@ -69,6 +73,10 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
             y = [_float(r[f"{field}_mean"]) for r in members]
             yerr = [_float(r[f"{field}_std"]) or 0.0 for r in members]
             ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"XConv {label}")
+        for i, row in enumerate(levels):
+            if _float(row[f"{field}_mean"]) is not None:
+                ax.axhline(_float(row[f"{field}_mean"]), ls="--", lw=1, color=f"C{i + len(series)}",
+                           label=row_label(row, False))
         if exact is not None and _float(exact[f"{field}_mean"]) is not None:
             mean, std = _float(exact[f"{field}_mean"]), _float(exact[f"{field}_std"]) or 0.0
             ax.axhline(mean, color="black", lw=1, label="exact")

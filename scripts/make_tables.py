@@ -6,13 +6,14 @@ runs), groups the runs into tables by task, data set, model, batch size, precisi
 unless 1) and every other config value that differs between the runs read (``data.scale``,
 ``model.channels``, ``trainer.max_epochs``, ...; named in the heading), and within a table into
 rows by the XConv settings (probes, mode, distribution, deflation, ReLU, include/exclude
-patterns, min_pixels; labelled where not the default). Only the seed, output paths, loggers and
+patterns, min_pixels, storage and bits, max_compression, BatchNorm bits, max-pool offsets, the
+planner's budget; labelled where not the default). Only the seed, output paths, loggers and
 callbacks may differ between the runs of a row. Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
   standard deviation over the row's runs (seeds; the mean alone for a single run), and their number;
 - activation memory: saved-for-backward bytes of one training step in MiB, and its ratio to the
-  exact row of the same table (``probes=0``);
+  exact row of the same table (``probes=0``, no SR storage, no planner);
 - peak memory in MiB (CUDA runs only; blank on CPU);
 - time per training step in seconds (batch size / ``samples_per_s``, which counts the training
   steps' forward, backward and update only) and its ratio to the exact row.
@@ -45,7 +46,8 @@ from benchlib import write_csv
 MIB = 2**20
 # What separates tables, and within a table, rows.
 TABLE_KEYS = ("task", "data", "model", "settings", "batch_size", "precision", "processes", "metric_name")
-ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank", "relu", "include", "exclude", "min_pixels")
+ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank", "relu", "include", "exclude", "min_pixels",
+            "storage", "bits", "max_compression", "batchnorm_bits", "maxpool", "budget")
 # Config values that may differ between the runs of one row: seeds, where a run wrote its
 # files, how it logged; the XConv options and what TABLE_KEYS already name are compared there.
 NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "trainer.default_root_dir", "task_name",
@@ -85,7 +87,11 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
             # The deep image prior's data modules have no batch_size: they train on one image per step.
             batch = config["data"].get("batch_size", 1)
-            estimated = bool(summary["probes"])  # which convs are converted, and how, matters only then
+            storage = xconv.get("storage", "sketch")  # summaries from before storage options: the sketch
+            planned = xconv.get("budget") is not None
+            # Which convs are converted, and how, matters only where their gradients are estimated.
+            estimated = bool(summary["probes"]) or storage == "quantized" or planned
+            sketch = bool(summary["probes"]) and storage == "sketch" and not planned
             runs.append({
                 "task": summary["task"],
                 # One image per run (deep image prior): each image is its own table, not a seed.
@@ -98,15 +104,21 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "processes": summary.get("world_size", 1),
                 "metric_name": name,
                 "metric": summary["metrics"][name],
-                "probes": summary["probes"],
-                "mode": xconv["mode"] if summary["probes"] else "exact",
-                "distribution": xconv["distribution"] if summary["probes"] else "",
-                "deflation": (xconv.get("deflation") or "") if summary["probes"] else "",
-                "deflation_rank": (xconv.get("deflation_rank") or "") if summary["probes"] else "",
+                "probes": summary["probes"] if sketch else 0,
+                "mode": xconv["mode"] if sketch else "exact",
+                "distribution": xconv["distribution"] if sketch else "",
+                "deflation": (xconv.get("deflation") or "") if sketch else "",
+                "deflation_rank": (xconv.get("deflation_rank") or "") if sketch else "",
                 "relu": xconv.get("relu", "bit"),
                 "include": _patterns(xconv.get("include")) if estimated else "",
                 "exclude": _patterns(xconv.get("exclude")) if estimated else "",
                 "min_pixels": (xconv.get("min_pixels") or "") if estimated else "",
+                "storage": "planned" if planned else storage if estimated else "",
+                "bits": (xconv.get("bits") or "") if (sketch or storage == "quantized") and not planned else "",
+                "max_compression": (xconv.get("max_compression") or "") if sketch else "",
+                "batchnorm_bits": xconv.get("batchnorm_bits") or "",
+                "maxpool": bool(xconv.get("maxpool")),
+                "budget": xconv.get("budget") or "",
                 "activation_mib": summary["activation_bytes"] / MIB,
                 "peak_mib": summary["peak_memory_bytes"] / MIB if summary["peak_memory_bytes"] else None,
                 "step_s": batch / summary["samples_per_s"] if batch and summary["samples_per_s"] else None,
@@ -164,9 +176,16 @@ def _sortable(value) -> tuple:
     return (1, value, "") if isinstance(value, (int, float)) else (2, 0, str(value))
 
 
+def is_exact(row: dict) -> bool:
+    """Whether a row's runs trained with exact gradients (what ratios are taken against)."""
+    return row["probes"] == 0 and not row["storage"] and not row["batchnorm_bits"]
+
+
 def _row_order(row: dict) -> tuple:
-    return (row["probes"] != 0, row["probes"], row["mode"], row["distribution"], row["deflation"],
-            str(row["deflation_rank"]), row["relu"] != "exact", row["include"], row["exclude"], str(row["min_pixels"]))
+    return (not is_exact(row), row["storage"], str(row["budget"]), str(row["bits"]), row["probes"], row["mode"],
+            row["distribution"], row["deflation"],
+            str(row["deflation_rank"]), row["relu"] != "exact", row["include"], row["exclude"], str(row["min_pixels"]),
+            str(row["max_compression"]), str(row["batchnorm_bits"]), row["maxpool"])
 
 
 def table_keys(batch_rows: bool) -> tuple[str, ...]:
@@ -195,7 +214,7 @@ def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
         rows.append(row)
     for row in rows:
         # The exact run of the same table (of the smallest batch), with the same ReLU where there is one.
-        exact = min((r for r in rows if r["probes"] == 0 and all(r[k] == row[k] for k in tables)),
+        exact = min((r for r in rows if is_exact(r) and all(r[k] == row[k] for k in tables)),
                     key=lambda r: (r["batch_size"] or 0, r["relu"] != row["relu"]), default=None)
         for field in ("activation_mib", "step_s"):
             base = exact and exact[f"{field}_mean"]
@@ -216,9 +235,13 @@ def settings_label(row: dict) -> str:
     label = f" deflation={row['deflation']} k={row['deflation_rank'] or 1}" if row["deflation"] else ""
     if row["relu"] != "bit":
         label += f" relu={row['relu']}"
-    for key in ("include", "exclude", "min_pixels"):
+    for key in ("include", "exclude", "min_pixels", "max_compression"):
         if row[key] not in ("", None):
             label += f" {key}={row[key]}"
+    if row["batchnorm_bits"]:
+        label += f" BN {row['batchnorm_bits']}-bit"
+    if row["maxpool"]:
+        label += " pool offsets"
     return label
 
 
@@ -229,8 +252,15 @@ def setup_suffix(precision: str, processes) -> str:
     return suffix + ("" if str(processes) == "1" else f", {processes} processes")
 
 
-def _label(row: dict, batch_rows: bool) -> str:
-    label = "exact" if row["probes"] == 0 else f"r={row['probes']} {row['mode']} {row['distribution']}"
+def row_label(row: dict, batch_rows: bool) -> str:
+    if row["storage"] == "planned":
+        label = f"planner {row['budget']}x"
+    elif row["storage"] == "quantized":
+        label = f"SR {row['bits']}-bit"
+    elif str(row["probes"]) == "0":  # an int here, text in rows read back from tables.csv
+        label = "exact"
+    else:
+        label = f"r={row['probes']} {row['mode']} {row['distribution']}" + (f" {row['bits']}-bit" if row["bits"] else "")
     return label + settings_label(row) + (f", batch {row['batch_size']}" if batch_rows else "")
 
 
@@ -250,7 +280,7 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
                 "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if tuple(r[k] for k in tables) == key):
             out.append(
-                f"| {_label(r, batch_rows)} | {_spread(r['metric_mean'], r['metric_std'])} | {r['runs']} "
+                f"| {row_label(r, batch_rows)} | {_spread(r['metric_mean'], r['metric_std'])} | {r['runs']} "
                 f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
                 f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} |"
             )
@@ -278,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         seeds = row["seeds"].split()
         if len(set(seeds)) < len(seeds):
-            print(f"warning: {_label(row, args.batch_rows)}{', ' + row['settings'] if row['settings'] else ''}: "
+            print(f"warning: {row_label(row, args.batch_rows)}{', ' + row['settings'] if row['settings'] else ''}: "
                   f"seeds {row['seeds']}: the same settings and seed ran more than once; averaged as if new seeds",
                   file=sys.stderr)
     text = markdown(rows, args.batch_rows)

@@ -77,7 +77,8 @@ def test_defaults():
     assert cfg.task_name == "segmentation" and cfg.seed == 0
     assert dict(cfg.xconv) == {
         "probes": 8, "mode": "independent", "distribution": "gaussian", "deflation": None, "deflation_rank": None,
-        "relu": "bit", "min_pixels": None, "include": None, "exclude": None,
+        "relu": "bit", "min_pixels": None, "include": None, "exclude": None, "storage": "sketch", "bits": None,
+        "max_compression": None, "batchnorm_bits": None, "maxpool": False, "budget": None,
     }
     assert set(cfg.logger) == {"wandb", "csv"} and cfg.logger.wandb.mode == "offline"
 

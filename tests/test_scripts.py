@@ -183,6 +183,23 @@ def test_gradient_quality_on_natural_crops(model, convs, tmp_path):
     assert 0 < len(rows) <= convs and all(float(r["rel_error"]) > 0 for r in rows)
 
 
+def test_gradient_quality_compares_storage_at_equal_bytes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", "unet", "--batch", "2", "--size", "64",
+         "--probes", "2", "--draws", "2", "--estimators", "independent shared", "--storage-bits", "8", "2",
+         "--csv", str(tmp_path / "layers.csv")],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| SR 8-bit | 0.266 | 31 |" in result.stdout and "| SR 2-bit | 0.078 | 31 |" in result.stdout
+    rows = list(csv.DictReader(open(tmp_path / "layers_storage.csv", newline="")))
+    median = {(bits, kind): statistics.median(float(r["rel_error"]) for r in rows if (r["bits"], r["storage"]) == (bits, kind))
+              for bits in ("8", "2") for kind in ("SR", "sketch")}
+    # At equal bytes SR storage is the more accurate, and more bits are more accurate.
+    assert median["8", "SR"] < median["2", "SR"] < median["2", "sketch"]
+    assert median["8", "SR"] < median["8", "sketch"]
+
+
 def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
     write_run(tmp_path, "bit", 0, 0, 0.5, 2 * MIB, 100.0)
     write_run(tmp_path, "plain", 0, 0, 0.6, 4 * MIB, 100.0, relu="exact")
@@ -200,6 +217,25 @@ def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
     assert "| r=8 independent gaussian relu=exact | 0.300 | 1 | 3.0 | 0.75 |" in result.stdout
     assert "| r=8 independent gaussian include=features.* exclude=features.0 | 0.450 | 1 | 1.5 | 0.75 |" in result.stdout
     assert "### classification: SmallCNN on DigitsDataModule, batch 32, 2 processes" in lines
+
+
+def test_storage_options_are_rows_against_the_exact_row(tmp_path):
+    write_run(tmp_path, "exact", 0, 0, 0.5, 8 * MIB, 100.0)
+    write_run(tmp_path, "bn_only", 0, 0, 0.5, 6 * MIB, 100.0, batchnorm_bits=8)
+    write_run(tmp_path, "sr4", 8, 0, 0.48, 2 * MIB, 100.0, storage="quantized", bits=4, batchnorm_bits=4, maxpool=True)
+    write_run(tmp_path, "plan", 8, 0, 0.49, 2 * MIB, 50.0, budget=0.25, batchnorm_bits=4, maxpool=True)
+    write_run(tmp_path, "r8_8bit", 8, 0, 0.3, MIB, 100.0, storage="sketch", bits=8, max_compression=64)
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| exact | 0.500 | 1 | 8.0 | 1.00 |" in result.stdout
+    assert "| exact BN 8-bit | 0.500 | 1 | 6.0 | 0.75 |" in result.stdout
+    assert "| SR 4-bit BN 4-bit pool offsets | 0.480 | 1 | 2.0 | 0.25 |" in result.stdout
+    assert "| planner 0.25x BN 4-bit pool offsets | 0.490 | 1 | 2.0 | 0.25 |  | 0.6400 | 2.00 |" in result.stdout
+    assert "| r=8 independent gaussian 8-bit max_compression=64 | 0.300 | 1 | 1.0 | 0.12 |" in result.stdout
+    assert make_tables(tmp_path, "--out", tmp_path / "tables").returncode == 0
+    plots = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(tmp_path / "tables")],
+                           capture_output=True, text=True, cwd=REPO_ROOT)
+    assert plots.returncode == 0, plots.stderr
 
 
 def test_other_config_values_are_tables_not_seeds(tmp_path):

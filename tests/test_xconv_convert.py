@@ -1,6 +1,8 @@
 """xconv.convert / set_probes / revert on real architectures."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -119,3 +121,33 @@ def test_include_exclude_accept_one_pattern_as_a_string():
 def test_set_probes_validates_even_without_xconv_layers():
     with pytest.raises(ValueError, match="probes must be >= 0"):
         xconv.set_probes(nn.Sequential(nn.Conv2d(3, 4, 3)), -1)
+
+
+def test_batchnorm_and_maxpool_storage_convert_and_revert():
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=5)
+    model = xconv.convert(copy.deepcopy(plain), storage="quantized", bits=8, batchnorm_bits=4, maxpool=True)
+    assert isinstance(model.bn1, xconv.XBatchNorm2d) and model.bn1.bits == 4
+    assert isinstance(model.maxpool, xconv.XMaxPool2d)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(plain, mode)()
+        assert torch.equal(model(x.requires_grad_()), plain(x))
+    for key, value in plain.state_dict().items():  # running statistics updated alike
+        assert torch.equal(model.state_dict()[key], value), key
+    xconv.convert(model, batchnorm_bits=None, maxpool=False)
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.maxpool) is nn.MaxPool2d
+    xconv.convert(model, batchnorm_bits=8, maxpool=True)
+    xconv.revert(model)
+    assert {type(m) for m in model.modules()} == {type(m) for m in plain.modules()}
+    assert not hasattr(model.bn1, "bits")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batchnorm_bits=3), "batchnorm_bits must be one of None, 2, 4, 8, 16"),
+    (dict(maxpool="yes"), "maxpool must be a bool"),
+])
+def test_bad_batchnorm_and_maxpool_options(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        xconv.convert(nn.Sequential(nn.Conv2d(1, 1, 1)), **kwargs)

@@ -3,8 +3,11 @@
 Thatipelli, Sam, Louboutin, Siahkoohi, Wang, Herrmann, "XConv: Low-memory stochastic
 backpropagation for convolutional layers" (arXiv 2106.06998, TMLR 2026).
 """
-from . import memory
+from . import memory, quantize
+from .batchnorm import XBatchNorm1d, XBatchNorm2d, XBatchNorm3d
 from .convert import convert, revert, set_probes
+from .planner import StoragePlan, plan_storage
+from .pooling import XMaxPool1d, XMaxPool2d, XMaxPool3d
 from .nn import (
     BitLeakyReLU,
     BitReLU,
@@ -17,7 +20,8 @@ from .nn import (
 )
 
 __all__ = [
-    "BitLeakyReLU", "BitReLU", "XConv1d", "XConv2d", "XConv3d", "XConvTranspose1d",
-    "XConvTranspose2d", "XConvTranspose3d", "convert", "memory", "revert", "set_probes",
+    "BitLeakyReLU", "BitReLU", "StoragePlan", "XBatchNorm1d", "XBatchNorm2d", "XBatchNorm3d", "XConv1d",
+    "XConv2d", "XConv3d", "XConvTranspose1d", "XConvTranspose2d", "XConvTranspose3d", "XMaxPool1d",
+    "XMaxPool2d", "XMaxPool3d", "convert", "memory", "plan_storage", "quantize", "revert", "set_probes",
 ]
 __version__ = "0.1.0"

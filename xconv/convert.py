@@ -8,13 +8,19 @@ from collections import OrderedDict
 
 from torch import nn
 
+from .batchnorm import BATCHNORM_CLASSES
 from .functional import validate_sketch_config
 from .nn import XCONV_CLASSES, BitLeakyReLU, BitReLU, _XConvMixin
+from .pooling import MAXPOOL_CLASSES
+from .quantize import check_bits
 
 log = logging.getLogger(__name__)
 
 _TORCH_CLASSES = {xcls: tcls for tcls, xcls in XCONV_CLASSES.items()}
 _ACTIVATIONS = {nn.ReLU: BitReLU, nn.LeakyReLU: BitLeakyReLU}
+# Layers converted by their exact class (subclasses may compute something else), and back.
+_EXACT_CLASS_SWAPS = {**_ACTIVATIONS, **MAXPOOL_CLASSES, **BATCHNORM_CLASSES}
+_TORCH_CLASSES.update({new: old for old, new in _EXACT_CLASS_SWAPS.items()})
 
 
 def _rebuild(module: nn.Module, cls: type) -> nn.Module:
@@ -70,6 +76,8 @@ def convert(
     storage: str = "sketch",
     bits: int | None = None,
     max_compression: int | None = None,
+    batchnorm_bits: int | None = None,
+    maxpool: bool = False,
 ) -> nn.Module:
     """Replace every torch conv (and ReLU/LeakyReLU when ``relu``) by its XConv layer, in place.
 
@@ -83,6 +91,12 @@ def convert(
         probes, mode, distribution, per_sample, deflation, deflation_rank, storage, bits,
             max_compression: see :class:`xconv.XConv2d`.
         relu: also swap ``nn.ReLU`` / ``nn.LeakyReLU`` for ``BitReLU`` / ``BitLeakyReLU``.
+        batchnorm_bits: also swap ``nn.BatchNorm1d/2d/3d`` for :class:`xconv.batchnorm.XBatchNorm2d`
+            and its siblings, which keep their input in SR storage at these bits (2, 4, 8, 16);
+            ``None`` keeps torch's BatchNorm (converted ones go back).
+        maxpool: also swap ``nn.MaxPool1d/2d/3d`` for :class:`xconv.pooling.XMaxPool2d` and its
+            siblings, which keep the argmax's offset in its window (2-8 bits) instead of the
+            input and int64 indices; ``False`` keeps (or restores) torch's.
         min_pixels: see :class:`xconv.XConv2d`; ``None`` skips where the sketch would not be
             smaller than the input.
         include, exclude: ``fnmatch`` patterns on module names (``"encoder.*"``) selecting
@@ -101,6 +115,9 @@ def convert(
         max_compression=max_compression,
     )
     validate_sketch_config(**options)
+    check_bits("batchnorm_bits", batchnorm_bits)
+    if not isinstance(maxpool, bool):
+        raise TypeError(f"maxpool must be a bool, got {maxpool!r}")
     include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))
     selected = [(name, module) for name, module in model.named_modules() if _selected(name, include, exclude)]
     convertible = tuple(XCONV_CLASSES) + (tuple(_ACTIVATIONS) if relu else ())
@@ -128,6 +145,18 @@ def convert(
             skipped.append(f"{name} ({type(module).__name__})")
         elif relu and type(module) in _ACTIVATIONS:
             model = _replace(model, name, _rebuild(module, _ACTIVATIONS[type(module)]))
+        elif _TORCH_CLASSES.get(type(module), type(module)) in BATCHNORM_CLASSES:
+            torch_class = _TORCH_CLASSES.get(type(module), type(module))
+            if batchnorm_bits is None:
+                model = _replace(model, name, _plain(module)) if torch_class is not type(module) else model
+            else:
+                new = _rebuild(module, BATCHNORM_CLASSES[torch_class])
+                new._init_bits(batchnorm_bits)
+                model = _replace(model, name, new)
+        elif _TORCH_CLASSES.get(type(module), type(module)) in MAXPOOL_CLASSES:
+            torch_class = _TORCH_CLASSES.get(type(module), type(module))
+            target = MAXPOOL_CLASSES[torch_class] if maxpool else torch_class
+            model = _replace(model, name, _rebuild(module, target)) if target is not type(module) else model
     if skipped:
         warnings.warn(f"xconv.convert skipped conv subclasses that override forward: {', '.join(skipped)}")
     how = f"bits={bits} quantized" if storage == "quantized" else f"probes={probes}, mode={mode}"
@@ -150,13 +179,17 @@ def set_probes(model: nn.Module, probes: int) -> nn.Module:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Replace XConv layers and 1-bit activations by plain torch layers, in place."""
+    """Replace XConv layers, 1-bit activations, SR BatchNorms and offset max-pools by plain torch
+    layers, in place."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, _XConvMixin):
-            new = _rebuild(module, _TORCH_CLASSES[type(module)])
-            for attr in ("sketch_config", "min_pixels"):
-                new.__dict__.pop(attr, None)
-            model = _replace(model, name, new)
-        elif type(module) in (BitReLU, BitLeakyReLU):
-            model = _replace(model, name, _rebuild(module, nn.ReLU if type(module) is BitReLU else nn.LeakyReLU))
+        if type(module) in _TORCH_CLASSES:
+            model = _replace(model, name, _plain(module))
     return model
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """The torch layer a converted ``module`` came from, sharing its parameters and buffers."""
+    new = _rebuild(module, _TORCH_CLASSES[type(module)])
+    for attr in ("sketch_config", "min_pixels", "bits"):
+        new.__dict__.pop(attr, None)
+    return new

@@ -116,8 +116,8 @@ class SketchConfig:
 
 def validate_sketch_config(
     probes,
-    mode: str,
-    distribution: str,
+    mode: str = "independent",
+    distribution: str = "gaussian",
     per_sample: bool = False,
     contraction: str = "auto",
     deflation: str | None = None,

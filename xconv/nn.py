@@ -119,18 +119,22 @@ class _XConvMixin:
 
 
 class _XConvNd(_XConvMixin):
-    def _xconv_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Non-zero padding modes and the asymmetric padding of padding="same" with even
-        # kernels are applied to the input first, as torch does; the estimator then sees
-        # the padded input and symmetric zero padding, so Phi_k includes them exactly.
+    def estimator_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The input the estimator sees (and keeps a sketch or copy of) and its zero padding.
+
+        Non-zero padding modes and the asymmetric padding of padding="same" with even kernels
+        are applied to the input first, as torch does; the estimator then sees the padded input
+        and symmetric zero padding, so Phi_k includes them exactly.
+        """
         pads = self._reversed_padding_repeated_twice
         left, right = pads[0::2], pads[1::2]
         if self.padding_mode != "zeros" or left != right:
             pad_mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, pads, mode=pad_mode)
-            padding = (0,) * len(left)
-        else:
-            padding = tuple(reversed(left))
+            return F.pad(x, pads, mode=pad_mode), (0,) * len(left)
+        return x, tuple(reversed(left))
+
+    def _xconv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self.estimator_input(x)
         geom = ConvGeometry(tuple(self.stride), padding, tuple(self.dilation), self.groups)
         return self._run_estimator(x, geom)
 
@@ -141,6 +145,10 @@ class _XConvNd(_XConvMixin):
 
 
 class _XConvTransposeNd(_XConvMixin):
+    def estimator_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The input the estimator sees: ``x`` itself, and the layer's padding."""
+        return x, tuple(self.padding)
+
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if not self.uses_estimator(input):
             return super().forward(input, output_size)

@@ -133,6 +133,23 @@ def stored_bytes(numel: int, bits: int, group_size: int = GROUP_SIZE) -> int:
     return groups * group_size * bits // 8 + 4 * groups
 
 
+def _grid(x: torch.Tensor, bits: int):
+    """``x`` in memory order, grouped: ``(t [groups, GROUP_SIZE], lo, scale, perm)``, where ``t`` is
+    ``(x - lo) / scale`` in ``[0, 2^bits - 1]`` (``bits`` < 16) and ``lo``, ``scale`` are bfloat16."""
+    ordered, perm = _memory_order(x.detach())
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = ordered.reshape(-1).to(compute)
+    pad = (-flat.numel()) % GROUP_SIZE
+    if pad:  # the last group repeats its last element: no new extremes
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    groups = flat.view(-1, GROUP_SIZE)
+    lo = _round_bf16(groups.amin(1), -math.inf)
+    scale = _round_bf16((groups.amax(1) - lo.to(compute)) / ((1 << bits) - 1), math.inf)
+    step = scale.to(compute)[:, None]
+    t = (groups - lo.to(compute)[:, None]) / torch.where(step > 0, step, 1)
+    return t, lo, scale, ordered.shape, perm
+
+
 def quantize(x: torch.Tensor, bits: int) -> Quantized:
     """Stochastically round ``x`` (any shape, floating) to ``bits`` bits per element.
 
@@ -143,23 +160,30 @@ def quantize(x: torch.Tensor, bits: int) -> Quantized:
         ValueError: ``bits`` not in :data:`BITS`.
     """
     check_bits("bits", bits, none_ok=False)
-    ordered, perm = _memory_order(x.detach())
-    shape = tuple(ordered.shape)
     if bits == 16:
-        return Quantized(stochastic_round_bf16(ordered), None, None, 16, shape, perm, x.dtype)
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    flat = ordered.reshape(-1).to(compute)
-    pad = (-flat.numel()) % GROUP_SIZE
-    if pad:  # the last group repeats its last element: no new extremes
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
-    groups = flat.view(-1, GROUP_SIZE)
-    levels = (1 << bits) - 1
-    lo = _round_bf16(groups.amin(1), -math.inf)
-    scale = _round_bf16((groups.amax(1) - lo.to(compute)) / levels, math.inf)
-    step = scale.to(compute)[:, None]
-    t = (groups - lo.to(compute)[:, None]) / torch.where(step > 0, step, 1)
-    codes = (t + torch.rand_like(t)).floor_().clamp_(0, levels).to(torch.uint8)
-    return Quantized(pack_codes(codes, bits), lo, scale, bits, shape, perm, x.dtype)
+        ordered, perm = _memory_order(x.detach())
+        return Quantized(stochastic_round_bf16(ordered), None, None, 16, tuple(ordered.shape), perm, x.dtype)
+    t, lo, scale, shape, perm = _grid(x, bits)
+    codes = (t + torch.rand_like(t)).floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    return Quantized(pack_codes(codes, bits), lo, scale, bits, tuple(shape), perm, x.dtype)
+
+
+def rounding_variance(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The variance of each element of ``dequantize(quantize(x, bits))``: ``step^2 f (1 - f)``,
+    ``f`` the fractional part of ``x``'s position on its grid; shape, layout and dtype of ``x``
+    (fp32 for half-precision ``x``). Used to predict gradient errors without drawing."""
+    check_bits("bits", bits, none_ok=False)
+    if bits == 16:  # the magnitude is rounded between its bfloat16 neighbours towards zero and away
+        magnitude = x.detach().float().abs()
+        down = (magnitude.view(torch.int32) & -65536).view(torch.float32)
+        up = torch.nextafter(down.to(torch.bfloat16), torch.tensor(math.inf, dtype=torch.bfloat16)).float()
+        f = (magnitude - down) / (up - down)
+        return (up - down).square() * f * (1 - f)
+    t, _, scale, shape, perm = _grid(x, bits)
+    f = t - t.floor()
+    var = scale.to(t.dtype)[:, None].square() * f * (1 - f)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return var.view(-1)[: x.numel()].view(shape).permute(inverse)
 
 
 def dequantize(q: Quantized) -> torch.Tensor:

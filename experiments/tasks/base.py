@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import xconv
+
 
 def rank_seed(seed: int, rank: int) -> int:
     """A seed for process ``rank`` of a distributed run seeded with ``seed``.
@@ -56,6 +58,21 @@ class XConvTask(L.LightningModule):
         the converted network and of a plain-torch copy on the same batch.
         """
         raise NotImplementedError
+
+    def plan_storage(self, datamodule: L.LightningDataModule, budget: float) -> xconv.StoragePlan:
+        """Plan the storage of the (converted) network's XConv layers on the first training batch so
+        that a training step keeps at most ``budget`` of plain torch's activation bytes
+        (:func:`xconv.plan_storage`), apply it, and keep it as ``self.storage_plan`` for the summary.
+
+        Raises:
+            ValueError: the budget cannot be met (see :func:`xconv.plan_storage`).
+        """
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        with torch.enable_grad():
+            self.storage_plan = xconv.plan_storage(self.net, lambda net, b: self.loss(b, net=net), batch, budget=budget)
+        self.storage_plan.apply(self.net)
+        return self.storage_plan
 
     def summary_metrics(self) -> dict:
         """Final metrics that ``self.log`` cannot carry (e.g. strings); the run summary adds them to its ``metrics``."""

@@ -1,0 +1,139 @@
+"""Max-pool layers that keep only the argmax's position within its window for backward.
+
+torch's ``max_pool*d_with_indices`` keeps the whole input and int64 indices (8 bytes per output
+element). Backward needs only which window position won: ``ceil(log2(prod(kernel_size)))`` bits,
+stored as 2, 4 or 8 bits per output element, packed (:func:`xconv.quantize.pack_codes`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _ntuple
+
+from .quantize import pack_codes, unpack_codes
+
+#: Largest window (positions) whose offsets fit the 8-bit codes; larger ones run the torch layer.
+MAX_WINDOW = 256
+_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+_BACKWARD = {
+    2: torch.ops.aten.max_pool2d_with_indices_backward.grad_input,
+    3: torch.ops.aten.max_pool3d_with_indices_backward.grad_input,
+}
+
+
+def _output_coords(out_shape, d: int, device) -> torch.Tensor:
+    """Output coordinate along spatial dim ``d``, shaped to broadcast over ``out_shape``."""
+    shape = [1] * len(out_shape)
+    shape[d] = out_shape[d]
+    return torch.arange(out_shape[d], device=device).view(shape)
+
+
+def _memory_format(y: torch.Tensor) -> torch.memory_format:
+    """The layout of the pool's output ``y``: torch's kernels give it and the input gradient the
+    input's ``suggest_memory_format``."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(y.dim())
+    if fmt is not None and not y.is_contiguous() and y.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
+
+
+class XMaxPoolFunction(torch.autograd.Function):
+    """``F.max_pool{2,3}d`` whose backward rebuilds the argmax indices from packed window offsets.
+
+    The offset of an output's argmax is its mixed-radix position in the window, ``sum_d o_d *
+    prod(kernel[d+1:])`` with ``o_d = (i_d - (p_d * stride_d - padding_d)) / dilation_d`` for
+    input index ``i`` and output index ``p``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode, layer):
+        dims = len(kernel)
+        y, index = _POOL[dims](x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        in_shape, out_shape = x.shape[-dims:], y.shape[-dims:]
+        offset = torch.zeros((), dtype=torch.int64, device=x.device)
+        for d in range(dims):
+            coord = index // math.prod(in_shape[d + 1:]) % in_shape[d]
+            start = _output_coords(out_shape, d, x.device) * stride[d] - padding[d]
+            offset = offset * kernel[d] + (coord - start) // dilation[d]
+        bits = next(b for b in (2, 4, 8) if math.prod(kernel) <= 1 << b)
+        codes = offset.reshape(-1).to(torch.uint8)
+        codes = F.pad(codes, (0, -codes.numel() % (8 // bits)))
+        ctx.save_for_backward(pack_codes(codes, bits))
+        ctx.bits, ctx.layer, ctx.memory_format, ctx.ceil_mode = bits, layer, _memory_format(y), ceil_mode
+        ctx.geometry = kernel, stride, padding, dilation
+        ctx.x_shape, ctx.y_shape = x.shape, y.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable
+            raise RuntimeError(
+                f"{ctx.layer} does not support double backward (it keeps only window offsets); "
+                "use the torch layer (xconv.revert) for higher-order gradients"
+            )
+        (packed,) = ctx.saved_tensors
+        kernel, stride, padding, dilation = ctx.geometry
+        dims = len(kernel)
+        in_shape, out_shape = ctx.x_shape[-dims:], ctx.y_shape[-dims:]
+        code = unpack_codes(packed, ctx.bits)[: math.prod(ctx.y_shape)].view(ctx.y_shape).long()
+        index = torch.zeros((), dtype=torch.int64, device=grad_y.device)
+        for d in range(dims):
+            offset = code // math.prod(kernel[d + 1:]) % kernel[d]
+            start = _output_coords(out_shape, d, grad_y.device) * stride[d] - padding[d]
+            index = index * in_shape[d] + start + offset * dilation[d]
+        grad_x = torch.empty(ctx.x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.memory_format)
+        # torch's own backward kernel, so the sums where windows overlap are torch's on every
+        # backend and dtype (on CPU bfloat16 rounds at each add; CUDA accumulates in fp32). It
+        # reads only the sizes and layout of its input argument: the output buffer stands in.
+        _BACKWARD[dims](grad_y, grad_x, kernel, stride, padding, dilation, ctx.ceil_mode, index, grad_input=grad_x)
+        return grad_x, None, None, None, None, None, None
+
+
+class _XMaxPoolMixin:
+    def uses_offsets(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` keeps packed offsets: grad mode, ``x`` requires grad, no
+        ``return_indices``, and a window of at most :data:`MAX_WINDOW` positions."""
+        window = math.prod(_ntuple(self._dims)(self.kernel_size))
+        return torch.is_grad_enabled() and x.requires_grad and not self.return_indices and window <= MAX_WINDOW
+
+    def forward(self, input: torch.Tensor):
+        if not self.uses_offsets(input):
+            return super().forward(input)
+        tup = _ntuple(self._dims)
+        geometry = tup(self.kernel_size), tup(self.stride), tup(self.padding), tup(self.dilation)
+        if self._dims == 1:  # as torch's max_pool1d_with_indices: a 2-d pool of height 1
+            kernel, stride, padding, dilation = geometry
+            geometry = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+            y = XMaxPoolFunction.apply(input.unsqueeze(-2), *geometry, self.ceil_mode, type(self).__name__)
+            return y.squeeze(-2)
+        return XMaxPoolFunction.apply(input, *geometry, self.ceil_mode, type(self).__name__)
+
+
+_DOC = """``nn.{torch_name}`` that keeps only the argmax's window offset for backward.
+
+    Same arguments, ``repr`` and (empty) ``state_dict`` as ``torch.nn.{torch_name}``. In grad mode
+    with an input that requires grad, it keeps, per output element, the argmax's position in its
+    pooling window in ``ceil(log2(prod(kernel_size)))`` bits rounded up to 2, 4 or 8 (packed; 4 bits
+    for 3x3), instead of the input and int64 indices. Output and input gradient are torch's: its
+    forward kernel, and its backward kernel on the indices rebuilt from the offsets. With
+    ``return_indices=True``, windows over :data:`MAX_WINDOW` positions or no grad: the torch
+    layer. Double backward raises ``RuntimeError``.
+
+    Shape: as ``nn.{torch_name}``: ``[B, C, {spatial}]`` or unbatched ``[C, {spatial}]``.
+    """
+
+
+def _make_layer(name, base, dims, spatial):
+    doc = _DOC.format(torch_name=base.__name__, spatial=spatial)
+    return type(name, (_XMaxPoolMixin, base), {"_dims": dims, "__doc__": doc, "__module__": __name__})
+
+
+XMaxPool1d = _make_layer("XMaxPool1d", nn.MaxPool1d, 1, "L")
+XMaxPool2d = _make_layer("XMaxPool2d", nn.MaxPool2d, 2, "H, W")
+XMaxPool3d = _make_layer("XMaxPool3d", nn.MaxPool3d, 3, "D, H, W")
+
+#: torch layer class -> X class, for :mod:`xconv.convert`.
+MAXPOOL_CLASSES = {nn.MaxPool1d: XMaxPool1d, nn.MaxPool2d: XMaxPool2d, nn.MaxPool3d: XMaxPool3d}
