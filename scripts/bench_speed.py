@@ -88,22 +88,40 @@ def compiled(model: nn.Module, backend: str | None, run) -> tuple[nn.Module, dic
                    "break_reasons": sorted({r.splitlines()[0] for r in reasons})}
 
 
-def layer_timers(make, shape, probes, device, backend=None):
-    """``{"forward": fn, "total": fn}`` for one layer at ``probes`` (0 = exact), and its compile report."""
+def convert_options(variant) -> dict | None:
+    """``xconv.convert`` options of a variant: None for exact (``0``), the sketch at r (an int ``r``),
+    or SR storage (``"sr4"``: convs and BatchNorms at 4 bits, window-offset max-pools)."""
+    if variant == 0:
+        return None
+    if isinstance(variant, str):
+        bits = int(variant[2:])
+        return dict(storage="quantized", bits=bits, batchnorm_bits=bits, maxpool=True)
+    return dict(probes=variant)
+
+
+def variant_label(variant) -> str:
+    options = convert_options(variant)
+    return "exact" if options is None else f"SR {options['bits']}-bit" if isinstance(variant, str) else f"r={variant}"
+
+
+def layer_timers(make, shape, variant, device, backend=None):
+    """``{"forward": fn, "total": fn}`` for one layer at ``variant`` (see :func:`convert_options`), and its
+    compile report."""
     layer = make().to(device)
-    if probes:
-        layer = xconv.convert(layer, probes=probes)
+    if variant:
+        layer = xconv.convert(layer, **convert_options(variant))
     x = torch.randn(shape, device=device, requires_grad=True)
     layer, report = compiled(layer, backend, lambda m: m(x).sum().backward())
     grad_y = torch.randn_like(layer(x))
     return {"forward": lambda: layer(x), "total": lambda: layer(x).backward(grad_y)}, report
 
 
-def step_timers(make, shape, probes, device, backend=None):
-    """``{"total": fn}``: one SGD training step of a model converted at ``probes``, and its compile report."""
+def step_timers(make, shape, variant, device, backend=None):
+    """``{"total": fn}``: one SGD training step of a model converted at ``variant`` with the 1-bit ReLU,
+    and its compile report."""
     model = make().to(device).train()
-    if probes:
-        xconv.convert(model, probes=probes, relu=True)
+    if variant:
+        xconv.convert(model, relu=True, **convert_options(variant))
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     x = torch.randn(shape, device=device)
     model, report = compiled(model, backend, lambda m: m(x).float().square().mean().backward())
@@ -116,10 +134,10 @@ def step_timers(make, shape, probes, device, backend=None):
     return {"total": step}, report
 
 
-def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds, backend=None):
+def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, backend=None):
     rows = []
     for name, make, shape in cases:
-        variants = [0, *probes_list]
+        variants = [0, *variants_list]
         timers, reports = [], []
         for r in variants:
             torch.manual_seed(0)
@@ -136,7 +154,7 @@ def run(kind, cases, make_timers, probes_list, device, min_run_time, rounds, bac
             if "forward_s" in m:
                 m["backward_s"] = m["total_s"] - m["forward_s"]
         for r, times, sample, report in zip(variants, medians, samples, reports):
-            row = {"kind": kind, "case": name, "variant": "exact" if r == 0 else f"r={r}", "device": device}
+            row = {"kind": kind, "case": name, "variant": variant_label(r), "device": device}
             if backend:
                 row.update(compile=backend, graph_breaks=report["graph_breaks"],
                            break_reasons="; ".join(report["break_reasons"]))
@@ -158,16 +176,16 @@ def round_ratio_quartiles(times, exact_times) -> dict:
     return {"total_ratio_q1": q1, "total_ratio_q2": q2, "total_ratio_q3": q3}
 
 
-def profile(kind, cases, make_timers, probes_list, device, iterations: int) -> str:
+def profile(kind, cases, make_timers, variants_list, device, iterations: int) -> str:
     """``torch.profiler``'s operator table of ``iterations`` forward+backward passes (layers) or
-    training steps, exact and at each r, heaviest first: self device time on CUDA, self CPU
+    training steps, exact and at each variant (:func:`convert_options`), heaviest first: self device time on CUDA, self CPU
     time on CPU. Each heading gives the wall-clock time per iteration (seconds, synchronised)."""
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     parts = []
     for name, make, shape in cases:
-        for r in [0, *probes_list]:
+        for r in [0, *variants_list]:
             torch.manual_seed(0)
             fn = make_timers(make, shape, r, device)[0]["total"]
             fn()
@@ -178,7 +196,7 @@ def profile(kind, cases, make_timers, probes_list, device, iterations: int) -> s
                     fn()
                 sync()
                 wall = (time.perf_counter() - start) / iterations
-            variant = "exact" if r == 0 else f"r={r}"
+            variant = variant_label(r)
             table = prof.key_averages().table(
                 sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25)
             parts.append(f"## {kind} {name}, {variant}: {wall * 1e3:.2f} ms per iteration (profiled)\n\n{table}")
@@ -202,6 +220,8 @@ def format_row(row):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--storage-bits", type=int, nargs="+", default=[], choices=[2, 4, 8, 16],
+                        help="also time SR storage of conv and BatchNorm inputs at these bits (offset max-pools)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timed measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
     parser.add_argument("--only", choices=["layers", "steps"], default=None)
@@ -239,11 +259,13 @@ def main(argv=None):
     kinds = [k for k in kinds if args.only in (None, k[0] + "s")]
     if args.profile:
         for kind, cases, make in kinds:
-            profile(kind, cases, make, args.probes, args.device, iterations=10)
+            profile(kind, cases, make, [*args.probes, *(f"sr{b}" for b in args.storage_bits)], args.device,
+                    iterations=10)
         return
+    variants = [*args.probes, *(f"sr{b}" for b in args.storage_bits)]
     rows = []
     for kind, cases, make in kinds:
-        rows += run(kind, cases, make, args.probes, args.device, args.min_run_time, args.rounds, args.compile)
+        rows += run(kind, cases, make, variants, args.device, args.min_run_time, args.rounds, args.compile)
     if args.csv:
         write_csv(rows, args.csv)
 

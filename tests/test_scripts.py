@@ -314,14 +314,16 @@ def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
     tiny = [("conv3x3 8->8 12x12 b{b}", lambda: torch.nn.Conv2d(8, 8, 3, padding=1), (2, 8, 12, 12))]
     cases = bench_speed.scaled(tiny, 3)
     assert [(name, shape) for name, _, shape in cases] == [("conv3x3 8->8 12x12 b6", (6, 8, 12, 12))]
-    rows = bench_speed.run("layer", cases, bench_speed.layer_timers, [4], "cpu", min_run_time=0.01, rounds=1)
-    assert [r["variant"] for r in rows] == ["exact", "r=4"]
+    rows = bench_speed.run("layer", cases, bench_speed.layer_timers, [4, "sr4"], "cpu", min_run_time=0.01, rounds=1)
+    assert [r["variant"] for r in rows] == ["exact", "r=4", "SR 4-bit"]
     assert rows[0]["total_ratio"] == 1.0 and rows[1]["total_s"] > rows[1]["forward_s"] > 0
     assert rows[0]["total_ratio_q1"] == rows[0]["total_ratio_q2"] == rows[0]["total_ratio_q3"] == 1.0
     text = bench_speed.profile("layer", cases, bench_speed.layer_timers, [4], "cpu", iterations=2)
     exact, xconv_part = text.split("## layer conv3x3 8->8 12x12 b6, r=4")
     assert "ms per iteration" in exact and "XConvFunction" not in exact
     assert "XConvFunction" in xconv_part
+    text = bench_speed.profile("layer", cases, bench_speed.layer_timers, ["sr2"], "cpu", iterations=2)
+    assert "QuantizedConvFunction" in text.split("## layer conv3x3 8->8 12x12 b6, SR 2-bit")[1]
 
 
 def test_bench_speed_round_ratio_quartiles_pair_each_round(bench_speed):
