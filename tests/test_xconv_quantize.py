@@ -142,3 +142,10 @@ def test_max_compression_raises_the_probes_of_large_maps_only():
     for x, probes in ((small, 4), (large, 64)):  # 64 / 16 = 4 < 4 probes; 1024 / 16 = 64
         report = saved_tensor_bytes(layer, x.requires_grad_(), model=layer)
         assert report.total_bytes == 2 * 4 * probes * 4  # sketch [B, C_in, r] in fp32
+
+
+def test_a_sliced_channels_last_tensor_comes_back_channels_last():
+    x = torch.randn(3, 6, 7, 9).to(memory_format=torch.channels_last)[:, ::2]
+    restored = dequantize(quantize(x, 8))
+    assert restored.is_contiguous(memory_format=torch.channels_last)
+    assert (restored - x).abs().max() <= (x.max() - x.min()) / 255 * 1.01

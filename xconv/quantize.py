@@ -63,12 +63,17 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``x`` permuted so that it is contiguous (a view) and the permutation; a copy if ``x`` is not dense."""
-    perm = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
-    view = x.permute(perm)
-    if view.is_contiguous():
-        return view, perm
-    return x.contiguous(), tuple(range(x.dim()))
+    """``x`` permuted so that it is contiguous (a view) and the permutation. A tensor that is not dense
+    (a slice) is first copied densely in its own dimension order, so the restored tensor keeps its
+    layout (``channels_last`` stays ``channels_last``)."""
+    def ordered(t: torch.Tensor):
+        perm = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+        return t.permute(perm), perm
+
+    view, perm = ordered(x)
+    if not view.is_contiguous():
+        view, perm = ordered(x.clone(memory_format=torch.preserve_format))
+    return (view, perm) if view.is_contiguous() else (x.contiguous(), tuple(range(x.dim())))
 
 
 def _round_bf16(x: torch.Tensor, direction: float) -> torch.Tensor:
