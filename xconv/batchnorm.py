@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .functional import refuse_double_backward
 from .quantize import check_bits, dequantize, quantize
 
 
@@ -42,11 +43,7 @@ class XBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable
-            raise RuntimeError(
-                f"{ctx.layer} does not support double backward (it keeps a {ctx.stored.bits}-bit copy "
-                "of its input); use the torch layer (xconv.revert) for higher-order gradients"
-            )
+        refuse_double_backward(ctx.layer, f"a {ctx.stored.bits}-bit copy of its input")
         weight, mean, invstd, reserve, *stored = ctx.saved_tensors
         x_hat = dequantize(ctx.stored.with_tensors(*stored))
         grads = torch.ops.aten._batch_norm_impl_index_backward(

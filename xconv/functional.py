@@ -565,6 +565,14 @@ def parameter_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def refuse_double_backward(layer: str, kept: str) -> None:
+    """Raise a one-line ``RuntimeError`` naming ``layer`` if this backward runs with ``create_graph=True``:
+    what it ``kept`` (e.g. "a 4-bit copy of its input") cannot give higher-order gradients."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{layer} does not support double backward (it keeps {kept}); "
+                           "use the torch layer (xconv.revert) for higher-order gradients")
+
+
 def bias_grad(grad_y: torch.Tensor) -> torch.Tensor:
     """The conv bias gradient ``[C_out]``: ``grad_y [B, C_out, *S_out]`` summed over all but dim 1.
     Half precision sums in fp32; fp32 and fp64 in their own dtype, as torch does."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
+from .functional import refuse_double_backward
 from .quantize import pack_codes, unpack_codes
 
 #: Largest window (positions) whose offsets fit the 8-bit codes; larger ones run the torch layer.
@@ -69,11 +70,7 @@ class XMaxPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable
-            raise RuntimeError(
-                f"{ctx.layer} does not support double backward (it keeps only window offsets); "
-                "use the torch layer (xconv.revert) for higher-order gradients"
-            )
+        refuse_double_backward(ctx.layer, "only window offsets")
         (packed,) = ctx.saved_tensors
         kernel, stride, padding, dilation = ctx.geometry
         dims = len(kernel)
