@@ -228,12 +228,12 @@ def equal_bytes_table(layers, bits_list, draws: int) -> list[dict]:
     """Per bits: the median over layers of the relative error of SR storage and of the sketch kept in
     the same bytes; prints a markdown table and returns one row per layer and storage."""
     rows = []
-    print("| storage | bytes / fp32 input | layers | median rel. error | median cosine |")
+    print("| storage | median bytes / fp32 input | layers | median rel. error | median cosine |")
     print("|---|---|---|---|---|")
     for bits in bits_list:
         results = {"SR": [], "sketch": []}
         for name, conv, inp, d, exact in layers:
-            kept = stored_bytes(inp.numel(), bits)
+            kept = stored_bytes(inp.shape, bits)
             probes = max(1, round(kept / (inp.shape[0] * inp.shape[1] * inp.element_size())))
             for kind, options in (("SR", dict(storage="quantized", bits=bits)), ("sketch", dict(probes=probes))):
                 result = draw_errors(conv, inp, d, exact, options, draws)
@@ -244,7 +244,8 @@ def equal_bytes_table(layers, bits_list, draws: int) -> list[dict]:
         for kind, per_layer in results.items():
             if per_layer:
                 label = f"SR {bits}-bit" if kind == "SR" else f"sketch in SR {bits}-bit's bytes"
-                print(f"| {label} | {stored_bytes(2**20, bits) / 2**22:.3f} | {len(per_layer)} "
+                ratio = statistics.median(stored_bytes(inp.shape, bits) / (4 * inp.numel()) for _, _, inp, _, _ in layers)
+                print(f"| {label} | {ratio:.3f} | {len(per_layer)} "
                       f"| {statistics.median(e for e, _, _ in per_layer):.4f} "
                       f"| {statistics.median(c for _, c, _ in per_layer):.4f} |", flush=True)
     return rows

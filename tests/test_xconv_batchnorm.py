@@ -15,7 +15,7 @@ from torch import nn
 from stats import FALSE_ALARM, bias_statistic, total_variance
 from xconv.batchnorm import BATCHNORM_CLASSES, XBatchNorm1d, XBatchNorm2d
 from xconv.memory import saved_tensor_bytes
-from xconv.quantize import BITS, GROUP_SIZE, dequantize, quantize, stored_bytes
+from xconv.quantize import BITS, _group_size, _restore, _rows, dequantize, quantize, rounding_variance, stored_bytes
 
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -123,18 +123,11 @@ def test_autocast_behaves_as_torch(input_dtype):
 
 def sr_variance(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element variance ``scale^2 f (1 - f)`` of :func:`quantize` at ``bits`` < 16 and its
-    bound ``scale^2 / 4``, for a contiguous ``x``.
-
-    ``lo`` and ``scale`` depend on ``x`` only (group min and max), so one call gives them all.
-    """
+    bound ``scale^2 / 4``."""
     q = quantize(x, bits)
-    flat = x.detach().reshape(-1).float()
-    flat = torch.cat([flat, flat[-1:].expand(-flat.numel() % GROUP_SIZE)]).view(-1, GROUP_SIZE)
-    lo, scale = q.lo.float()[:, None], q.scale.float()[:, None]
-    t = (flat - lo) / torch.where(scale > 0, scale, 1)
-    frac = t - t.floor()
-    per_element = scale**2 * frac * (1 - frac), scale.expand_as(flat) ** 2 / 4
-    return tuple(v.reshape(-1)[: x.numel()].view(x.shape) for v in per_element)
+    group = _group_size(_rows(x.shape)[1])
+    bound = _restore(q.scale.float()[:, None].expand(-1, group).square() / 4, tuple(x.shape), x.stride(), torch.float32)
+    return rounding_variance(x, bits).float(), bound
 
 
 def batch_stats(x, eps):
@@ -208,14 +201,15 @@ def test_weight_grad_variance_is_the_sr_model_s(bits):
 def test_input_grad_bias_is_the_derived_term(bits):
     """dx_i = w s (dy_i - mean(dy) - xh_i mean(dy xh)), xh from the copy: the e_i in xh_i and in
     the mean meet, giving ``E[dx_i] - dx_i = -w s^3 dy_i Var(e_i) / N``. Few elements per channel
-    (N = 16) make it visible: rejected against the exact gradient, accepted once added."""
+    (N = 16, one group per channel) make it visible: rejected against the exact gradient, accepted
+    once added."""
     ref, layer = pair(nn.BatchNorm1d, 4, bits=bits)
-    x = fresh_input((8, 4, 2))
+    x = fresh_input((16, 4))
     y = ref(x)
     grad_y = torch.randn_like(y)
     gx = grads(ref, x, y, grad_y)[0]
     dims, shape, inv_std = batch_stats(x.detach(), ref.eps)
-    var_e, bound_e = sr_variance(x, bits)
+    var_e, bound_e = (v.t() for v in sr_variance(x.t(), bits))  # grouped per channel, along the batch
     n = x.numel() // x.shape[1]
     coefficient = (ref.weight.detach() * inv_std**3).view(shape) * grad_y / n
     predicted = -coefficient * var_e
@@ -235,7 +229,7 @@ def test_saved_bytes_are_the_quantized_input_and_statistics(bits, channels_last)
     x = fresh_input((4, 6, 7, 5), channels_last)
     statistics = 2 * 6 * 4  # fp32 mean and inverse std; the weight is a parameter
     assert saved_tensor_bytes(lambda: ref(x), model=ref).total_bytes == x.numel() * 4 + statistics
-    assert saved_tensor_bytes(lambda: layer(x), model=layer).total_bytes == stored_bytes(x.numel(), bits) + statistics
+    assert saved_tensor_bytes(lambda: layer(x), model=layer).total_bytes == stored_bytes(x.shape, bits) + statistics
 
 
 def test_double_backward_raises_naming_the_layer():

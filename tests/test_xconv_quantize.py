@@ -63,7 +63,7 @@ def test_constant_and_bf16_exact_groups_are_kept_exactly():
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_stored_bytes_is_what_quantize_keeps(shape, bits):
     x = torch.randn(shape)
-    assert quantize(x, bits).nbytes == stored_bytes(x.numel(), bits)
+    assert quantize(x, bits).nbytes == stored_bytes(x.shape, bits)
 
 
 def test_variance_falls_with_bits_as_predicted():
@@ -85,7 +85,7 @@ def test_quantized_conv_keeps_the_packed_input_only(bits, channels_last):
         layer = layer.to(memory_format=torch.channels_last)
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     report = saved_tensor_bytes(layer, x, model=layer)
-    assert report.total_bytes == stored_bytes(x.numel(), bits)
+    assert report.total_bytes == stored_bytes(x.shape, bits)
     ref = nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     ref.load_state_dict(layer.state_dict())
     y, y_ref = layer(x), ref(x)
@@ -149,3 +149,23 @@ def test_a_sliced_channels_last_tensor_comes_back_channels_last():
     restored = dequantize(quantize(x, 8))
     assert restored.is_contiguous(memory_format=torch.channels_last)
     assert (restored - x).abs().max() <= (x.max() - x.min()) / 255 * 1.01
+
+
+@pytest.mark.parametrize("kwargs", [dict(storage="quantized", bits=4), dict(probes=8)], ids=["quantized", "sketch"])
+def test_unbatched_input_runs_the_torch_layer(kwargs):
+    layer = xconv.XConv2d(3, 4, 3, **kwargs)
+    ref = nn.Conv2d(3, 4, 3)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8, 8, requires_grad=True)
+    assert not layer.uses_estimator(x)
+    assert torch.equal(layer(x), ref(x))
+
+
+def test_batchnorm_groups_do_not_mix_channels_of_different_scales():
+    """A channels_last map whose channels differ in scale by 1000x: each channel keeps its own step,
+    so the small channel's stored copy is as accurate as if it were alone."""
+    x = torch.randn(4, 8, 16, 16) * torch.logspace(-3, 0, 8)[None, :, None, None]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        error = (dequantize(quantize(xl, 4)) - xl)[:, 0].square().mean().sqrt() / xl[:, 0].square().mean().sqrt()
+        assert error < 0.2

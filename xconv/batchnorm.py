@@ -36,7 +36,8 @@ class XBatchNormFunction(torch.autograd.Function):
         y, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
             x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled
         )
-        stored = quantize(x, bits)
+        # Groups must not mix channels: a [B, C] input is grouped along the batch, per channel.
+        stored = quantize(x if x.dim() > 2 else x.t(), bits)
         ctx.stored, ctx.impl, ctx.eps, ctx.layer = stored.layout(), impl, eps, layer
         ctx.save_for_backward(weight, mean, invstd, reserve, *stored.tensors())
         return y
@@ -46,6 +47,7 @@ class XBatchNormFunction(torch.autograd.Function):
         refuse_double_backward(ctx.layer, f"a {ctx.stored.bits}-bit copy of its input")
         weight, mean, invstd, reserve, *stored = ctx.saved_tensors
         x_hat = dequantize(ctx.stored.with_tensors(*stored))
+        x_hat = x_hat if x_hat.dim() > 2 else x_hat.t()
         grads = torch.ops.aten._batch_norm_impl_index_backward(
             ctx.impl, x_hat, grad_y, weight, None, None, mean, invstd, True, ctx.eps,
             list(ctx.needs_input_grad[:3]), reserve,

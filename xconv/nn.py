@@ -67,13 +67,15 @@ class _XConvMixin:
     def uses_estimator(self, x: torch.Tensor) -> bool:
         """Whether a forward on ``x`` keeps a sketch instead of running the plain layer.
 
-        Needs grad mode, a weight that requires grad and ``probes > 0`` (any ``probes`` with
+        Needs a batched input, grad mode, a weight that requires grad and ``probes > 0`` (any ``probes`` with
         ``storage="quantized"``). Then the layer input must have at least ``min_pixels``
         pixels, or, when ``min_pixels`` is None, the sketch must be smaller than the input
         (``H*W > r`` in independent mode; always, with quantized storage).
         """
         cfg = self.sketch_config
         quantized = cfg.storage == "quantized"
+        if x.dim() != self.weight.dim():  # an unbatched input [C, *S]: torch's layer takes it as it is
+            return False
         if (cfg.probes == 0 and not quantized) or not torch.is_grad_enabled() or not self.weight.requires_grad:
             return False
         pixels = math.prod(x.shape[2:])

@@ -126,18 +126,18 @@ def _layer_candidates(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ca
     """``||dW||^2`` of one call of a layer and, per candidate storage, ``(storage, setting, bytes,
     E||dW_hat - dW||^2)``."""
     plain, weight = _copy_as(module, probes=0), module.weight
-    numel = module.estimator_input(x)[0].numel()  # reflection padding is kept with the input
+    stored_shape = module.estimator_input(x)[0].shape  # reflection padding is kept with the input
     with torch.enable_grad():
         exact = torch.autograd.grad(plain.forward(x), weight, grad)[0].double()
     out, sketch_error = [], None
     for storage, setting in candidates:
         if storage == "exact":
-            out.append((storage, None, numel * x.element_size(), 0.0))
+            out.append((storage, None, math.prod(stored_shape) * x.element_size(), 0.0))
         elif storage == "quantized":
             with torch.enable_grad():
                 variance = rounding_variance(x, setting).to(x.dtype)
                 error = torch.autograd.grad(plain.forward(variance), weight, grad.square())[0].double().sum().item()
-            out.append((storage, setting, stored_bytes(numel, setting), error))
+            out.append((storage, setting, stored_bytes(stored_shape, setting), error))
         elif setting < math.prod(x.shape[2:]):  # a sketch smaller than the input
             if sketch_error is None:
                 layer = _copy_as(module, probes=MEASURE_PROBES)
@@ -256,7 +256,7 @@ def plan_storage(model: nn.Module, loss_fn: Callable, batch, budget: float | Non
     for name in planned:
         modules[name]._init_xconv(None, probes=0, storage="quantized", bits=8)
     other = saved_tensor_bytes(loss_fn, probe, batch, model=probe).total_bytes
-    other -= sum(stored_bytes(math.prod(shape), 8) for n in planned for shape in results[n][0])
+    other -= sum(stored_bytes(shape, 8) for n in planned for shape in results[n][0])
     choices = [results[n][1] for n in planned]
     available = budget_bytes - other
     smallest = sum(min(c[2] for c in layer) for layer in choices)

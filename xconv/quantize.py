@@ -1,8 +1,9 @@
 """Unbiased low-bit storage of tensors: stochastic rounding (SR) to b bits, bit-packed.
 
-A tensor is cut into groups of :data:`GROUP_SIZE` consecutive elements (in its memory order, so a
-``channels_last`` tensor is grouped along channels without a copy). Each group keeps an offset
-``lo`` and a step ``scale`` (bfloat16) and every element a ``b``-bit code
+A tensor ``[B, C, *S]`` is cut into groups of :data:`GROUP_SIZE` pixels of one sample and channel
+(a channel's image shorter than that is one group; fewer dims: groups along the last), so a
+group never mixes channels of different scales. Each group keeps an offset ``lo`` and a step
+``scale`` (bfloat16) and every element a ``b``-bit code
 
     code = floor((x - lo) / scale + u),  u ~ U[0, 1),   stored value  lo + scale * code
 
@@ -62,18 +63,21 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
 
 
-def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``x`` permuted so that it is contiguous (a view) and the permutation. A tensor that is not dense
-    (a slice) is first copied densely in its own dimension order, so the restored tensor keeps its
-    layout (``channels_last`` stays ``channels_last``)."""
-    def ordered(t: torch.Tensor):
-        perm = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
-        return t.permute(perm), perm
+def _rows(shape) -> tuple[int, int]:
+    """``(rows, n)``: a tensor of ``shape`` seen as rows that share a scale, ``n`` elements each: one row per
+    sample and channel (``n`` pixels) for ``[B, C, *S]``, one per leading index for fewer dims."""
+    n = math.prod(shape[2:]) if len(shape) >= 3 else (shape[-1] if shape else 1)
+    return (math.prod(shape) // n if n else 0), n
 
-    view, perm = ordered(x)
-    if not view.is_contiguous():
-        view, perm = ordered(x.clone(memory_format=torch.preserve_format))
-    return (view, perm) if view.is_contiguous() else (x.contiguous(), tuple(range(x.dim())))
+
+def _group_size(n: int) -> int:
+    """Elements per group in rows of ``n``: :data:`GROUP_SIZE`, or the row itself where it is shorter."""
+    return max(1, min(GROUP_SIZE, n))
+
+
+def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor in ``x``'s own dimension order (``channels_last`` stays so)."""
+    return torch.empty_like(x, device="meta", memory_format=torch.preserve_format).stride()
 
 
 def _round_bf16(x: torch.Tensor, direction: float) -> torch.Tensor:
@@ -99,10 +103,10 @@ class Quantized:
     """A tensor in SR low-bit storage (see the module docstring); :func:`dequantize` restores it.
 
     Attributes:
-        codes: packed codes, ``uint8 [groups * GROUP_SIZE * bits / 8]`` (16 bits: the bfloat16
-            values themselves).
+        codes: packed codes, ``uint8``, ``bits / 8`` bytes per element of the padded groups (16 bits:
+            the bfloat16 values themselves).
         lo, scale: per-group offset and step, ``bfloat16 [groups]`` (None at 16 bits).
-        shape, dtype: of the original tensor; ``perm`` its memory order (see ``_memory_order``).
+        shape, strides, dtype: of the original tensor (strides of its dense layout).
     """
 
     codes: torch.Tensor
@@ -110,7 +114,7 @@ class Quantized:
     scale: torch.Tensor | None
     bits: int
     shape: tuple[int, ...]
-    perm: tuple[int, ...]
+    strides: tuple[int, ...]
     dtype: torch.dtype
 
     def tensors(self) -> tuple:
@@ -118,7 +122,7 @@ class Quantized:
         return self.codes, self.lo, self.scale
 
     def with_tensors(self, codes, lo, scale) -> "Quantized":
-        return Quantized(codes, lo, scale, self.bits, self.shape, self.perm, self.dtype)
+        return Quantized(codes, lo, scale, self.bits, self.shape, self.strides, self.dtype)
 
     def layout(self) -> "Quantized":
         """This without its tensors: what an autograd ``ctx`` may hold beside ``save_for_backward``."""
@@ -130,29 +134,40 @@ class Quantized:
         return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
 
-def stored_bytes(numel: int, bits: int, group_size: int = GROUP_SIZE) -> int:
-    """Bytes :func:`quantize` keeps for a tensor of ``numel`` elements at ``bits``."""
+def stored_bytes(shape, bits: int) -> int:
+    """Bytes :func:`quantize` keeps for a tensor of ``shape`` at ``bits``."""
     if bits == 16:
-        return 2 * numel
-    groups = -(-numel // group_size)
-    return groups * group_size * bits // 8 + 4 * groups
+        return 2 * math.prod(shape)
+    rows, n = _rows(shape)
+    group = _group_size(n)
+    groups = rows * -(-n // group)
+    return -(-groups * group * bits // 8) + 4 * groups
 
 
 def _grid(x: torch.Tensor, bits: int):
-    """``x`` in memory order, grouped: ``(t [groups, GROUP_SIZE], lo, scale, perm)``, where ``t`` is
-    ``(x - lo) / scale`` in ``[0, 2^bits - 1]`` (``bits`` < 16) and ``lo``, ``scale`` are bfloat16."""
-    ordered, perm = _memory_order(x.detach())
+    """``x`` grouped within its rows (:func:`_rows`): ``(t [groups, g], lo, scale)``, where ``t`` is
+    ``(x - lo) / scale`` in ``[0, 2^bits - 1]`` and ``lo``, ``scale`` are bfloat16. Groups never cross a
+    channel: channels of different scales would share the coarser step."""
+    rows, n = _rows(x.shape)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    flat = ordered.reshape(-1).to(compute)
-    pad = (-flat.numel()) % GROUP_SIZE
-    if pad:  # the last group repeats its last element: no new extremes
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
-    groups = flat.view(-1, GROUP_SIZE)
+    flat = x.detach().to(compute).reshape(rows, n)  # a copy for channels_last inputs
+    group = _group_size(n)
+    pad = (-n) % group
+    if pad:  # each row repeats its last element: no new extremes
+        flat = torch.cat([flat, flat[:, -1:].expand(rows, pad)], 1)
+    groups = flat.reshape(-1, group)
     lo = _round_bf16(groups.amin(1), -math.inf)
     scale = _round_bf16((groups.amax(1) - lo.to(compute)) / ((1 << bits) - 1), math.inf)
     step = scale.to(compute)[:, None]
     t = (groups - lo.to(compute)[:, None]) / torch.where(step > 0, step, 1)
-    return t, lo, scale, ordered.shape, perm
+    return t, lo, scale
+
+
+def _restore(values: torch.Tensor, shape, strides, dtype) -> torch.Tensor:
+    """Rows of padded groups (``[rows, >= n]`` after a view) as a tensor of ``shape``, ``strides``, ``dtype``."""
+    rows, n = _rows(shape)
+    logical = values.reshape(rows, -1)[:, :n].reshape(shape)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=values.device).copy_(logical)
 
 
 def quantize(x: torch.Tensor, bits: int) -> Quantized:
@@ -165,17 +180,20 @@ def quantize(x: torch.Tensor, bits: int) -> Quantized:
         ValueError: ``bits`` not in :data:`BITS`.
     """
     check_bits("bits", bits, none_ok=False)
+    shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
-        ordered, perm = _memory_order(x.detach())
-        return Quantized(stochastic_round_bf16(ordered), None, None, 16, tuple(ordered.shape), perm, x.dtype)
-    t, lo, scale, shape, perm = _grid(x, bits)
-    codes = (t + torch.rand_like(t)).floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
-    return Quantized(pack_codes(codes, bits), lo, scale, bits, tuple(shape), perm, x.dtype)
+        return Quantized(stochastic_round_bf16(x.detach()), None, None, 16, shape, strides, x.dtype)
+    t, lo, scale = _grid(x, bits)
+    codes = (t + torch.rand_like(t)).floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8).reshape(-1)
+    pad = (-codes.numel()) % (8 // bits)
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    return Quantized(pack_codes(codes, bits), lo, scale, bits, shape, strides, x.dtype)
 
 
 def rounding_variance(x: torch.Tensor, bits: int) -> torch.Tensor:
     """The variance of each element of ``dequantize(quantize(x, bits))``: ``step^2 f (1 - f)``,
-    ``f`` the fractional part of ``x``'s position on its grid; shape, layout and dtype of ``x``
+    ``f`` the fractional part of ``x``'s position on its grid; shape and layout of ``x``, in its dtype
     (fp32 for half-precision ``x``). Used to predict gradient errors without drawing."""
     check_bits("bits", bits, none_ok=False)
     if bits == 16:  # the magnitude is rounded between its bfloat16 neighbours towards zero and away
@@ -184,21 +202,19 @@ def rounding_variance(x: torch.Tensor, bits: int) -> torch.Tensor:
         up = torch.nextafter(down.to(torch.bfloat16), torch.tensor(math.inf, dtype=torch.bfloat16)).float()
         f = (magnitude - down) / (up - down)
         return (up - down).square() * f * (1 - f)
-    t, _, scale, shape, perm = _grid(x, bits)
+    t, _, scale = _grid(x, bits)
     f = t - t.floor()
     var = scale.to(t.dtype)[:, None].square() * f * (1 - f)
-    inverse = sorted(range(len(perm)), key=perm.__getitem__)
-    return var.view(-1)[: x.numel()].view(shape).permute(inverse)
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return _restore(var, tuple(x.shape), _dense_strides(x), dtype)
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
-    """The stored values of :func:`quantize` as a tensor of the original shape, strides and dtype."""
+    """The stored values of :func:`quantize` as a tensor of the original shape, layout and dtype."""
     if q.bits == 16:
-        ordered = q.codes.to(q.dtype)
-    else:
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        codes = unpack_codes(q.codes, q.bits).view(q.lo.shape[0], GROUP_SIZE).to(compute)
-        values = torch.addcmul(q.lo.to(compute)[:, None], q.scale.to(compute)[:, None], codes)
-        ordered = values.view(-1)[: math.prod(q.shape)].view(q.shape).to(q.dtype)
-    inverse = sorted(range(len(q.perm)), key=q.perm.__getitem__)
-    return ordered.permute(inverse)
+        return torch.empty_strided(q.shape, q.strides, dtype=q.dtype, device=q.codes.device).copy_(q.codes)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = _group_size(_rows(q.shape)[1])
+    codes = unpack_codes(q.codes, q.bits)[: q.lo.shape[0] * group].view(q.lo.shape[0], group).to(compute)
+    values = torch.addcmul(q.lo.to(compute)[:, None], q.scale.to(compute)[:, None], codes)
+    return _restore(values, q.shape, q.strides, q.dtype)
