@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 _TORCH_CLASSES = {xcls: tcls for tcls, xcls in XCONV_CLASSES.items()}
 _ACTIVATIONS = {nn.ReLU: BitReLU, nn.LeakyReLU: BitLeakyReLU}
 # Layers converted by their exact class (subclasses may compute something else), and back.
-_EXACT_CLASS_SWAPS = {**_ACTIVATIONS, **MAXPOOL_CLASSES, **BATCHNORM_CLASSES}
-_TORCH_CLASSES.update({new: old for old, new in _EXACT_CLASS_SWAPS.items()})
+_TORCH_CLASSES.update({new: old for old, new in {**_ACTIVATIONS, **MAXPOOL_CLASSES, **BATCHNORM_CLASSES}.items()})
 
 
 def _rebuild(module: nn.Module, cls: type) -> nn.Module:
@@ -145,16 +144,14 @@ def convert(
             skipped.append(f"{name} ({type(module).__name__})")
         elif relu and type(module) in _ACTIVATIONS:
             model = _replace(model, name, _rebuild(module, _ACTIVATIONS[type(module)]))
-        elif _TORCH_CLASSES.get(type(module), type(module)) in BATCHNORM_CLASSES:
-            torch_class = _TORCH_CLASSES.get(type(module), type(module))
+        elif (torch_class := _TORCH_CLASSES.get(type(module), type(module))) in BATCHNORM_CLASSES:
             if batchnorm_bits is None:
                 model = _replace(model, name, _plain(module)) if torch_class is not type(module) else model
             else:
                 new = _rebuild(module, BATCHNORM_CLASSES[torch_class])
                 new._init_bits(batchnorm_bits)
                 model = _replace(model, name, new)
-        elif _TORCH_CLASSES.get(type(module), type(module)) in MAXPOOL_CLASSES:
-            torch_class = _TORCH_CLASSES.get(type(module), type(module))
+        elif torch_class in MAXPOOL_CLASSES:
             target = MAXPOOL_CLASSES[torch_class] if maxpool else torch_class
             model = _replace(model, name, _rebuild(module, target)) if target is not type(module) else model
     if skipped:

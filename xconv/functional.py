@@ -524,12 +524,11 @@ class XConvFunction(torch.autograd.Function):
             ctx.order = choose_contraction(cfg, x.shape, y.shape, weight.shape, geom)
             # The DCT basis is a cached function of the shape; only the data-adaptive one is kept.
             stored_basis = basis if cfg.deflation == "pca" else None
-            if cfg.bits is not None:
-                stored = quantize(sketch, cfg.bits)
-                ctx.stored = stored.layout()
-                ctx.save_for_backward(weight, stored_basis, *stored.tensors())
-                return y
-        ctx.save_for_backward(weight, stored_basis, sketch)
+        kept = (sketch,)
+        if sketch is not None and cfg.bits is not None:
+            stored = quantize(sketch, cfg.bits)
+            ctx.stored, kept = stored.layout(), stored.tensors()
+        ctx.save_for_backward(weight, stored_basis, *kept)
         return y
 
     @staticmethod

@@ -103,18 +103,16 @@ class _XConvMixin:
         cfg = self.sketch_config
         if cfg.storage == "quantized":
             extra = f", storage='quantized', bits={cfg.bits}"
-            if self.min_pixels is not None:
-                extra += f", min_pixels={self.min_pixels}"
-            return super().extra_repr() + extra
-        extra = f", probes={cfg.probes}, mode={cfg.mode!r}, distribution={cfg.distribution!r}"
-        if cfg.bits is not None:
-            extra += f", bits={cfg.bits}"
-        if cfg.max_compression is not None:
-            extra += f", max_compression={cfg.max_compression}"
-        if cfg.per_sample:
-            extra += ", per_sample=True"
-        if cfg.deflation is not None:
-            extra += f", deflation={cfg.deflation!r}, deflation_rank={cfg.rank}"
+        else:
+            extra = f", probes={cfg.probes}, mode={cfg.mode!r}, distribution={cfg.distribution!r}"
+            if cfg.bits is not None:
+                extra += f", bits={cfg.bits}"
+            if cfg.max_compression is not None:
+                extra += f", max_compression={cfg.max_compression}"
+            if cfg.per_sample:
+                extra += ", per_sample=True"
+            if cfg.deflation is not None:
+                extra += f", deflation={cfg.deflation!r}, deflation_rank={cfg.rank}"
         if self.min_pixels is not None:
             extra += f", min_pixels={self.min_pixels}"
         return super().extra_repr() + extra

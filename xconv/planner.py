@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .convert import revert
 from .memory import saved_tensor_bytes
 from .nn import _XConvMixin
 from .quantize import rounding_variance, stored_bytes
@@ -122,11 +123,11 @@ def _copy_as(module: nn.Module, **options) -> nn.Module:
     return layer
 
 
-def _layer_candidates(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, candidates) -> tuple[float, list]:
-    """``||dW||^2`` of one call of a layer and, per candidate storage, ``(storage, setting, bytes,
-    E||dW_hat - dW||^2)``."""
+def _layer_candidates(module: nn.Module, x: torch.Tensor, stored_shape, grad: torch.Tensor,
+                      candidates) -> tuple[float, list]:
+    """``||dW||^2`` of one call of a layer on ``x`` and, per candidate storage, ``(storage, setting, bytes,
+    E||dW_hat - dW||^2)``; ``stored_shape`` is the shape of what the layer keeps (with reflection padding)."""
     plain, weight = _copy_as(module, probes=0), module.weight
-    stored_shape = module.estimator_input(x)[0].shape  # reflection padding is kept with the input
     with torch.enable_grad():
         exact = torch.autograd.grad(plain.forward(x), weight, grad)[0].double()
     out, sketch_error = [], None
@@ -160,7 +161,7 @@ def _measure(model: nn.Module, loss_fn: Callable, batch, candidates) -> dict[str
                 x = args[0].detach()
                 stored_shape = tuple(module.estimator_input(x)[0].shape)
                 output.register_hook(lambda grad: calls.setdefault(name, []).append(
-                    (stored_shape, *_layer_candidates(module, x, grad.detach(), candidates))))
+                    (stored_shape, *_layer_candidates(module, x, stored_shape, grad.detach(), candidates))))
 
         return hook
 
@@ -240,8 +241,6 @@ def plan_storage(model: nn.Module, loss_fn: Callable, batch, budget: float | Non
     if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
                                      or budget_bytes <= 0):
         raise ValueError(f"budget_bytes must be an int > 0, got {budget_bytes!r}")
-    from .convert import revert  # convert imports this module's siblings; revert is needed only here
-
     plain = revert(copy.deepcopy(model))
     plain_bytes = saved_tensor_bytes(loss_fn, plain, batch, model=plain).total_bytes
     budget_bytes = budget_bytes if budget_bytes is not None else int(budget * plain_bytes)
