@@ -44,5 +44,5 @@ class QuantizedConvFunction(torch.autograd.Function):
             x_hat = dequantize(ctx.stored.with_tensors(*stored))
             grad_w = parameter_layout(_weight_grad(grad_y, x_hat, weight, ctx.geom, ctx.geom.groups), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = bias_grad(grad_y)
+            grad_b = bias_grad(grad_y, ctx.x_shape, weight, ctx.geom)
         return grad_x, grad_w, grad_b, None, None
