@@ -6,6 +6,7 @@ every geometry, and its variance must fall as 1/r.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -285,3 +286,58 @@ def test_error_shrinks_towards_exact_as_r_grows():
     (got,) = torch.autograd.grad(layer(x), layer.weight, grad_y)
     # relative error ~ sqrt(n / r) = sqrt(64 / 4096) = 0.125 per draw
     assert (got - gw).norm() / gw.norm() < 0.4
+
+
+# Options set after construction (as output-stride conversion in segmentation encoders does):
+# (id, spatial dims, transposed, constructor kwargs, options set afterwards, input spatial shape)
+MUTATED = [
+    ("1d-padding-dilation", 1, False, dict(kernel_size=3, padding=1), dict(padding=(2,), dilation=(2,)), (12,)),
+    ("2d-padding-dilation", 2, False, dict(kernel_size=3, padding=1), dict(padding=(2, 2), dilation=(2, 2)), (8, 8)),
+    ("2d-stride", 2, False, dict(kernel_size=3, padding=1), dict(stride=(2, 2)), (9, 8)),
+    ("2d-same-even", 2, False, dict(kernel_size=4, padding=1), dict(padding="same"), (6, 7)),
+    ("2d-valid", 2, False, dict(kernel_size=3, padding=1), dict(padding="valid"), (6, 6)),
+    ("2d-reflect", 2, False, dict(kernel_size=3, padding=1), dict(padding_mode="reflect"), (6, 6)),
+    ("3d-padding-dilation", 3, False, dict(kernel_size=3, padding=1), dict(padding=(2, 2, 2), dilation=(2, 2, 2)), (5, 5, 5)),
+    ("t1d-padding-op", 1, True, dict(kernel_size=3, stride=2, padding=1), dict(padding=(0,), output_padding=(1,)), (6,)),
+    ("t2d-stride-dilation-op", 2, True, dict(kernel_size=3, padding=1), dict(stride=(2, 2), dilation=(2, 2), output_padding=(1, 1)), (4, 4)),
+    ("t3d-padding", 3, True, dict(kernel_size=2, stride=2), dict(padding=(1, 1, 1)), (3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("when", ["before-convert", "after-convert"])
+@pytest.mark.parametrize("estimator", [{}, dict(storage="quantized", bits=4)], ids=["sketch", "quantized-4bit"])
+@pytest.mark.parametrize("case", MUTATED, ids=[m[0] for m in MUTATED])
+def test_options_set_after_construction_act_as_in_torch(case, estimator, when):
+    """The estimator reads padding, dilation, stride, output padding and padding mode at call time, as
+    torch's forward does: forward, input gradient and the weight-gradient mean match the torch layer."""
+    name, dims, transposed, kwargs, options, spatial = case
+    ref = TORCH[dims, transposed](4, 6, **kwargs)
+
+    def mutate(layer):
+        for key, value in options.items():
+            setattr(layer, key, value)
+
+    if when == "before-convert":
+        mutate(ref)
+    layer = xconv.convert(copy.deepcopy(ref), probes=8, min_pixels=0, **estimator)
+    if when == "after-convert":
+        mutate(ref)
+        mutate(layer)
+    x = torch.randn(3, 4, *spatial)
+    y, grad_y, gx, gw, gb = exact_grads(ref, x)
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    assert layer.uses_estimator(x)
+    out.backward(grad_y)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-5, atol=1e-5)
+    t, threshold = bias_statistic(weight_grad_draws(layer, x.detach(), grad_y, draws=300), gw)
+    assert t < threshold, f"Monte-Carlo mean deviates from the exact gradient: T={t:.2f} > {threshold:.2f}"
+
+
+def test_same_padding_with_a_stride_set_later_is_refused_as_in_torch():
+    layer = xconv.XConv2d(4, 6, 3, padding="same", probes=8)
+    layer.stride = (2, 2)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        layer(torch.randn(2, 4, 8, 8))

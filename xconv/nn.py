@@ -122,16 +122,31 @@ class _XConvNd(_XConvMixin):
     def estimator_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The input the estimator sees (and keeps a sketch or copy of) and its zero padding.
 
-        Non-zero padding modes and the asymmetric padding of padding="same" with even kernels
-        are applied to the input first, as torch does; the estimator then sees the padded input
-        and symmetric zero padding, so Phi_k includes them exactly.
+        Reads the options at call time exactly as torch's ``_conv_forward`` does, so options
+        set after construction (``conv.padding = (2, 2)``, as output-stride conversion in
+        segmentation encoders does) act alike: a non-zero ``padding_mode`` pads the input with
+        torch's ``_reversed_padding_repeated_twice``; ``padding="same"`` is worked out from the
+        current kernel size and dilation, and its asymmetric part (even kernels) is applied to the
+        input first. The estimator then sees the padded input and symmetric zero padding, so
+        Phi_k includes the padding exactly.
+
+        Raises:
+            ValueError: ``padding="same"`` with a stride other than 1 (as torch raises).
         """
-        pads = self._reversed_padding_repeated_twice
-        left, right = pads[0::2], pads[1::2]
-        if self.padding_mode != "zeros" or left != right:
-            pad_mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            return F.pad(x, pads, mode=pad_mode), (0,) * len(left)
-        return x, tuple(reversed(left))
+        none = (0,) * (x.dim() - 2)
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), none
+        if self.padding == "valid":
+            return x, none
+        if self.padding != "same":
+            return x, tuple(self.padding)
+        if any(s != 1 for s in self.stride):
+            raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={self.stride}")
+        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        if all(t % 2 == 0 for t in totals):
+            return x, tuple(t // 2 for t in totals)
+        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+        return F.pad(x, pads), none
 
     def _xconv_forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self.estimator_input(x)
