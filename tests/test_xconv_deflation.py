@@ -95,7 +95,7 @@ def test_range_basis_finds_a_low_rank_subspace():
 
 def test_only_pca_stores_its_basis():
     x = torch.randn(4, 16, 32, 32, requires_grad=True)
-    sketch_bytes = 4 * 16 * 8 * 4
+    sketch_bytes = 4 * 16 * 8 * 4 + 8  # [B, C, r] fp32 and the int64 probe seed
     for deflation, extra in ((None, 0), ("dct", 0), ("pca", 1024 * 4)):
         layer = xconv.XConv2d(16, 16, 3, padding=1, probes=8, bias=False, deflation=deflation)
         assert saved_tensor_bytes(layer, x).total_bytes == sketch_bytes + extra

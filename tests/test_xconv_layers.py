@@ -1,15 +1,23 @@
 """XConv layer behaviour around the estimator: RNG, grad modes, dtypes, errors, 1-bit ReLUs."""
 from __future__ import annotations
 
+import copy
 import gc
+import warnings
 import weakref
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import xconv
 from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
+from stats import bias_statistic
+
+# An XConv layer saves its probe seed as an int64 tensor (so activation recomputation hands
+# backward the seed that goes with its sketch).
+SEED_BYTES = 8
 
 
 def _weight_grad(layer, x, grad_y):
@@ -61,7 +69,7 @@ def test_saved_bytes_are_the_sketch():
     layer = xconv.XConv2d(16, 16, 3, padding=1, probes=8, bias=False)
     x = torch.randn(4, 16, 32, 32, requires_grad=True)
     report = saved_tensor_bytes(layer, x)
-    assert report.total_bytes == 4 * 16 * 8 * 4  # [B, C_in, r] fp32; the weight is a parameter
+    assert report.total_bytes == 4 * 16 * 8 * 4 + SEED_BYTES  # [B, C_in, r] fp32 and the int64 seed; the weight is a parameter
     exact = saved_tensor_bytes(nn.Conv2d(16, 16, 3, padding=1, bias=False), x)
     assert exact.total_bytes == x.numel() * 4
 
@@ -70,15 +78,62 @@ def test_multi_mode_sketch_is_batch_by_probes():
     layer = xconv.XConv2d(16, 16, 3, padding=1, probes=8, mode="gaussian", bias=False)
     assert layer.sketch_config.mode == "multi"
     report = saved_tensor_bytes(layer, torch.randn(4, 16, 32, 32, requires_grad=True))
-    assert report.total_bytes == 4 * 8 * 4
+    assert report.total_bytes == 4 * 8 * 4 + SEED_BYTES
 
 
-def test_double_backward_raises():
-    layer = xconv.XConv2d(2, 2, 3, padding=1)
+@pytest.mark.parametrize("options", [{}, dict(storage="quantized", bits=4)], ids=["sketch", "quantized"])
+def test_double_backward_raises_naming_the_layer(options):
+    layer = xconv.XConv2d(2, 2, 3, padding=1, **options)
     x = torch.randn(1, 2, 8, 8, requires_grad=True)
-    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match=r"XConv2d \(weight \[2, 2, 3, 3\].*\) does not support double backward .*exclude="):
+        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+
+
+def test_gradient_penalty_at_probes_zero_is_torch_s():
+    """probes=0 promises exact gradients: a gradient penalty (WGAN-GP / R1: backward through an input
+    gradient) through converted convs and 1-bit (leaky) ReLUs equals the torch model's."""
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                        nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3)).double()
+    model = xconv.convert(copy.deepcopy(ref), probes=0)
+    assert isinstance(model[1], xconv.BitReLU) and isinstance(model[3], xconv.BitLeakyReLU)
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    grads = []
+    for net in (ref, model):
+        xi = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(net(xi).sum(), xi, create_graph=True)
+        penalty = (gx.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        grads.append(torch.autograd.grad(penalty, list(net.parameters()), materialize_grads=True))
+    for got, want in zip(*grads[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [xconv.BitReLU, lambda inplace: xconv.BitLeakyReLU(0.1, inplace)],
+                         ids=["relu", "leaky"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bit_activation_double_backward_gradgradcheck(make, inplace):
+    act = make(inplace=inplace)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    x = (x + x.sign() * 0.1).requires_grad_(True)  # away from the kink, where finite differences hold
+    assert torch.autograd.gradgradcheck(lambda t: act(t.clone()) * t, (x,))
+
+
+@pytest.mark.parametrize("preserve_rng_state", [True, False])
+@pytest.mark.parametrize("mode", ["independent", "multi"])
+def test_checkpoint_recomputation_keeps_the_estimate_unbiased(preserve_rng_state, mode):
+    """Non-reentrant activation recomputation re-runs forward in backward; with
+    preserve_rng_state=False it draws another seed, which must come with its own sketch."""
+    ref = nn.Conv2d(4, 6, 3, padding=1)
+    layer = xconv.XConv2d(4, 6, 3, padding=1, probes=4, mode=mode)
+    layer.load_state_dict(ref.state_dict())
+    x, grad_y = torch.randn(2, 4, 6, 6), torch.randn(2, 6, 6, 6)
+    (exact,) = torch.autograd.grad(ref(x), ref.weight, grad_y)
+
+    def draw():
+        y = checkpoint(layer, x, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+        return torch.autograd.grad(y, layer.weight, grad_y)[0]
+
+    t, threshold = bias_statistic(torch.stack([draw() for _ in range(400)]), exact)
+    assert t < threshold, f"Monte-Carlo mean deviates from the exact gradient: T={t:.2f} > {threshold:.2f}"
 
 
 def _relative_error(estimate, reference):
@@ -113,7 +168,8 @@ def test_autocast_estimate_is_the_fp32_estimate_up_to_rounding(dtype, contractio
     torch.testing.assert_close(y, y_ref)
     estimate_half = torch.autograd.grad(y, layer.weight, grad_y.to(dtype))[0]
     assert estimate_half.dtype == torch.float32  # the parameter's dtype, as with torch's conv
-    assert saved == [dtype, dtype]  # the weight (cast) and the sketch, both in the compute dtype
+    # the weight (cast) and the sketch, both in the compute dtype, and the probe seed
+    assert saved == [dtype, torch.int64, dtype]
     assert 0 < floor < 0.05
     assert _relative_error(estimate_half, estimate32) < 4 * floor
 
@@ -328,7 +384,7 @@ def test_saved_bytes_by_module():
     model = nn.Sequential(xconv.XConv2d(4, 8, 3, padding=1, probes=4), xconv.BitReLU())
     x = torch.randn(2, 4, 16, 16)
     report = saved_tensor_bytes(lambda: model(x).sum(), model=model)
-    assert report.by_module == {"0": 2 * 4 * 4 * 4, "1": 2 * 8 * 16 * 16 // 8}
+    assert report.by_module == {"0": 2 * 4 * 4 * 4 + SEED_BYTES, "1": 2 * 8 * 16 * 16 // 8}
 
 
 def test_saved_bytes_frees_the_graph_with_the_report():
@@ -359,7 +415,7 @@ def test_saved_bytes_under_autocast_count_activations_not_weight_casts(probes):
     x = torch.randn(2, 4, 16, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = saved_tensor_bytes(lambda: layer(x).sum())
-    assert report.total_bytes == 2 * (2 * 4 * probes if probes else x.numel())
+    assert report.total_bytes == (2 * 2 * 4 * probes + SEED_BYTES if probes else 2 * x.numel())
 
 
 def test_cuda_peak_is_none_for_a_cpu_run_on_a_gpu_machine(monkeypatch):
@@ -369,3 +425,28 @@ def test_cuda_peak_is_none_for_a_cpu_run_on_a_gpu_machine(monkeypatch):
     assert cuda_peak_memory_bytes(calls.append, 1, device=torch.device("cpu")) is None
     assert cuda_peak_memory_bytes(calls.append, 1, device="cpu") is None
     assert calls == []
+
+
+@pytest.mark.parametrize("options, spreads", [
+    (dict(mode="multi"), True), (dict(mode="orthogonal"), True),
+    (dict(mode="independent"), False), (dict(storage="quantized", bits=4), False),
+], ids=["multi", "orthogonal", "independent", "quantized"])
+def test_non_finite_input_pixel_spread_and_anomaly_warning(options, spreads):
+    """One NaN input pixel: torch's layer gets NaN in that input channel's weight-gradient entries;
+    the per-channel sketch and SR storage alike, the multi-channel sketches in every entry. Under
+    anomaly detection the layer says so, naming itself; outside it, nothing is checked."""
+    ref = nn.Conv2d(3, 4, 3, padding=1)
+    layer = xconv.XConv2d(3, 4, 3, padding=1, probes=8, **options)
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 1, 3, 3] = float("nan")
+    ref(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no check, no warning outside anomaly mode
+        layer(x).sum().backward()
+    expected = torch.ones_like(ref.weight.grad, dtype=torch.bool) if spreads else ref.weight.grad.isnan()
+    assert torch.equal(layer.weight.grad.isnan(), expected)
+    with torch.autograd.set_detect_anomaly(True), pytest.warns(RuntimeWarning) as record:
+        layer(x)
+    message = str(record[0].message)
+    assert message.startswith("XConv2d (weight [4, 3, 3, 3]") and "non-finite input [2, 3, 8, 8]" in message
+    assert ("every weight-gradient entry" in message) == spreads

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .probes import (
     DEFLATIONS,
@@ -510,9 +509,9 @@ class XConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: int):
+    def forward(ctx, x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: int, layer: str):
         y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
-        ctx.geom, ctx.cfg, ctx.seed = geom, cfg, seed
+        ctx.geom, ctx.cfg, ctx.layer = geom, cfg, layer
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         ctx.plan = ctx.stored = None
         sketch = stored_basis = None
@@ -528,13 +527,18 @@ class XConvFunction(torch.autograd.Function):
         if sketch is not None and cfg.bits is not None:
             stored = quantize(sketch, cfg.bits)
             ctx.stored, kept = stored.layout(), stored.tensors()
-        ctx.save_for_backward(weight, stored_basis, *kept)
+        # The seed is saved as a tensor, not a ctx attribute: activation recomputation
+        # (torch.utils.checkpoint) replaces saved tensors by the recomputed forward's, and a
+        # recomputation that draws another seed (preserve_rng_state=False) must hand backward
+        # that seed with its sketch, or the probes no longer match and the estimate is biased.
+        ctx.save_for_backward(weight, stored_basis, torch.tensor(seed, dtype=torch.int64), *kept)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
-        weight, basis, *stored = ctx.saved_tensors
+        refuse_double_backward(ctx.layer, "a sketch of its input")
+        weight, basis, seed, *stored = ctx.saved_tensors
+        seed = int(seed)
         sketch = stored[0] if ctx.stored is None else dequantize(ctx.stored.with_tensors(*stored))
         geom, cfg = ctx.geom, ctx.cfg
         grad_x = grad_w = grad_b = None
@@ -545,14 +549,14 @@ class XConvFunction(torch.autograd.Function):
                 if cfg.deflation == "dct":
                     basis = dct_basis(tuple(ctx.x_shape[2:]), cfg.rank, grad_y.device)
                 grad_w = _independent_weight_grad(
-                    grad_y, sketch, cfg, ctx.seed, ctx.x_shape, weight, geom, ctx.order, basis
+                    grad_y, sketch, cfg, seed, ctx.x_shape, weight, geom, ctx.order, basis
                 )
             else:
-                grad_w = _multi_weight_grad(grad_y, sketch, cfg, ctx.seed, ctx.plan, ctx.x_shape, weight.shape, geom)
+                grad_w = _multi_weight_grad(grad_y, sketch, cfg, seed, ctx.plan, ctx.x_shape, weight.shape, geom)
             grad_w = parameter_layout(grad_w, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = bias_grad(grad_y, ctx.x_shape, weight, geom)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def parameter_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -568,8 +572,8 @@ def refuse_double_backward(layer: str, kept: str) -> None:
     """Raise a one-line ``RuntimeError`` naming ``layer`` if this backward runs with ``create_graph=True``:
     what it ``kept`` (e.g. "a 4-bit copy of its input") cannot give higher-order gradients."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{layer} does not support double backward (it keeps {kept}); "
-                           "use the torch layer (xconv.revert) for higher-order gradients")
+        raise RuntimeError(f"{layer} does not support double backward (it keeps {kept}); keep it a torch "
+                           "layer for higher-order gradients (xconv.convert(..., exclude=[its name]) or xconv.revert)")
 
 
 def bias_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
@@ -642,11 +646,16 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
         shape = ctx.shape if len(ctx.shape) else (1,)  # a scalar is walked as one row
         grad = grad_y.reshape(shape)
+        if torch.is_grad_enabled():
+            # create_graph=True (gradient penalties): the backward is linear in grad_y with a constant
+            # mask, so a differentiable where() gives double backward; the mask is unpacked whole.
+            mask = unpack_bits(packed, shape)
+            other = 0.0 if ctx.negative_slope is None else grad * ctx.negative_slope
+            return torch.where(mask, grad, other).view(grad_y.shape), None, None
         # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
         # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of
         # the gradient's dtype: the mask is unpacked straight into that dtype a few samples at

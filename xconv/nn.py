@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,37 @@ from .probes import draw_seed
 from .quantized_conv import QuantizedConvFunction
 
 
+def _warn_if_not_finite(x: torch.Tensor, cfg: SketchConfig, layer: str) -> None:
+    """Under torch's anomaly detection (``torch.autograd.set_detect_anomaly(True)``, Lightning's
+    ``Trainer(detect_anomaly=True)``), warn naming ``layer`` when its input is not finite: that is
+    where a NaN in the weight gradients starts, and in the multi-channel modes it spreads further
+    than in torch's layer. Costs one pass over the input and a host sync, so only in that mode."""
+    if torch.isfinite(x).all():
+        return
+    spread = ("every weight-gradient entry of this layer" if cfg.storage == "sketch" and cfg.mode != "independent"
+              else "the weight-gradient entries of the affected input channels, as in torch's layer")
+    kept = "its sketch" if cfg.storage == "sketch" else "its quantized copy"
+    warnings.warn(f"{layer}: non-finite input {list(x.shape)}: {kept} is not finite, and so will be {spread}",
+                  RuntimeWarning, stacklevel=2)
+
+
 # torch.compile cannot trace the seed draw (a tensor -> int) or the private probe generator;
 # left to try, it splits every XConv layer into several graph fragments (8 breaks for two
 # layers and a 1-bit ReLU). Excluded as a whole, the estimator runs eagerly, as before, and
 # costs one graph break per layer.
 @torch.compiler.disable
-def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig) -> torch.Tensor:
+def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, layer: str) -> torch.Tensor:
     """``XConvFunction`` with a fresh probe seed from torch's default generator and the layer's
-    probe count, or ``QuantizedConvFunction`` for ``storage="quantized"``."""
+    probe count, or ``QuantizedConvFunction`` for ``storage="quantized"``; ``layer`` names the
+    layer in errors and warnings."""
+    if torch.is_anomaly_enabled():
+        _warn_if_not_finite(x, cfg, layer)
     if cfg.storage == "quantized":
-        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits)
+        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits, layer)
     probes = layer_probes(cfg, x.shape)
     if probes != cfg.probes:
         cfg = dataclasses.replace(cfg, probes=probes)
-    return XConvFunction.apply(x, weight, bias, geom, cfg, draw_seed())
+    return XConvFunction.apply(x, weight, bias, geom, cfg, draw_seed(), layer)
 
 
 class _XConvMixin:
@@ -88,6 +106,9 @@ class _XConvMixin:
 
     def _run_estimator(self, x, geom: ConvGeometry) -> torch.Tensor:
         weight, bias = self.weight, self.bias
+        cfg = self.sketch_config
+        how = f"bits={cfg.bits} quantized" if cfg.storage == "quantized" else f"mode={cfg.mode!r}"
+        layer = f"{type(self).__name__} (weight {list(weight.shape)}, {how})"
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # Cast as autocast would for a conv, then run the Function without autocast so
@@ -96,8 +117,8 @@ class _XConvMixin:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return _estimate(x, weight, bias, geom, self.sketch_config)
-        return _estimate(x, weight, bias, geom, self.sketch_config)
+                return _estimate(x, weight, bias, geom, self.sketch_config, layer)
+        return _estimate(x, weight, bias, geom, self.sketch_config, layer)
 
     def extra_repr(self) -> str:
         cfg = self.sketch_config

@@ -9,9 +9,8 @@ weight-gradient estimate is unbiased with a variance that falls ~4x per stored b
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .functional import ConvGeometry, _input_grad, _weight_grad, bias_grad, parameter_layout
+from .functional import ConvGeometry, _input_grad, _weight_grad, bias_grad, parameter_layout, refuse_double_backward
 from .quantize import dequantize, quantize
 
 
@@ -25,18 +24,18 @@ class QuantizedConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom: ConvGeometry, bits: int):
+    def forward(ctx, x, weight, bias, geom: ConvGeometry, bits: int, layer: str):
         y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
-        ctx.geom, ctx.x_shape, ctx.has_bias = geom, x.shape, bias is not None
+        ctx.geom, ctx.x_shape, ctx.has_bias, ctx.layer, ctx.bits = geom, x.shape, bias is not None, layer, bits
         stored = quantize(x, bits) if ctx.needs_input_grad[1] else None
         ctx.stored = None if stored is None else stored.layout()
         ctx.save_for_backward(weight, *(() if stored is None else stored.tensors()))
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
         weight, *stored = ctx.saved_tensors
+        refuse_double_backward(ctx.layer, f"a {ctx.bits}-bit copy of its input")
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad_y, ctx.x_shape, weight, ctx.geom)
@@ -45,4 +44,4 @@ class QuantizedConvFunction(torch.autograd.Function):
             grad_w = parameter_layout(_weight_grad(grad_y, x_hat, weight, ctx.geom, ctx.geom.groups), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = bias_grad(grad_y, ctx.x_shape, weight, ctx.geom)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
