@@ -117,20 +117,28 @@ def test_bit_activation_double_backward_gradgradcheck(make, inplace):
     assert torch.autograd.gradgradcheck(lambda t: act(t.clone()) * t, (x,))
 
 
-@pytest.mark.parametrize("preserve_rng_state", [True, False])
-@pytest.mark.parametrize("mode", ["independent", "multi"])
-def test_checkpoint_recomputation_keeps_the_estimate_unbiased(preserve_rng_state, mode):
-    """Non-reentrant activation recomputation re-runs forward in backward; with
-    preserve_rng_state=False it draws another seed, which must come with its own sketch."""
+# A reentrant checkpoint with preserve_rng_state=True is left out: its forward runs under no_grad
+# (the plain layer, no draw), so each recomputation replays the same RNG state and draws the
+# same probes unless something else draws in between (README, "Activation recomputation").
+@pytest.mark.parametrize("mode, use_reentrant, preserve_rng_state", [
+    ("independent", False, True), ("independent", False, False), ("multi", False, True),
+    ("multi", False, False), ("independent", True, False),
+])
+def test_checkpoint_recomputation_keeps_the_estimate_unbiased(mode, use_reentrant, preserve_rng_state):
+    """Activation recomputation re-runs forward in backward; with preserve_rng_state=False it draws
+    another seed, which must come with its own sketch."""
     ref = nn.Conv2d(4, 6, 3, padding=1)
     layer = xconv.XConv2d(4, 6, 3, padding=1, probes=4, mode=mode)
     layer.load_state_dict(ref.state_dict())
-    x, grad_y = torch.randn(2, 4, 6, 6), torch.randn(2, 6, 6, 6)
+    # requires grad: a reentrant checkpoint gives no gradients otherwise
+    x, grad_y = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(2, 6, 6, 6)
     (exact,) = torch.autograd.grad(ref(x), ref.weight, grad_y)
 
     def draw():
-        y = checkpoint(layer, x, use_reentrant=False, preserve_rng_state=preserve_rng_state)
-        return torch.autograd.grad(y, layer.weight, grad_y)[0]
+        layer.weight.grad = None
+        # .backward(): a reentrant checkpoint does not support autograd.grad
+        checkpoint(layer, x, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state).backward(grad_y)
+        return layer.weight.grad
 
     t, threshold = bias_statistic(torch.stack([draw() for _ in range(400)]), exact)
     assert t < threshold, f"Monte-Carlo mean deviates from the exact gradient: T={t:.2f} > {threshold:.2f}"
