@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .functional import refuse_double_backward
+from .probes import draw_seed, make_generator
 from .quantize import check_bits, dequantize, quantize
 
 
@@ -32,12 +33,12 @@ class XBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, layer):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits, seed, layer):
         y, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
             x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled
         )
         # Groups must not mix channels: a [B, C] input is grouped along the batch, per channel.
-        stored = quantize(x if x.dim() > 2 else x.t(), bits)
+        stored = quantize(x if x.dim() > 2 else x.t(), bits, make_generator(seed, x.device))
         ctx.stored, ctx.impl, ctx.eps, ctx.layer = stored.layout(), impl, eps, layer
         ctx.save_for_backward(weight, mean, invstd, reserve, *stored.tensors())
         return y
@@ -52,7 +53,7 @@ class XBatchNormFunction(torch.autograd.Function):
             ctx.impl, x_hat, grad_y, weight, None, None, mean, invstd, True, ctx.eps,
             list(ctx.needs_input_grad[:3]), reserve,
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class _XBatchNormMixin:
@@ -83,7 +84,7 @@ class _XBatchNormMixin:
                 factor = 1.0 / float(self.num_batches_tracked)
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         return XBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, factor, self.eps, self.bits,
+            input, self.weight, self.bias, running_mean, running_var, factor, self.eps, self.bits, draw_seed(),
             type(self).__name__,
         )
 

@@ -525,7 +525,7 @@ class XConvFunction(torch.autograd.Function):
             stored_basis = basis if cfg.deflation == "pca" else None
         kept = (sketch,)
         if sketch is not None and cfg.bits is not None:
-            stored = quantize(sketch, cfg.bits)
+            stored = quantize(sketch, cfg.bits, make_generator(seed + 2, sketch.device))  # seed + 1: the PCA basis
             ctx.stored, kept = stored.layout(), stored.tensors()
         # The seed is saved as a tensor, not a ctx attribute: activation recomputation
         # (torch.utils.checkpoint) replaces saved tensors by the recomputed forward's, and a

@@ -54,7 +54,7 @@ def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, layer: str
     if torch.is_anomaly_enabled():
         _warn_if_not_finite(x, cfg, layer)
     if cfg.storage == "quantized":
-        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits, layer)
+        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits, draw_seed(), layer)
     probes = layer_probes(cfg, x.shape)
     if probes != cfg.probes:
         cfg = dataclasses.replace(cfg, probes=probes)

@@ -87,14 +87,14 @@ def _round_bf16(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(y, torch.full_like(y, direction)), y)
 
 
-def stochastic_round_bf16(x: torch.Tensor) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` rounded to bfloat16 stochastically: up with probability equal to the fraction cut off.
 
     Unbiased (``E = x``) for finite ``x``: a uniform 16-bit integer is added to the magnitude
     bits of the fp32 value before they are cut to bfloat16's 16.
     """
     bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -170,11 +170,14 @@ def _restore(values: torch.Tensor, shape, strides, dtype) -> torch.Tensor:
     return torch.empty_strided(shape, strides, dtype=dtype, device=values.device).copy_(logical)
 
 
-def quantize(x: torch.Tensor, bits: int) -> Quantized:
+def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> Quantized:
     """Stochastically round ``x`` (any shape, floating) to ``bits`` bits per element.
 
-    Draws its uniform noise from torch's default generator for ``x.device`` (as dropout
-    does), so ``torch.manual_seed`` reproduces it. Temporaries: one fp32 copy of ``x``.
+    Draws its uniform noise from ``generator`` (on ``x.device``), or, if None, from torch's
+    default generator for ``x.device``. The layers pass a private generator seeded from one draw
+    of the default CPU generator (:func:`xconv.probes.draw_seed`), so they never move a GPU's
+    generator (dropout there stays as in the unconverted model) and ``torch.manual_seed``
+    reproduces them. Temporaries: one fp32 copy of ``x``.
 
     Raises:
         ValueError: ``bits`` not in :data:`BITS`.
@@ -182,9 +185,9 @@ def quantize(x: torch.Tensor, bits: int) -> Quantized:
     check_bits("bits", bits, none_ok=False)
     shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
-        return Quantized(stochastic_round_bf16(x.detach()), None, None, 16, shape, strides, x.dtype)
+        return Quantized(stochastic_round_bf16(x.detach(), generator), None, None, 16, shape, strides, x.dtype)
     t, lo, scale = _grid(x, bits)
-    codes = (t + torch.rand_like(t)).floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8).reshape(-1)
+    codes = (t + torch.rand(t.shape, dtype=t.dtype, device=t.device, generator=generator)).floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8).reshape(-1)
     pad = (-codes.numel()) % (8 // bits)
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])

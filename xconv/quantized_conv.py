@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .functional import ConvGeometry, _input_grad, _weight_grad, bias_grad, parameter_layout, refuse_double_backward
+from .probes import make_generator
 from .quantize import dequantize, quantize
 
 
@@ -24,10 +25,10 @@ class QuantizedConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom: ConvGeometry, bits: int, layer: str):
+    def forward(ctx, x, weight, bias, geom: ConvGeometry, bits: int, seed: int, layer: str):
         y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
         ctx.geom, ctx.x_shape, ctx.has_bias, ctx.layer, ctx.bits = geom, x.shape, bias is not None, layer, bits
-        stored = quantize(x, bits) if ctx.needs_input_grad[1] else None
+        stored = quantize(x, bits, make_generator(seed, x.device)) if ctx.needs_input_grad[1] else None
         ctx.stored = None if stored is None else stored.layout()
         ctx.save_for_backward(weight, *(() if stored is None else stored.tensors()))
         return y
@@ -44,4 +45,4 @@ class QuantizedConvFunction(torch.autograd.Function):
             grad_w = parameter_layout(_weight_grad(grad_y, x_hat, weight, ctx.geom, ctx.geom.groups), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = bias_grad(grad_y, ctx.x_shape, weight, ctx.geom)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
