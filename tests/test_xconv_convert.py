@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import xconv
+from xconv.memory import saved_tensor_bytes
 from xconv.nn import _XConvMixin
 
 
@@ -151,3 +154,95 @@ def test_batchnorm_and_maxpool_storage_convert_and_revert():
 def test_bad_batchnorm_and_maxpool_options(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         xconv.convert(nn.Sequential(nn.Conv2d(1, 1, 1)), **kwargs)
+
+
+def _identities(model):
+    """``name -> id`` of every module under all its names (sharing included)."""
+    return {name: id(m) for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def _same_sharing(a, b) -> bool:
+    """Whether two models have modules shared between the same names."""
+    ids_a, ids_b = _identities(a), _identities(b)
+    return ids_a.keys() == ids_b.keys() and all(
+        (ids_a[n] == ids_a[m]) == (ids_b[n] == ids_b[m]) for n in ids_a for m in ids_a)
+
+
+def test_a_module_used_twice_is_converted_at_both_places_and_stays_shared():
+    conv, relu = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+    model = nn.Sequential(conv, relu, conv, relu)
+    plain = copy.deepcopy(model)  # deepcopy keeps the sharing
+    keys, params = list(model.state_dict()), {k: id(p) for k, p in model.named_parameters()}
+    xconv.convert(model)
+    assert type(model[0]) is xconv.XConv2d and model[2] is model[0]
+    assert type(model[1]) is xconv.BitReLU and model[3] is model[1]
+    assert _same_sharing(model, plain)
+    assert list(model.state_dict()) == keys and {k: id(p) for k, p in model.named_parameters()} == params
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert torch.equal(model(x), plain(x))
+    xconv.revert(model)
+    assert type(model[0]) is nn.Conv2d and model[2] is model[0]
+    assert type(model[1]) is nn.ReLU and model[3] is model[1]
+    assert list(model.state_dict()) == keys
+
+
+def test_modules_shared_between_two_parents_and_a_shared_block():
+    conv, bn, pool = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.MaxPool2d(2)
+    block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.LeakyReLU(0.1))  # a container reached as "a.4" and "b.4"
+    model = nn.Sequential(OrderedDict(
+        a=nn.Sequential(conv, bn, nn.ReLU(), pool, block), b=nn.Sequential(conv, bn, nn.ReLU(), pool, block)))
+    plain = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    xconv.convert(model, batchnorm_bits=8, maxpool=True)
+    for i, cls in enumerate((xconv.XConv2d, xconv.XBatchNorm2d, xconv.BitReLU, xconv.XMaxPool2d)):
+        assert type(model.a[i]) is cls and type(model.b[i]) is cls, i
+    assert model.a[2] is not model.b[2]  # two ReLU objects stay two
+    assert type(model.a[4][0]) is xconv.XConv2d and type(model.a[4][1]) is xconv.BitLeakyReLU
+    assert _same_sharing(model, plain) and list(model.state_dict()) == keys
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    assert torch.equal(model(x), plain(x))
+    xconv.convert(model, batchnorm_bits=None, maxpool=False)  # back to torch's BatchNorm and max-pool, still shared
+    assert type(model.a[1]) is nn.BatchNorm2d and type(model.a[3]) is nn.MaxPool2d
+    xconv.revert(model)
+    assert _same_sharing(model, plain) and list(model.state_dict()) == keys
+    assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
+
+
+@pytest.mark.parametrize("selection", [dict(exclude="2"), dict(include="2"), dict(include=["1", "2"])])
+def test_a_shared_module_is_converted_only_if_all_its_names_are_selected(selection):
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), conv)
+    with pytest.warns(UserWarning, match=r"select only some of their names: 0 / 2"):
+        xconv.convert(model, **selection)
+    assert type(model[0]) is nn.Conv2d and model[2] is model[0]
+    xconv.convert(model, include=["0", "2"])
+    assert type(model[0]) is xconv.XConv2d and model[2] is model[0]
+
+
+class FunctionalReLUBlock(nn.Module):
+    """A conv followed by ``F.relu`` in ``forward``, as torchvision's GoogLeNet/Inception blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+def test_saved_bytes_report_names_what_convert_cannot_reach():
+    model = xconv.convert(nn.Sequential(FunctionalReLUBlock(), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(),
+                                        nn.BatchNorm2d(4)), probes=4)
+    report = saved_tensor_bytes(lambda: model(torch.randn(2, 3, 16, 16)).square().sum(), model=model)
+    relu_output, loss_input = 2 * 8 * 16 * 16 * 4, 2 * 4 * 16 * 16 * 4  # fp32 [2, 8, 16, 16] and [2, 4, 16, 16]
+    assert report.by_module["0"] == relu_output and report.by_module["<outside>"] == loss_input
+    assert report.status["0"] == "unconvertible" and report.holder["0"] == "FunctionalReLUBlock ops in forward"
+    assert report.status["0.conv"] == report.status["1"] == report.status["2"] == "converted"
+    assert report.status["3"] == "convertible"  # a BatchNorm without batchnorm_bits
+    by_status = report.bytes_by_status()
+    assert by_status["unconvertible"] == relu_output + loss_input and sum(by_status.values()) == report.total_bytes
+    assert by_status["convertible"] == report.by_module["3"] > loss_input  # the BatchNorm input and statistics
+    assert [row[0] for row in report.unconverted()] == ["0", "3", "<outside>"]
+    assert f"FunctionalReLUBlock ops in forward (unconvertible): {relu_output / 2**20:.2f} MiB" in report.summary()
+    with pytest.raises(ValueError, match="model=model"):
+        saved_tensor_bytes(lambda: model(torch.randn(2, 3, 16, 16)).sum()).summary()

@@ -1,4 +1,11 @@
-"""Convert a model's convolutions and (leaky) ReLUs to XConv layers in place, and back."""
+"""Convert a model's convolutions and (leaky) ReLUs to XConv layers in place, and back.
+
+A module object used at several places (``nn.Sequential(c, nn.ReLU(), c)``, or one block held
+by two parents) is converted once and every place that refers to it gets the same new layer,
+so it stays shared. It is converted only when every name it is reached by is selected by
+``include``/``exclude``: a use the patterns keep exact is never made approximate through another
+name of the same object.
+"""
 from __future__ import annotations
 
 import fnmatch
@@ -20,6 +27,7 @@ _TORCH_CLASSES = {xcls: tcls for tcls, xcls in XCONV_CLASSES.items()}
 _ACTIVATIONS = {nn.ReLU: BitReLU, nn.LeakyReLU: BitLeakyReLU}
 # Layers converted by their exact class (subclasses may compute something else), and back.
 _TORCH_CLASSES.update({new: old for old, new in {**_ACTIVATIONS, **MAXPOOL_CLASSES, **BATCHNORM_CLASSES}.items()})
+_X_BATCHNORMS = tuple(BATCHNORM_CLASSES.values())
 
 
 def _rebuild(module: nn.Module, cls: type) -> nn.Module:
@@ -46,18 +54,66 @@ def _torch_conv_class(module: nn.Module) -> type | None:
     return None
 
 
+def conversion_status(module: nn.Module) -> str:
+    """How :func:`convert` treats ``module`` itself (not its children).
+
+    Returns:
+        ``"converted"``: an xconv layer (XConv, 1-bit (leaky) ReLU, SR BatchNorm, offset
+        max-pool); ``"convertible"``: a torch layer that :func:`convert` replaces with some
+        options (conv, ReLU/LeakyReLU, BatchNorm, MaxPool), left as it is here by the options
+        or ``include``/``exclude``; ``"unconvertible"``: anything else (other layers, conv
+        subclasses that override ``forward``, containers).
+    """
+    if type(module) in _TORCH_CLASSES:
+        return "converted"
+    convertible = (*_ACTIVATIONS, *BATCHNORM_CLASSES, *MAXPOOL_CLASSES)
+    return "convertible" if _torch_conv_class(module) is not None or type(module) in convertible else "unconvertible"
+
+
 def _selected(name: str, include, exclude) -> bool:
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
     return exclude is None or not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-    return model
+def _aliases(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Every distinct module of ``model`` with all the names it is reached by, in model order.
+
+    ``named_modules()`` lists a shared module under its first name only; its other uses would
+    stay unconverted (and no longer shared) if only that name were replaced.
+    """
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        found.setdefault(id(module), (module, []))[1].append(name)
+    return list(found.values())
+
+
+def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Point every child slot of ``model`` holding a replaced module (keyed by ``id``) at its
+    replacement; returns the new root (``model`` unless the root itself is replaced)."""
+    # The replacements' own child dicts are copies of the old ones and are fixed too, so a
+    # replaced module's replaced children (and their other parents) agree.
+    for parent in [*model.modules(), *replacements.values()]:
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, key, replacements[id(child)])
+    return replacements.get(id(model), model)
+
+
+def _target(module: nn.Module, relu: bool, batchnorm_bits: int | None, maxpool: bool) -> type | None:
+    """The class :func:`convert` gives ``module`` under these options, or None to leave it alone."""
+    if isinstance(module, _XConvMixin):
+        return type(module)
+    if (tcls := _torch_conv_class(module)) is not None:
+        return XCONV_CLASSES[tcls]
+    if relu and type(module) in _ACTIVATIONS:
+        return _ACTIVATIONS[type(module)]
+    torch_class = _TORCH_CLASSES.get(type(module), type(module))
+    if torch_class in BATCHNORM_CLASSES:
+        return torch_class if batchnorm_bits is None else BATCHNORM_CLASSES[torch_class]
+    if torch_class in MAXPOOL_CLASSES:
+        return MAXPOOL_CLASSES[torch_class] if maxpool else torch_class
+    return None
 
 
 def convert(
@@ -83,7 +139,13 @@ def convert(
     The new layers reuse the same ``Parameter`` objects, buffers and hooks, so
     ``state_dict`` keys and values, device, dtype, train/eval mode and existing optimizers
     are unchanged. Subclasses of convs that override ``forward`` are skipped with a warning.
-    Layers converted before are kept and take the new options.
+    Layers converted before are kept and take the new options. A module object used at several
+    places is replaced at all of them by one new layer, so it stays shared.
+
+    Only modules are converted: activations called as functions in a ``forward``
+    (``F.relu(x)``, as in torchvision's GoogLeNet and Inception) keep their full input or
+    output for backward. ``xconv.memory.saved_tensor_bytes(..., model=model).summary()`` shows
+    how many of the saved bytes such code holds.
 
     Args:
         model: any ``nn.Module``; the model itself may be a conv.
@@ -99,8 +161,10 @@ def convert(
         min_pixels: see :class:`xconv.XConv2d`; ``None`` skips where the sketch would not be
             smaller than the input.
         include, exclude: ``fnmatch`` patterns on module names (``"encoder.*"``) selecting
-            the convs to convert, a list or one pattern as a string; activations follow the
-            same selection.
+            the convs to convert, a list or one pattern as a string; activations, BatchNorms
+            and max-pools follow the same selection. A module reached by several names is
+            touched only if all of them are selected (a warning names the shared modules left
+            as they are because only some are).
     Returns:
         ``model`` (or the new layer when ``model`` itself is a conv).
     Raises:
@@ -118,44 +182,51 @@ def convert(
     if not isinstance(maxpool, bool):
         raise TypeError(f"maxpool must be a bool, got {maxpool!r}")
     include, exclude = ([p] if isinstance(p, str) else p for p in (include, exclude))
-    selected = [(name, module) for name, module in model.named_modules() if _selected(name, include, exclude)]
+    modules = _aliases(model)
     convertible = tuple(XCONV_CLASSES) + (tuple(_ACTIVATIONS) if relu else ())
-    convs = [name for name, module in model.named_modules() if isinstance(module, tuple(XCONV_CLASSES))]
+    convs = [names[0] for module, names in modules if isinstance(module, tuple(XCONV_CLASSES))]
     shown = ", ".join(convs[:8]) + (", ..." if len(convs) > 8 else "")
-    if include and not any(isinstance(module, convertible) for _, module in selected):
+    if include and not any(isinstance(module, convertible) and any(_selected(n, include, exclude) for n in names)
+                           for module, names in modules):
         raise ValueError(f"include: no conv{' or ReLU' if relu else ''} matches {include}; "
                          f"the model's convs: {shown or 'none'}")
-    names = [name for name, _ in model.named_modules()]
+    names = [name for _, aliases in modules for name in aliases]
     unmatched = [p for p in exclude or () if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if unmatched:  # a typo would otherwise convert the layers it was meant to keep exact
         raise ValueError(f"exclude: no module matches {unmatched}; the model's convs: {shown or 'none'}")
-    converted, skipped = [], []
-    for name, module in selected:
-        tcls = _torch_conv_class(module)
-        if isinstance(module, _XConvMixin):  # converted before: take the new options
-            module._init_xconv(min_pixels, **options)
-            converted.append(name)
-        elif tcls is not None:
-            new = _rebuild(module, XCONV_CLASSES[tcls])
+    converted, skipped, partly_selected, replacements = [], [], [], {}
+    for module, aliases in modules:
+        chosen = [_selected(name, include, exclude) for name in aliases]
+        target = _target(module, relu, batchnorm_bits, maxpool)
+        if target is None:
+            if isinstance(module, tuple(XCONV_CLASSES)) and any(chosen):
+                skipped.append(f"{aliases[0]} ({type(module).__name__})")
+            continue
+        # Re-initialised in place (new options) or replaced: anything but a layer that stays as it is.
+        acts = target is not type(module) or issubclass(target, (_XConvMixin, *_X_BATCHNORMS))
+        if not all(chosen):
+            if acts and any(chosen):
+                partly_selected.append(" / ".join(aliases))
+            continue
+        if target is type(module):
+            new = module
+        elif target in _TORCH_CLASSES.values():  # back to torch's layer: drop the xconv attributes
+            new = _plain(module)
+        else:
+            new = _rebuild(module, target)
+        if isinstance(new, _XConvMixin):
             new._init_xconv(min_pixels, **options)
-            model = _replace(model, name, new)
-            converted.append(name)
-        elif isinstance(module, tuple(XCONV_CLASSES)) and not isinstance(module, _XConvMixin):
-            skipped.append(f"{name} ({type(module).__name__})")
-        elif relu and type(module) in _ACTIVATIONS:
-            model = _replace(model, name, _rebuild(module, _ACTIVATIONS[type(module)]))
-        elif (torch_class := _TORCH_CLASSES.get(type(module), type(module))) in BATCHNORM_CLASSES:
-            if batchnorm_bits is None:
-                model = _replace(model, name, _plain(module)) if torch_class is not type(module) else model
-            else:
-                new = _rebuild(module, BATCHNORM_CLASSES[torch_class])
-                new._init_bits(batchnorm_bits)
-                model = _replace(model, name, new)
-        elif torch_class in MAXPOOL_CLASSES:
-            target = MAXPOOL_CLASSES[torch_class] if maxpool else torch_class
-            model = _replace(model, name, _rebuild(module, target)) if target is not type(module) else model
+            converted.append(aliases[0])
+        elif isinstance(new, _X_BATCHNORMS):
+            new._init_bits(batchnorm_bits)
+        if new is not module:
+            replacements[id(module)] = new
+    model = _swap(model, replacements)
     if skipped:
         warnings.warn(f"xconv.convert skipped conv subclasses that override forward: {', '.join(skipped)}")
+    if partly_selected:
+        warnings.warn("xconv.convert left shared modules as they are because include/exclude select only some "
+                      f"of their names: {', '.join(partly_selected)}")
     how = f"bits={bits} quantized" if storage == "quantized" else f"probes={probes}, mode={mode}"
     log.info("xconv.convert: %d convs converted (%s)", len(converted), how)
     return model
@@ -177,11 +248,12 @@ def set_probes(model: nn.Module, probes: int) -> nn.Module:
 
 def revert(model: nn.Module) -> nn.Module:
     """Replace XConv layers, 1-bit activations, SR BatchNorms and offset max-pools by plain torch
-    layers, in place."""
-    for name, module in list(model.named_modules()):
-        if type(module) in _TORCH_CLASSES:
-            model = _replace(model, name, _plain(module))
-    return model
+    layers, in place; a shared layer is replaced by one torch layer at all its places.
+
+    Returns:
+        ``model`` (or the new layer when ``model`` itself is an xconv layer).
+    """
+    return _swap(model, {id(m): _plain(m) for m in model.modules() if type(m) in _TORCH_CLASSES})
 
 
 def _plain(module: nn.Module) -> nn.Module:

@@ -11,22 +11,93 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .convert import conversion_status
+
+
+#: :attr:`SavedTensorReport.status` values, in the order :meth:`SavedTensorReport.summary` lists them.
+STATUSES = ("converted", "convertible", "unconvertible")
+
 
 @dataclass
 class SavedTensorReport:
-    """Result of :func:`saved_tensor_bytes`.
+    """Result of :func:`saved_tensor_bytes`; all sizes in bytes.
 
     Attributes:
         total_bytes: bytes of the distinct storages saved for backward (each storage counted
             once, whole, since a saved view keeps its whole storage alive).
         by_module: bytes attributed to the innermost module running when the storage was
-            first saved (``"<outside>"`` outside any module), when a model was given.
+            first saved (``"<outside>"`` outside any module), when a model was given. Bytes
+            under a module that has children were saved by the ops its own ``forward`` calls
+            outside them (``F.relu(x)``, ``x * y``).
+        status: for each key of ``by_module``, how :func:`xconv.convert` treats what saved it
+            (:func:`xconv.convert.conversion_status`): ``"converted"`` (an xconv layer),
+            ``"convertible"`` (a torch layer ``convert`` replaces with other options or
+            ``include``/``exclude``) or ``"unconvertible"`` (other layers, ops called in a
+            ``forward``, ``"<outside>"``): bytes ``convert`` cannot reduce.
+        holder: for each key of ``by_module``, what saved it: the module's class name, with
+            ``" ops in forward"`` for a module with children, or ``"outside the model"``.
         result: what ``fn`` returned.
     """
 
     total_bytes: int = 0
     by_module: dict[str, int] = field(default_factory=dict)
     result: Any = None
+    status: dict[str, str] = field(default_factory=dict)
+    holder: dict[str, str] = field(default_factory=dict)
+
+    def _check_attributed(self) -> None:
+        if not self.status:
+            raise ValueError("measure with saved_tensor_bytes(..., model=model) to attribute the bytes")
+
+    def bytes_by_status(self) -> dict[str, int]:
+        """Bytes per :data:`STATUSES` value (every value present, 0 when none), summing to
+        ``total_bytes``.
+
+        Raises:
+            ValueError: the report was made without ``model`` (nothing to attribute).
+        """
+        self._check_attributed()
+        totals = dict.fromkeys(STATUSES, 0)
+        for name, size in self.by_module.items():
+            totals[self.status[name]] += size
+        return totals
+
+    def unconverted(self, n: int | None = None) -> list[tuple[str, str, str, int]]:
+        """The ``n`` (None: all) largest holders not converted, largest first.
+
+        Returns:
+            ``(name, holder, status, bytes)`` tuples for the ``"convertible"`` and
+            ``"unconvertible"`` keys of ``by_module``.
+        Raises:
+            ValueError: the report was made without ``model`` (nothing to attribute).
+        """
+        self._check_attributed()
+        rows = [(name, self.holder[name], self.status[name], size)
+                for name, size in self.by_module.items() if self.status[name] != "converted"]
+        return sorted(rows, key=lambda row: -row[3])[:n]
+
+    def summary(self, n: int = 5) -> str:
+        """Text lines: the total, the share per status, and the ``n`` largest kinds of unconverted
+        holder (bytes summed over the modules of one ``holder`` value, with their count and the
+        largest one's name).
+
+        Raises:
+            ValueError: the report was made without ``model`` (nothing to attribute).
+        """
+        total = max(self.total_bytes, 1)
+        shares = ", ".join(f"{status} {size / total:.1%}" for status, size in self.bytes_by_status().items())
+        lines = [f"saved for backward: {self.total_bytes / 2**20:.2f} MiB ({shares})"]
+        kinds: dict[tuple[str, str], list] = {}
+        for name, holder, status, size in self.unconverted():  # largest first: a kind's first name is its largest
+            kind = kinds.setdefault((holder, status), [0, 0, name])
+            kind[0] += size
+            kind[1] += 1
+        if kinds:
+            lines.append("not converted, by holder:")
+        for (holder, status), (size, count, largest) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:n]:
+            lines.append(f"  {holder} ({status}): {size / 2**20:.2f} MiB, {size / total:.1%}, "
+                         f"{count} module{'s' if count > 1 else ''}, largest {largest}")
+        return "\n".join(lines)
 
 
 def _is_parameter_cast(t: torch.Tensor) -> bool:
@@ -51,7 +122,8 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
 
     Args:
         fn: typically ``lambda: loss_fn(model(x), y)``; grad mode must be on.
-        model: when given, bytes are broken down by ``model.named_modules()`` name.
+        model: when given, bytes are broken down by ``model.named_modules()`` name (a module
+            shared by several names under its first) and by conversion status.
     Returns:
         :class:`SavedTensorReport`; sizes in bytes.
     """
@@ -87,17 +159,23 @@ def saved_tensor_bytes(fn: Callable, *args, model: nn.Module | None = None, **kw
         running.pop()
 
     handles = []
+    status, holder = {}, {}
     if model is not None:
+        status["<outside>"], holder["<outside>"] = "unconvertible", "outside the model"
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(enter(name)))
             handles.append(module.register_forward_hook(leave))
+            status[name] = conversion_status(module)
+            holder[name] = type(module).__name__ + (" ops in forward" if next(module.children(), None) else "")
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             result = fn(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return SavedTensorReport(total_bytes=sum(by_module.values()), by_module=dict(by_module), result=result)
+    return SavedTensorReport(total_bytes=sum(by_module.values()), by_module=dict(by_module), result=result,
+                             status={k: status[k] for k in by_module} if status else {},
+                             holder={k: holder[k] for k in by_module} if holder else {})
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
