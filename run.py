@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 import xconv
-from experiments.config import ConfigError, check_launcher, check_run_config, xconv_options
+from experiments.config import ConfigError, check_launcher, check_run_config, exit_with, xconv_options
 from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
 log = logging.getLogger("run")
@@ -171,8 +170,7 @@ def main(cfg: DictConfig) -> float | None:
         remove_unused_run_dir(Path(cfg.output_dir), hydra_cfg.job.name)  # nothing ran: nothing to keep
         if hydra_cfg.mode == RunMode.MULTIRUN:  # the error ends the whole sweep: drop its directory if nothing ran
             _remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     return summary["metric"] if summary is not None else None
 
 
@@ -184,5 +182,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as err:
-        print(f"error: {command_line_error(err)}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(command_line_error(err))

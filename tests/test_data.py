@@ -7,6 +7,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from hydra_helpers import TINY_TRAINER, compose_config
 from PIL import Image
 from torchvision.datasets import MNIST
 
@@ -18,7 +19,9 @@ from experiments.data import (
     OxfordPetDataModule,
 )
 from experiments.config import ConfigError
+from experiments.data.base import ResizePair
 from experiments.data.digit_scenes import compose_scene, load_texture
+from run import build
 
 
 def small_scenes(seed: int) -> DigitScenesDataModule:
@@ -105,6 +108,31 @@ def test_folder_errors_name_the_argument(tmp_path):
     write_folder(tmp_path / "valid", 2)
     with pytest.raises(FileNotFoundError, match="^test_root: .* has no images/"):
         FolderDataModule(str(tmp_path / "valid"), num_classes=2, test_root=str(tmp_path / "absent"))
+
+
+def test_folder_mask_labels_beyond_num_classes_fail_at_build_naming_the_file(tmp_path):
+    write_folder(tmp_path, 3, mask_values=(0, 1, 2))
+    Image.fromarray(np.full((40, 48), 3, np.uint8)).save(tmp_path / "masks" / "im1.png")
+    with pytest.raises(ValueError, match=r"^num_classes: mask '.*im1\.png' holds label 3"):
+        FolderDataModule(str(tmp_path), num_classes=3)
+    FolderDataModule(str(tmp_path), num_classes=2, binary=True)  # binary masks: any non-zero label is foreground
+    cfg = compose_config(*TINY_TRAINER, "data=folder", f"data.root={tmp_path}", "data.num_classes=3", output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.num_classes: mask .*im1\.png"):
+        build(cfg)
+
+
+def test_folder_mask_of_another_size_than_its_image_fails_naming_the_file(tmp_path):
+    write_folder(tmp_path / "train", 3)
+    write_folder(tmp_path / "test", 2)
+    for root in ("train", "test"):
+        Image.fromarray(np.zeros((20, 24), np.uint8)).save(tmp_path / root / "masks" / "im1.png")  # half size
+    with pytest.raises(ValueError, match=r"^root: mask '.*im1\.png' is 24x20 but its image '.*im1\.jpg' is 48x40"):
+        FolderDataModule(str(tmp_path / "train"), num_classes=2)
+    write_folder(tmp_path / "valid", 2)
+    with pytest.raises(ValueError, match=r"^test_root: mask '.*test/masks/im1\.png' is 24x20"):
+        FolderDataModule(str(tmp_path / "valid"), num_classes=2, test_root=str(tmp_path / "test"))
+    with pytest.raises(ValueError, match="image is 48x40 but its mask 24x20"):  # the transform checks too
+        ResizePair(32)(Image.new("RGB", (48, 40)), Image.new("L", (24, 20)))
 
 
 def test_oxford_pet_trimaps_become_background_pet_border(tmp_path):

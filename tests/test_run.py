@@ -1,15 +1,18 @@
 """End-to-end runs at tiny sizes: summary.json for every task; checkpoints, resume and multirun (segmentation)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
 
+from experiments.config import ConfigError
 from experiments.tasks import SegmentationTask
 from run import build, run
 
@@ -58,13 +61,14 @@ def test_two_step_run_writes_summary(task, probes, relu, tmp_path):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
-def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeypatch):
-    # 16 scenes in batches of 4 make 4 steps an epoch; a step checkpoint every 2 steps, and a
-    # crash in step 3, mid-epoch, as a Ctrl-C or a killed job would stop the run.
-    overrides = [
-        *TINY_SEGMENTATION, "data.train_scenes=16", "trainer.max_steps=4",
-        "callbacks.step_checkpoint.every_n_train_steps=2",
-    ]
+# 16 scenes in batches of 4 make 4 steps an epoch; a step checkpoint every 2 steps.
+INTERRUPTIBLE = [
+    *TINY_SEGMENTATION, "data.train_scenes=16", "trainer.max_steps=4", "callbacks.step_checkpoint.every_n_train_steps=2",
+]
+
+
+def run_crashing_in_step_3(output_dir, monkeypatch) -> None:
+    """A run of INTERRUPTIBLE that crashes in step 3, mid-epoch, as a Ctrl-C or a killed job would stop it."""
     training_step = SegmentationTask.training_step
 
     def crash_in_step_3(self, batch, batch_idx):
@@ -75,18 +79,76 @@ def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(SegmentationTask, "training_step", crash_in_step_3)
         with pytest.raises(RuntimeError, match="crash"):
-            run(compose_config(*overrides, output_dir=tmp_path / "first"))
+            run(compose_config(*INTERRUPTIBLE, output_dir=output_dir))
+
+
+def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeypatch):
+    run_crashing_in_step_3(tmp_path / "first", monkeypatch)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     first = torch.load(last, weights_only=False)
     assert first["global_step"] == 2
 
-    resumed = run(compose_config(*overrides, f"ckpt_path={last}", output_dir=tmp_path / "resumed"))
+    resumed = run(compose_config(*INTERRUPTIBLE, f"ckpt_path={last}", output_dir=tmp_path / "resumed"))
     assert resumed["steps"] == 4
     # Both throughput and training time cover the first run and the resumption.
     callbacks = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
     assert callbacks["TrainThroughput"]["samples"] == 4 * 4
     assert resumed["samples_per_s"] == pytest.approx(4 * 4 / callbacks["TrainThroughput"]["step_time_s"])
     assert resumed["train_time_s"] > first["callbacks"]["Timer"]["time_elapsed"]["train"]
+
+
+def csv_rows(path) -> list[dict]:
+    """The rows of a CSV log, each without its empty cells (a later header may add columns)."""
+    with open(path, newline="") as f:
+        return [{key: value for key, value in row.items() if value} for row in csv.DictReader(f)]
+
+
+def test_resuming_into_the_same_run_dir_keeps_the_csv_rows_logged_before(tmp_path, monkeypatch):
+    run_crashing_in_step_3(tmp_path, monkeypatch)
+    before = csv_rows(tmp_path / "csv" / "metrics.csv")
+    assert {row["step"] for row in before if "train/loss" in row} == {"0", "1"}
+    run(compose_config(*INTERRUPTIBLE, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", output_dir=tmp_path))
+    after = csv_rows(tmp_path / "csv" / "metrics.csv")
+    assert after[:len(before)] == before  # the rows of the interrupted run, as they were
+    assert [row["step"] for row in after if "train/loss" in row] == ["0", "1", "2", "3"]
+    assert any("summary/metric" in row for row in after)
+
+
+def test_unreadable_checkpoint_is_a_config_error_naming_ckpt_path(tmp_path):
+    saved = tmp_path / "saved.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(1000)}, "global_step": 2}, saved)
+    cases = {
+        "random.ckpt": bytes(range(256)) * 16,  # bytes that are no torch file
+        "truncated.ckpt": saved.read_bytes()[:2000],  # a checkpoint cut off, as by a full disk or a killed copy
+        "empty.ckpt": b"",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"^ckpt_path: cannot load .*{name}"):
+            build(compose_config(*TINY_SEGMENTATION, f"ckpt_path={tmp_path / name}", output_dir=tmp_path / "run"))
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "weights.pt")  # a bare state_dict: no Lightning checkpoint
+    with pytest.raises(ConfigError, match=r"^ckpt_path: .*weights\.pt.* is no Lightning checkpoint"):
+        build(compose_config(*TINY_SEGMENTATION, f"ckpt_path={tmp_path / 'weights.pt'}", output_dir=tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case", ["random ckpt_path", "run dir in /proc", "run dir under a file"])
+def test_unreadable_checkpoint_or_run_dir_exits_2_with_one_line_and_leaves_nothing(case, tmp_path):
+    (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 16)
+    (tmp_path / "file").write_text("not a directory")
+    run_dir, ckpt = tmp_path / "run", []
+    if case == "random ckpt_path":
+        ckpt, key = [f"ckpt_path={tmp_path / 'garbage.ckpt'}"], "ckpt_path"
+    else:
+        run_dir, key = (Path("/proc/xconv-forbidden/x") if "proc" in case else tmp_path / "file" / "run"), "hydra.run.dir"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_SEGMENTATION, *ckpt, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), lines
+    assert not run_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "garbage.ckpt"]  # nothing else written
 
 
 def test_multirun_over_probes_writes_one_summary_per_job(tmp_path):

@@ -5,7 +5,8 @@ import lightning as L
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 
@@ -88,18 +89,28 @@ class ClassificationDataModule(SplitsDataModule):
                 raise ValueError(f"{name}: {type(self).__name__} has {actual}, got {value}")
 
 
+def mask_values(mask: Image.Image) -> torch.Tensor:
+    """The value stored per pixel of a mask, [H, W], as PIL decodes it (the first channel of an RGB mask)."""
+    return F.pil_to_tensor(mask)[0]
+
+
 class ResizePair:
     """(PIL image, PIL mask) -> (image float32 [3, size, size] in [0, 1], mask int64 [size, size]).
 
-    The image is resized with antialiasing, the mask with nearest neighbour so labels stay
-    labels. ``labels`` (a lookup table, new = labels[old]) maps stored mask values to classes.
+    Image and mask are resized together, as torchvision's ``v2.Resize`` resizes an ``Image`` and
+    a ``Mask``: the image with antialiasing, the mask with nearest neighbour so labels stay
+    labels. A pair whose sizes differ raises ``ValueError`` rather than have its mask stretched
+    to fit. ``labels`` (a lookup table, new = labels[old]) maps stored mask values to classes.
     """
 
     def __init__(self, size: int, labels: torch.Tensor | None = None):
-        self.size, self.labels = [size, size], labels
+        self.resize, self.labels = v2.Resize([size, size], antialias=True), labels
 
     def __call__(self, image: Image.Image, mask: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        image = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
-        image = F.resize(image, self.size, antialias=True)
-        mask = F.resize(F.pil_to_tensor(mask)[:1], self.size, interpolation=InterpolationMode.NEAREST)[0].long()
-        return image, mask if self.labels is None else self.labels[mask]
+        if image.size != mask.size:
+            raise ValueError(f"image is {image.width}x{image.height} but its mask {mask.width}x{mask.height}; "
+                             "a pair is resized together only where the sizes agree")
+        image = tv_tensors.Image(F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True))
+        image, mask = self.resize(image, tv_tensors.Mask(mask_values(mask)))
+        mask = mask.as_subclass(torch.Tensor).long()
+        return image.as_subclass(torch.Tensor), mask if self.labels is None else self.labels[mask]
