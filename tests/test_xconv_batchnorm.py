@@ -78,9 +78,17 @@ def test_forward_and_running_stats_are_torch_s_bit_for_bit(case):
         assert g[0].stride() == g_ref[0].stride() and g[0].dtype == g_ref[0].dtype
         if ref.affine:
             assert torch.equal(g[2], g_ref[2])  # bias gradient: sum(dy), exact
-        # 16-bit storage is bfloat16 (8 significant bits: element error < 2^-8 relative).
-        for a, b in zip(g, g_ref):
-            assert rel_err(a, b) < 2**-6
+        # 16-bit storage is SR bfloat16: each stored element is off by less than one ulp, 2^-7 of
+        # its magnitude. The input gradient stays within 2^-6 relative (worst of 300 draws: 8e-4).
+        assert rel_err(g[0], g_ref[0]) < 2**-6
+        if ref.affine:
+            # The weight gradient sum(dy * (x_q - mean) * invstd) can cancel to far less than its
+            # terms (relative error up to 5e-2 seen), so it gets the hard bound of that ulp error:
+            # |error| <= 2^-7 * invstd * sum(|dy| |x|), per channel (plus float slack).
+            dims = [d for d in range(x.dim()) if d != 1]
+            invstd = (x.detach().var(dims, unbiased=False) + layer.eps).rsqrt()
+            bound = 2**-7 * invstd * (grad_y.abs() * x.detach().abs()).sum(dims)
+            assert ((g[1] - g_ref[1]).abs() <= bound * 1.01 + 1e-6).all()
 
 
 def test_plain_forward_without_grad_or_with_running_stats_in_eval():
