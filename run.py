@@ -30,7 +30,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 import xconv
-from experiments.config import ConfigError, check_launcher, check_run_config, exit_with, xconv_options
+from experiments.config import (
+    ConfigError, check_launcher, check_run_config, checkpointing_patterns, exit_with, xconv_options,
+)
 from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
 log = logging.getLogger("run")
@@ -81,6 +83,7 @@ def build(cfg: DictConfig):
     before anything trains."""
     check_run_config(cfg)
     options = xconv_options(cfg)
+    checkpointing = checkpointing_patterns(cfg)
     # Before anything random is built; quietly, so that a config error is the only line printed
     # (the seed is in the run's config and summary).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -97,6 +100,11 @@ def build(cfg: DictConfig):
             task.plan_storage(datamodule, budget)
     except ValueError as err:  # options are checked already; what is left names the network's modules or the budget
         raise ConfigError(f"xconv.{err}") from err
+    if checkpointing is not None:  # after convert: segments may hold XConv layers, converted by exact class
+        try:
+            xconv.checkpoint_modules(task.net, checkpointing)
+        except ValueError as err:  # "include: no module matches ..."
+            raise ConfigError(f"checkpointing: {str(err).partition(': ')[2]}") from err
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
     trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)

@@ -194,3 +194,18 @@ def check_xconv_options(options: dict) -> None:
         raise ConfigError(f"xconv.{err}") from err
     finally:
         convert_log.setLevel(level)
+
+
+def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:
+    """``cfg.checkpointing`` as a list of module-name patterns for ``xconv.checkpoint_modules``, or None (off).
+
+    Whether they match the network's modules is checked when it is built (``run.build``).
+    """
+    value = cfg.get("checkpointing")
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) else None
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError("checkpointing must be null or a list of module-name patterns, e.g. "
+                          f"checkpointing=[encoder.layer*,decoder.blocks.*], got {value!r}")
+    return patterns

@@ -18,6 +18,7 @@ import xconv
 from xconv.memory import cuda_peak_memory_bytes, saved_tensor_bytes
 
 from .callbacks import TrainThroughput
+from .config import checkpointing_patterns
 from .tasks.base import XConvTask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,12 @@ def activation_memory(task: XConvTask, batch, device: torch.device, precision: P
     backward) of the converted network, None off CUDA. ``precision`` is the run's Lightning
     precision plugin: the batch is converted and the forward runs as in training (autocast for
     ``bf16-mixed``, float64 inputs for ``64-true``), so the bytes are those of the run's dtypes.
+    Checkpointed segments (``checkpointing``) count their inputs only, as they keep nothing else
+    between forward and backward; the plain-torch copy is checkpointed nowhere.
     """
     precision = precision or Precision()
     converted = copy.deepcopy(task.net).to(device).train()
-    plain = xconv.revert(copy.deepcopy(task.net)).to(device).train()
+    plain = xconv.revert(xconv.remove_checkpointing(copy.deepcopy(task.net))).to(device).train()
     batch = precision.convert_input(move_data_to_device(batch, device))
     with torch.enable_grad(), precision.forward_context():
         activation = saved_tensor_bytes(task.loss, batch, net=converted).total_bytes
@@ -79,6 +82,8 @@ def build_summary(
     return {
         "task": cfg.task_name,
         **OmegaConf.to_container(cfg.xconv, resolve=True),  # every xconv option, at top level
+        "checkpointing": checkpointing_patterns(cfg),
+        "checkpointed_modules": len(xconv.checkpointed_module_names(task.net)),
         "storage_plan": plan.to_dict() if (plan := getattr(task, "storage_plan", None)) else None,
         "metric_name": task.metric_name,
         "metric": metrics.get(task.metric_name),

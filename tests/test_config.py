@@ -80,6 +80,7 @@ def test_defaults():
         "relu": "bit", "min_pixels": None, "include": None, "exclude": None, "storage": "sketch", "bits": None,
         "max_compression": None, "batchnorm_bits": None, "maxpool": False, "budget": None,
     }
+    assert cfg.checkpointing is None
     assert set(cfg.logger) == {"wandb", "csv"} and cfg.logger.wandb.mode == "offline"
 
 
@@ -148,6 +149,8 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("xconv.exclude=[nonexistent]", r"xconv.exclude: no module matches \['nonexistent'\]"),
         ("data.batch_size=0", "data.batch_size: must be an int >= 1, got 0"),
         ("seed=abc", "seed must be an int, got 'abc'"),
+        ("checkpointing=[nonexistent.*]", r"^checkpointing: no module matches \['nonexistent.\*'\]; the model's modules: encoder"),
+        ("checkpointing=3", "^checkpointing must be null or a list of module-name patterns"),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):

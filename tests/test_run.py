@@ -13,13 +13,14 @@ import torch
 from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
 
 from experiments.config import ConfigError
+from experiments.summary import activation_memory
 from experiments.tasks import SegmentationTask
 from run import build, run
 
 SUMMARY_FIELDS = {
     "task", "probes", "mode", "distribution", "metric_name", "metric", "metrics", "activation_bytes",
     "activation_bytes_exact", "peak_memory_bytes", "train_time_s", "samples_per_s", "epochs", "steps",
-    "device", "precision", "world_size", "seed", "git_commit", "config",
+    "device", "precision", "world_size", "seed", "git_commit", "config", "checkpointing", "checkpointed_modules",
 }
 
 # Per task: the overrides of a tiny run, its headline metric and other metrics its summary holds.
@@ -53,12 +54,29 @@ def test_two_step_run_writes_summary(task, probes, relu, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads(json.dumps(returned))
     check_summary(summary, task, probes, steps=2)
+    assert summary["checkpointing"] is None and summary["checkpointed_modules"] == 0
     if probes == 0:  # exact gradients with torch ReLUs keep exactly what plain torch keeps
         assert summary["activation_bytes"] == summary["activation_bytes_exact"]
     else:
         assert summary["activation_bytes"] < summary["activation_bytes_exact"]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_checkpointing_run_records_its_segments_against_an_unwrapped_baseline(tmp_path):
+    plain_torch = [*TINY_SEGMENTATION, "xconv.probes=0", "xconv.relu=exact"]
+    cfg = compose_config(*plain_torch, "checkpointing=[encoder.layer*,decoder.blocks.*]", output_dir=tmp_path)
+    run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    check_summary(summary, "segmentation", 0, steps=2)
+    assert summary["checkpointing"] == ["encoder.layer*", "decoder.blocks.*"]
+    assert summary["checkpointed_modules"] == 4 + 5
+    assert summary["activation_bytes"] < 0.5 * summary["activation_bytes_exact"]
+    # The baseline is the unwrapped network's, as a run without checkpointing measures it.
+    datamodule, task, _ = build(compose_config(*plain_torch, output_dir=tmp_path / "plain"))
+    datamodule.setup("fit")
+    memory = activation_memory(task, next(iter(datamodule.train_dataloader())), torch.device("cpu"))
+    assert memory["activation_bytes"] == memory["activation_bytes_exact"] == summary["activation_bytes_exact"]
 
 
 # 16 scenes in batches of 4 make 4 steps an epoch; a step checkpoint every 2 steps.

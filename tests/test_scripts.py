@@ -1,5 +1,5 @@
 """The scripts that read runs and measure: make_tables.py, make_plots.py, gradient_quality.py, bench_speed.py,
-gpu_bench.sh."""
+bench_checkpointing.py, gpu_bench.sh."""
 from __future__ import annotations
 
 import csv
@@ -376,3 +376,15 @@ def test_gpu_bench_runs_every_part_and_reports_the_failed_ones(tmp_path):
     assert [line.split(":")[0] for line in parts] == ["profile", "speed", "speed_batch8x", "memory", "gradient"]
     assert "memory: exit 3" in parts[3] and (out / "memory.err").read_text() == "boom\n"
     assert f"--csv {out}/gradient.csv" in (out / "gradient.md").read_text()
+
+
+def test_bench_checkpointing_compares_the_four_networks(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_checkpointing
+
+    bench_checkpointing.main(["--batch", "2", "--size", "32", "--rounds", "1"])
+    rows = {cells[0]: cells[1:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])[1] != "saved MiB"}
+    assert list(rows) == ["plain torch", "plain torch, checkpointed", "XConv r=8 + 1-bit ReLU",
+                          "XConv r=8 + 1-bit ReLU, checkpointed"]
+    assert rows["plain torch"][1] == "1.000" and float(rows["plain torch, checkpointed"][1]) < 0.5

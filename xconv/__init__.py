@@ -5,6 +5,7 @@ backpropagation for convolutional layers" (arXiv 2106.06998, TMLR 2026).
 """
 from . import memory, quantize
 from .batchnorm import XBatchNorm1d, XBatchNorm2d, XBatchNorm3d
+from .checkpointing import checkpoint_modules, checkpointed_module_names, remove_checkpointing
 from .convert import convert, revert, set_probes
 from .planner import StoragePlan, plan_storage
 from .pooling import XMaxPool1d, XMaxPool2d, XMaxPool3d
@@ -22,6 +23,7 @@ from .nn import (
 __all__ = [
     "BitLeakyReLU", "BitReLU", "StoragePlan", "XBatchNorm1d", "XBatchNorm2d", "XBatchNorm3d", "XConv1d",
     "XConv2d", "XConv3d", "XConvTranspose1d", "XConvTranspose2d", "XConvTranspose3d", "XMaxPool1d",
-    "XMaxPool2d", "XMaxPool3d", "convert", "memory", "plan_storage", "quantize", "revert", "set_probes",
+    "XMaxPool2d", "XMaxPool3d", "checkpoint_modules", "checkpointed_module_names", "convert", "memory",
+    "plan_storage", "quantize", "remove_checkpointing", "revert", "set_probes",
 ]
 __version__ = "0.1.0"
