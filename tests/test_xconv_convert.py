@@ -76,6 +76,41 @@ def test_subclass_overriding_forward_is_skipped_loudly():
     assert type(model[0]) is WeightStandardizedConv and isinstance(model[1], xconv.XConv2d)
 
 
+@pytest.mark.parametrize("parametrization", ["spectral_norm", "weight_norm"])
+def test_parametrized_convs_are_skipped_loudly_and_the_model_still_runs(parametrization):
+    """torch generates a parametrized conv's class to compute its weight; replacing the class would
+    lose that (the weight attribute vanishes)."""
+    conv = getattr(torch.nn.utils.parametrizations, parametrization)(nn.Conv2d(3, 4, 3, padding=1))
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(4, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()  # spectral_norm's power iteration moves in train mode
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"parametrized convs .*: 0 \(ParametrizedConv2d\)"):
+        xconv.convert(model)
+    assert model[0] is conv and isinstance(model[2], xconv.XConv2d)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in conv.parameters())
+    xconv.revert(model)
+    assert model[0] is conv and type(model[2]) is nn.Conv2d
+
+
+def test_errors_and_warnings_name_the_converted_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.BatchNorm2d(4), nn.MaxPool2d(2)))
+    xconv.convert(model, probes=4, min_pixels=0, batchnorm_bits=8, maxpool=True)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"^'1.1' \(XMaxPool2d\) does not support double backward"):
+        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    model[1][1] = nn.Identity()
+    with pytest.raises(RuntimeError, match=r"^'1.0' \(XBatchNorm2d\) does not support double backward .*8-bit SR"):
+        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    model[1] = nn.Identity()
+    with pytest.raises(RuntimeError, match=r"^'0' \(XConv2d, weight \[4, 3, 3, 3\], mode='independent'\) does not"):
+        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    assert "xconv_name" not in xconv.revert(model)[0].__dict__
+
+
 def test_include_exclude_relu_flag_and_set_probes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.LeakyReLU(0.1))
     xconv.convert(model, probes=4, relu=False, exclude=["2"])

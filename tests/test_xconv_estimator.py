@@ -298,6 +298,9 @@ MUTATED = [
     ("2d-valid", 2, False, dict(kernel_size=3, padding=1), dict(padding="valid"), (6, 6)),
     ("2d-reflect", 2, False, dict(kernel_size=3, padding=1), dict(padding_mode="reflect"), (6, 6)),
     ("3d-padding-dilation", 3, False, dict(kernel_size=3, padding=1), dict(padding=(2, 2, 2), dilation=(2, 2, 2)), (5, 5, 5)),
+    ("1d-ints", 1, False, dict(kernel_size=3), dict(padding=2, dilation=2, stride=2), (12,)),
+    ("2d-ints", 2, False, dict(kernel_size=3, padding=1), dict(padding=2, dilation=2, stride=1), (8, 8)),
+    ("2d-same-even-int-dilation", 2, False, dict(kernel_size=4, padding=1), dict(padding="same", dilation=1), (6, 7)),
     ("t1d-padding-op", 1, True, dict(kernel_size=3, stride=2, padding=1), dict(padding=(0,), output_padding=(1,)), (6,)),
     ("t2d-stride-dilation-op", 2, True, dict(kernel_size=3, padding=1), dict(stride=(2, 2), dilation=(2, 2), output_padding=(1, 1)), (4, 4)),
     ("t3d-padding", 3, True, dict(kernel_size=2, stride=2), dict(padding=(1, 1, 1)), (3, 3, 3)),
@@ -339,5 +342,5 @@ def test_options_set_after_construction_act_as_in_torch(case, estimator, when):
 def test_same_padding_with_a_stride_set_later_is_refused_as_in_torch():
     layer = xconv.XConv2d(4, 6, 3, padding="same", probes=8)
     layer.stride = (2, 2)
-    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+    with pytest.raises(RuntimeError, match="padding='same' is not supported for strided"):
         layer(torch.randn(2, 4, 8, 8))

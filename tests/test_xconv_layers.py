@@ -446,10 +446,12 @@ def test_cuda_peak_is_none_for_a_cpu_run_on_a_gpu_machine(monkeypatch):
 @pytest.mark.parametrize("options, spreads", [
     (dict(mode="multi"), True), (dict(mode="orthogonal"), True),
     (dict(mode="independent"), False), (dict(storage="quantized", bits=4), False),
-], ids=["multi", "orthogonal", "independent", "quantized"])
+    (dict(deflation="pca", deflation_rank=2), True),
+], ids=["multi", "orthogonal", "independent", "quantized", "pca"])
 def test_non_finite_input_pixel_spread_and_anomaly_warning(options, spreads):
     """One NaN input pixel: torch's layer gets NaN in that input channel's weight-gradient entries;
-    the per-channel sketch and SR storage alike, the multi-channel sketches in every entry. Under
+    the per-channel sketch and SR storage alike, the multi-channel sketches and the PCA-deflated one
+    (its basis spans every channel) in every entry. Under
     anomaly detection the layer says so, naming itself; outside it, nothing is checked."""
     ref = nn.Conv2d(3, 4, 3, padding=1)
     layer = xconv.XConv2d(3, 4, 3, padding=1, probes=8, **options)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import refuse_double_backward
+from .functional import layer_label, refuse_double_backward
 from .probes import draw_seed, make_generator
 from .quantize import check_bits, dequantize, quantize
 
@@ -45,7 +45,7 @@ class XBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        refuse_double_backward(ctx.layer, f"a {ctx.stored.bits}-bit copy of its input")
+        refuse_double_backward(ctx.layer, f"its input in {ctx.stored.bits}-bit SR storage")
         weight, mean, invstd, reserve, *stored = ctx.saved_tensors
         x_hat = dequantize(ctx.stored.with_tensors(*stored))
         x_hat = x_hat if x_hat.dim() > 2 else x_hat.t()
@@ -85,7 +85,7 @@ class _XBatchNormMixin:
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         return XBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, factor, self.eps, self.bits, draw_seed(),
-            type(self).__name__,
+            layer_label(self),
         )
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ import warnings
 from collections import OrderedDict
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .batchnorm import BATCHNORM_CLASSES
 from .functional import validate_sketch_config
@@ -44,8 +45,11 @@ def _torch_conv_class(module: nn.Module) -> type | None:
 
     A subclass that overrides ``forward`` or ``_conv_forward`` computes something else than
     the torch layer (e.g. weight standardisation, "same" padding by hand), so it is not
-    converted.
+    converted; nor is a parametrized conv (``torch.nn.utils.parametrizations.spectral_norm``,
+    ``weight_norm``), whose class torch generates to compute the weight.
     """
+    if parametrize.is_parametrized(module):  # spectral_norm / weight_norm: its weight is a computed property
+        return None
     for tcls in XCONV_CLASSES:
         if isinstance(module, tcls) and not isinstance(module, _XConvMixin):
             cls = type(module)
@@ -138,7 +142,8 @@ def convert(
 
     The new layers reuse the same ``Parameter`` objects, buffers and hooks, so
     ``state_dict`` keys and values, device, dtype, train/eval mode and existing optimizers
-    are unchanged. Subclasses of convs that override ``forward`` are skipped with a warning.
+    are unchanged. Subclasses of convs that override ``forward`` and parametrized convs
+    (``spectral_norm``, ``weight_norm``) are skipped with a warning.
     Layers converted before are kept and take the new options. A module object used at several
     places is replaced at all of them by one new layer, so it stays shared.
 
@@ -214,6 +219,8 @@ def convert(
             new = _plain(module)
         else:
             new = _rebuild(module, target)
+        if type(new) in _TORCH_CLASSES:  # an xconv layer: its errors and warnings name it
+            new.xconv_name = aliases[0]
         if isinstance(new, _XConvMixin):
             new._init_xconv(min_pixels, **options)
             converted.append(aliases[0])
@@ -223,7 +230,8 @@ def convert(
             replacements[id(module)] = new
     model = _swap(model, replacements)
     if skipped:
-        warnings.warn(f"xconv.convert skipped conv subclasses that override forward: {', '.join(skipped)}")
+        warnings.warn("xconv.convert skipped conv subclasses that override forward and parametrized convs "
+                      f"(spectral_norm, weight_norm): {', '.join(skipped)}")
     if partly_selected:
         warnings.warn("xconv.convert left shared modules as they are because include/exclude select only some "
                       f"of their names: {', '.join(partly_selected)}")
@@ -259,6 +267,6 @@ def revert(model: nn.Module) -> nn.Module:
 def _plain(module: nn.Module) -> nn.Module:
     """The torch layer a converted ``module`` came from, sharing its parameters and buffers."""
     new = _rebuild(module, _TORCH_CLASSES[type(module)])
-    for attr in ("sketch_config", "min_pixels", "bits"):
+    for attr in ("sketch_config", "min_pixels", "bits", "xconv_name"):
         new.__dict__.pop(attr, None)
     return new

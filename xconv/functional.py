@@ -568,9 +568,17 @@ def parameter_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def layer_label(module: torch.nn.Module, detail: str = "") -> str:
+    """How errors and warnings name an xconv layer: its name in the model where :func:`xconv.convert`
+    made it (``"'encoder.conv1' (XConv2d, weight [64, 3, 7, 7])"``), else its class, with ``detail``."""
+    what = type(module).__name__ + (f", {detail}" if detail else "")
+    name = module.__dict__.get("xconv_name")
+    return f"{name!r} ({what})" if name is not None else (f"{type(module).__name__} ({detail})" if detail else what)
+
+
 def refuse_double_backward(layer: str, kept: str) -> None:
     """Raise a one-line ``RuntimeError`` naming ``layer`` if this backward runs with ``create_graph=True``:
-    what it ``kept`` (e.g. "a 4-bit copy of its input") cannot give higher-order gradients."""
+    what it ``kept`` (e.g. "its input in 4-bit SR storage") cannot give higher-order gradients."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{layer} does not support double backward (it keeps {kept}); keep it a torch "
                            "layer for higher-order gradients (xconv.convert(..., exclude=[its name]) or xconv.revert)")

@@ -20,6 +20,7 @@ from .functional import (
     ConvGeometry,
     SketchConfig,
     XConvFunction,
+    layer_label,
     layer_probes,
     sketch_numel_per_sample,
     validate_sketch_config,
@@ -35,7 +36,8 @@ def _warn_if_not_finite(x: torch.Tensor, cfg: SketchConfig, layer: str) -> None:
     than in torch's layer. Costs one pass over the input and a host sync, so only in that mode."""
     if torch.isfinite(x).all():
         return
-    spread = ("every weight-gradient entry of this layer" if cfg.storage == "sketch" and cfg.mode != "independent"
+    mixes_channels = cfg.mode != "independent" or cfg.deflation == "pca"  # the PCA basis spans all channels
+    spread = ("every weight-gradient entry of this layer" if cfg.storage == "sketch" and mixes_channels
               else "the weight-gradient entries of the affected input channels, as in torch's layer")
     kept = "its sketch" if cfg.storage == "sketch" else "its quantized copy"
     warnings.warn(f"{layer}: non-finite input {list(x.shape)}: {kept} is not finite, and so will be {spread}",
@@ -108,7 +110,7 @@ class _XConvMixin:
         weight, bias = self.weight, self.bias
         cfg = self.sketch_config
         how = f"bits={cfg.bits} quantized" if cfg.storage == "quantized" else f"mode={cfg.mode!r}"
-        layer = f"{type(self).__name__} (weight {list(weight.shape)}, {how})"
+        layer = layer_label(self, f"weight {list(weight.shape)}, {how}")
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # Cast as autocast would for a conv, then run the Function without autocast so
@@ -139,6 +141,12 @@ class _XConvMixin:
         return super().extra_repr() + extra
 
 
+def _ntuple(value, dims: int) -> tuple[int, ...]:
+    """A conv option as a ``dims``-tuple: torch's functional convs also take a single int, which
+    user code may set after construction (``conv.padding = 2``)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
 class _XConvNd(_XConvMixin):
     def estimator_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The input the estimator sees (and keeps a sketch or copy of) and its zero padding.
@@ -160,10 +168,10 @@ class _XConvNd(_XConvMixin):
         if self.padding == "valid":
             return x, none
         if self.padding != "same":
-            return x, tuple(self.padding)
-        if any(s != 1 for s in self.stride):
-            raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={self.stride}")
-        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            return x, _ntuple(self.padding, len(none))
+        if any(s != 1 for s in _ntuple(self.stride, len(none))):
+            raise RuntimeError(f"padding='same' is not supported for strided convolutions, got stride={self.stride}")
+        totals = [d * (k - 1) for d, k in zip(_ntuple(self.dilation, len(none)), _ntuple(self.kernel_size, len(none)))]
         if all(t % 2 == 0 for t in totals):
             return x, tuple(t // 2 for t in totals)
         pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
@@ -171,7 +179,8 @@ class _XConvNd(_XConvMixin):
 
     def _xconv_forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self.estimator_input(x)
-        geom = ConvGeometry(tuple(self.stride), padding, tuple(self.dilation), self.groups)
+        dims = x.dim() - 2
+        geom = ConvGeometry(_ntuple(self.stride, dims), padding, _ntuple(self.dilation, dims), self.groups)
         return self._run_estimator(x, geom)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -183,7 +192,7 @@ class _XConvNd(_XConvMixin):
 class _XConvTransposeNd(_XConvMixin):
     def estimator_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The input the estimator sees: ``x`` itself, and the layer's padding."""
-        return x, tuple(self.padding)
+        return x, _ntuple(self.padding, x.dim() - 2)
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if not self.uses_estimator(input):
@@ -193,8 +202,9 @@ class _XConvTransposeNd(_XConvMixin):
             input, output_size, self.stride, self.padding, self.kernel_size, spatial_dims, self.dilation
         )
         geom = ConvGeometry(
-            tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups,
-            transposed=True, output_padding=tuple(output_padding),
+            _ntuple(self.stride, spatial_dims), _ntuple(self.padding, spatial_dims), _ntuple(self.dilation, spatial_dims),
+            self.groups,
+            transposed=True, output_padding=_ntuple(output_padding, spatial_dims),
         )
         return self._run_estimator(input, geom)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
-from .functional import refuse_double_backward
+from .functional import layer_label, refuse_double_backward
 from .quantize import pack_codes, unpack_codes
 
 #: Largest window (positions) whose offsets fit the 8-bit codes; larger ones run the torch layer.
@@ -104,9 +104,9 @@ class _XMaxPoolMixin:
         if self._dims == 1:  # as torch's max_pool1d_with_indices: a 2-d pool of height 1
             kernel, stride, padding, dilation = geometry
             geometry = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
-            y = XMaxPoolFunction.apply(input.unsqueeze(-2), *geometry, self.ceil_mode, type(self).__name__)
+            y = XMaxPoolFunction.apply(input.unsqueeze(-2), *geometry, self.ceil_mode, layer_label(self))
             return y.squeeze(-2)
-        return XMaxPoolFunction.apply(input, *geometry, self.ceil_mode, type(self).__name__)
+        return XMaxPoolFunction.apply(input, *geometry, self.ceil_mode, layer_label(self))
 
 
 _DOC = """``nn.{torch_name}`` that keeps only the argmax's window offset for backward.

@@ -36,7 +36,7 @@ class QuantizedConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         weight, *stored = ctx.saved_tensors
-        refuse_double_backward(ctx.layer, f"a {ctx.bits}-bit copy of its input")
+        refuse_double_backward(ctx.layer, f"its input in {ctx.bits}-bit SR storage")
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad_y, ctx.x_shape, weight, ctx.geom)
