@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -31,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import xconv
 from experiments.config import (
-    ConfigError, check_launcher, check_run_config, checkpointing_patterns, exit_with, xconv_options,
+    ConfigError, check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns,
+    exit_with, remove_created_output_dirs, xconv_options,
 )
 from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
@@ -78,10 +81,42 @@ def _build(cfg: DictConfig, key: str, **kwargs):
         raise
 
 
+@contextmanager
+def _held_back(*names: str) -> Iterator[None]:
+    """Hold back what the loggers ``names`` log in the block, and log it once the block ends without an error.
+
+    A config error found after ``xconv.convert`` (a checkpoint that does not fit, ``checkpointing``
+    patterns, ``xconv.budget``) is then the only line a refused run prints, not the last after
+    "xconv.convert: N convs converted".
+    """
+    loggers, held = [logging.getLogger(name) for name in names], []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+    for record in held:  # not reached on an error: those records are dropped
+        logging.getLogger(record.name).handle(record)
+
+
 def build(cfg: DictConfig):
     """Data module, converted task and Trainer, built after ``seed_everything(cfg.seed)``, or a ConfigError
     before anything trains."""
+    with _held_back("xconv.convert", "xconv.planner"):
+        return _assemble(cfg)
+
+
+def _assemble(cfg: DictConfig):
     check_run_config(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    checkpoint_shapes = check_checkpoint(ckpt_path) if ckpt_path is not None else None
     options = xconv_options(cfg)
     checkpointing = checkpointing_patterns(cfg)
     # Before anything random is built; quietly, so that a config error is the only line printed
@@ -105,6 +140,8 @@ def build(cfg: DictConfig):
             xconv.checkpoint_modules(task.net, checkpointing)
         except ValueError as err:  # "include: no module matches ..."
             raise ConfigError(f"checkpointing: {str(err).partition(': ')[2]}") from err
+    if checkpoint_shapes is not None:  # the network as it is trained: converted, with its checkpointed segments
+        check_checkpoint_fits(ckpt_path, checkpoint_shapes, task)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + summary_callbacks()
     trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
@@ -116,19 +153,21 @@ def run(cfg: DictConfig) -> dict | None:
     """Train, validate (and test, where the data has a test split) and write ``summary.json``.
 
     The summary goes into ``cfg.output_dir`` and is returned. Validation and test score the
-    final weights; ``metrics`` holds both (``val/...``, ``test/...``). In a distributed run every
-    process trains, validates and tests on its share of the data (torchmetrics scores are
-    computed over all ranks), and only global rank 0 writes and logs the summary; the other
-    ranks return None.
+    final weights; ``metrics`` holds both (``val/...``, ``test/...``), and none of a stage that
+    runs no batch (``trainer.limit_val_batches=0``: the summary's ``metric`` is then None). In
+    a distributed run every process trains, validates and tests on its share of the data
+    (torchmetrics scores are computed over all ranks), and only global rank 0 writes and logs
+    the summary; the other ranks return None.
     """
     commit = git_commit()  # the code that runs is the code checked out now
     datamodule, task, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    # Lightning returns no result where it runs no batch (trainer.limit_val_batches=0): no metrics then.
+    metrics = next(iter(trainer.validate(task, datamodule=datamodule, verbose=False)), {})
     if has_test_stage(task, datamodule):
-        metrics |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
+        metrics |= next(iter(trainer.test(task, datamodule=datamodule, verbose=False)), {})
     if not trainer.is_global_zero:
         return None
     summary = build_summary(cfg, trainer, task, datamodule, metrics, commit)
@@ -175,9 +214,14 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg)
     except ConfigError as err:
         hydra_cfg = HydraConfig.get()
-        remove_unused_run_dir(Path(cfg.output_dir), hydra_cfg.job.name)  # nothing ran: nothing to keep
+        # Nothing ran: nothing to keep. output_dir=... may point elsewhere than Hydra's run directory
+        # (or not resolve: then the error is about it).
+        output_dir = OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)
+        for run_dir in {hydra_cfg.runtime.output_dir, *([output_dir] if isinstance(output_dir, str) else [])}:
+            remove_unused_run_dir(Path(run_dir), hydra_cfg.job.name)
         if hydra_cfg.mode == RunMode.MULTIRUN:  # the error ends the whole sweep: drop its directory if nothing ran
             _remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+        remove_created_output_dirs()  # outputs/<task>/ and the like, where this run created them and they are empty
         exit_with(err)
     return summary["metric"] if summary is not None else None
 

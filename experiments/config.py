@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -46,8 +47,11 @@ OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
 
 def check_run_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for a mandatory key (``???`` in a config) left unset, an interpolation
-    that does not resolve (a data set of another task), a seed that is not an int or a checkpoint that is
-    missing or does not load (see :func:`check_checkpoint`)."""
+    that does not resolve (a data set of another task), a seed that is not an int or an ``output_dir``
+    that cannot be created (see :func:`check_output_dir`).
+
+    ``ckpt_path`` is checked apart (:func:`check_checkpoint`), as its weights are compared with
+    the task's once the task is built (:func:`check_checkpoint_fits`)."""
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))  # resolves every interpolation on the way
     except InterpolationResolutionError as err:
@@ -58,17 +62,53 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(missing)} must be set, e.g. on the command line: {example}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an int, got {cfg.seed!r}")
-    if cfg.get("ckpt_path") is not None:
-        check_checkpoint(cfg.ckpt_path)
+    check_output_dir(cfg.output_dir)
 
 
-def check_checkpoint(path: str) -> None:
-    """Raise :class:`ConfigError` naming ``ckpt_path`` unless ``path`` is a Lightning checkpoint that loads.
+def check_output_dir(path: str) -> None:
+    """Raise :class:`ConfigError` naming ``output_dir`` unless the directory exists or can be created.
+
+    Normally it is Hydra's run directory, which exists by now; one set by hand (``output_dir=...``)
+    is created and removed again (with the parents this made), as the loggers and checkpoints
+    create it when they first write.
+    """
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"output_dir must be a directory path, got {path!r}")
+    created = make_directory("output_dir", path)
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except OSError:  # written to meanwhile: leave it
+            break
+
+
+def make_directory(key: str, path: str | Path) -> list[Path]:
+    """Create the directory ``path`` and its missing parents; return those it created, outermost first.
+
+    Raises:
+        ConfigError: naming ``key``, where the directory cannot be created (in ``/proc``, under
+            a regular file, no permission).
+    """
+    path = Path(path)
+    try:
+        created = [p.absolute() for p in (path, *path.parents) if not p.exists()][::-1]
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        raise ConfigError(f"{key}: cannot create the directory {str(path)!r}: {err.strerror or err}{where}") from err
+    return created
+
+
+def check_checkpoint(path: str) -> dict[str, tuple[int, ...] | None]:
+    """Raise :class:`ConfigError` naming ``ckpt_path`` unless ``path`` is a Lightning checkpoint that loads;
+    return the shape of each entry of its ``state_dict`` (None for an entry that is no tensor).
 
     Loads it as ``Trainer.fit(ckpt_path=...)`` will (Lightning's ``TorchCheckpointIO``, torch's
-    default ``weights_only``), onto the CPU: a truncated, corrupt or foreign file fails here, in
-    one line, before anything is built, rather than in ``fit`` after the run has started. It
-    costs one extra read of the file (a fraction of a second for this project's checkpoints).
+    default ``weights_only``), onto the CPU: a truncated or foreign file, or one whose pickled
+    structure is damaged, fails here, in one line, before anything is built, rather than in
+    ``fit`` after the run has started. Damaged tensor data that still loads is not detected. The
+    shapes are for :func:`check_checkpoint_fits`, once the task is built; the file is read once
+    more by ``fit`` (a fraction of a second for this project's checkpoints).
     """
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {path!r}")
@@ -81,8 +121,43 @@ def check_checkpoint(path: str) -> None:
         raise ConfigError(
             f"ckpt_path: cannot load {path!r} as a checkpoint ({type(reason).__name__}: {first})"
         ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"ckpt_path: {path!r} is no Lightning checkpoint (it has no 'state_dict'; a bare model state_dict?)")
+    return _shapes(checkpoint["state_dict"])
+
+
+def _shapes(state_dict: dict) -> dict[str, tuple[int, ...] | None]:
+    return {key: tuple(value.shape) if isinstance(value, torch.Tensor) else None for key, value in state_dict.items()}
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def check_checkpoint_fits(path: str, shapes: dict[str, tuple[int, ...] | None], task: L.LightningModule) -> None:
+    """Raise :class:`ConfigError` naming ``ckpt_path`` unless the checkpoint's ``state_dict`` (its
+    ``shapes``, from :func:`check_checkpoint`) loads into ``task`` as ``Trainer.fit`` loads it.
+
+    The same keys as ``task.state_dict()`` (unless ``task.strict_loading`` is False: then only
+    the keys both have) and the same shapes; the message names the first few that differ. A
+    checkpoint of another model or task (a small_cnn checkpoint for ``model=resnet18_cifar``)
+    fails here, before anything runs, instead of in ``fit``. Optimizer and scheduler states are
+    not compared.
+    """
+    expected = _shapes(task.state_dict())
+    strict = getattr(task, "strict_loading", True)
+    missing = [k for k in expected if k not in shapes] if strict else []
+    unexpected = [k for k in shapes if k not in expected] if strict else []
+    resized = [f"{k} ({_size(shapes[k])} in the checkpoint, {_size(expected[k])} here)" for k in expected
+               if k in shapes and expected[k] is not None and shapes[k] is not None and shapes[k] != expected[k]]
+    if not (missing or unexpected or resized):
+        return
+    parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}" for what, keys in
+             [("keys missing", missing), ("unexpected keys", unexpected), ("of another shape", resized)] if keys]
+    raise ConfigError(
+        f"ckpt_path: {path!r} does not fit the task's network (a checkpoint of another model, task or "
+        f"xconv setting?): {'; '.join(parts)}"
+    )
 
 
 class MakeOutputDir(Callback):
@@ -104,10 +179,28 @@ class MakeOutputDir(Callback):
     @staticmethod
     def _make(key: str, path: str) -> None:
         try:
-            Path(path).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
-            exit_with(ConfigError(f"{key}: cannot create the directory {str(path)!r}: {err.strerror or err}{where}"))
+            CREATED_OUTPUT_DIRS[:] = make_directory(key, path)
+        except ConfigError as err:
+            exit_with(err)
+
+
+# The directories MakeOutputDir created for this process's run or sweep directory (that one and
+# its missing parents, outermost first), for remove_created_output_dirs.
+CREATED_OUTPUT_DIRS: list[Path] = []
+
+
+def remove_created_output_dirs() -> None:
+    """Delete the directories :class:`MakeOutputDir` created, innermost first, as long as they are empty.
+
+    After a run stopped by a :class:`ConfigError` has removed its run directory, this removes
+    the parents that the run created for it (``outputs/<task>/``, ``outputs/``), but none that
+    existed before or that hold anything.
+    """
+    for directory in reversed(CREATED_OUTPUT_DIRS):
+        if directory.is_dir():
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
 
 
 def exit_with(err: ConfigError | str) -> NoReturn:

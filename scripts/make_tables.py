@@ -12,6 +12,7 @@ callbacks may differ between the runs of a row. Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
   standard deviation over the row's runs (seeds; the mean alone for a single run), and their number;
+  runs without it (``trainer.limit_val_batches=0``: ``metric`` null) count in the number only;
 - activation memory: saved-for-backward bytes of one training step in MiB, and its ratio to the
   exact row of the same table (``probes=0``, no SR storage, no planner);
 - peak memory in MiB (CUDA runs only; blank on CPU);
@@ -73,7 +74,8 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
 
     Raises:
         FileNotFoundError: a directory does not exist.
-        KeyError: a run has no ``metric`` among its final metrics.
+        KeyError: a run has no ``metric`` among its final metrics (without ``metric``, a run
+            lacking its own headline metric, as one that validated nothing, counts with none).
     """
     runs = []
     for directory in directories:
@@ -83,7 +85,8 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
             summary = json.loads(path.read_text())
             config, xconv = summary["config"], summary["config"]["xconv"]
             name = metric or summary["metric_name"]
-            if name not in summary["metrics"]:
+            # A run that validated nothing (trainer.limit_val_batches=0) has no headline metric: a blank cell.
+            if name not in summary["metrics"] and metric is not None:
                 raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
             # The deep image prior's data modules have no batch_size: they train on one image per step.
             batch = config["data"].get("batch_size", 1)
@@ -103,7 +106,7 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "precision": summary.get("precision", "32-true"),
                 "processes": summary.get("world_size", 1),
                 "metric_name": name,
-                "metric": summary["metrics"][name],
+                "metric": summary["metrics"].get(name),
                 "probes": summary["probes"] if sketch else 0,
                 "mode": xconv["mode"] if sketch else "exact",
                 "distribution": xconv["distribution"] if sketch else "",

@@ -187,14 +187,14 @@ def test_bad_command_line_exits_2_with_one_line_and_leaves_no_run_dir(override, 
 
 
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, "xconv.probes=-1,8", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes must be >= 0")
-    assert not sweep_dir.exists()
+    assert list(tmp_path.iterdir()) == []  # nor the parent the sweep created for it
 
 
 def test_failed_run_removes_its_run_dir_only_when_nothing_but_hydra_wrote_there(tmp_path):

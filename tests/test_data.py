@@ -135,6 +135,48 @@ def test_folder_mask_of_another_size_than_its_image_fails_naming_the_file(tmp_pa
         ResizePair(32)(Image.new("RGB", (48, 40)), Image.new("L", (24, 20)))
 
 
+def test_folder_reads_16_bit_masks(tmp_path):
+    write_folder(tmp_path, 2)
+    Image.fromarray(np.full((40, 48), 2, np.uint16)).save(tmp_path / "masks" / "im1.png")  # PIL mode I;16
+    dm = FolderDataModule(str(tmp_path), num_classes=3, image_size=32, val_fraction=0.5, num_workers=0)
+    assert Image.open(tmp_path / "masks" / "im1.png").mode == "I;16"
+    assert [int(mask.max()) for _, mask in dm.dataset] == [1, 2]
+    Image.fromarray(np.full((40, 48), 300, np.uint16)).save(tmp_path / "masks" / "im1.png")
+    with pytest.raises(ValueError, match=r"^num_classes: mask '.*im1\.png' holds label 300"):
+        FolderDataModule(str(tmp_path), num_classes=3)
+
+
+def test_folder_unreadable_file_fails_at_build_naming_the_file_and_the_key(tmp_path):
+    write_folder(tmp_path / "train", 3)
+    write_folder(tmp_path / "test", 2)
+    (tmp_path / "train" / "images" / "im1.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"^root: '.*train/images/im1\.jpg' is no image PIL can read"):
+        FolderDataModule(str(tmp_path / "train"), num_classes=2)
+    (tmp_path / "test" / "masks" / "im0.png").write_bytes(b"")
+    cfg = compose_config(*TINY_TRAINER, "data=folder", f"data.root={tmp_path / 'test'}", output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^data\.root: '.*test/masks/im0\.png' is no image PIL can read"):
+        build(cfg)
+    write_folder(tmp_path / "valid", 2)
+    with pytest.raises(ValueError, match=r"^test_root: '.*test/masks/im0\.png' is no image"):
+        FolderDataModule(str(tmp_path / "valid"), num_classes=2, test_root=str(tmp_path / "test"))
+    truncated = tmp_path / "valid" / "masks" / "im1.png"  # a valid header, its pixel data cut off
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"^root: cannot read mask '.*valid/masks/im1\.png' \(image file is truncated"):
+        FolderDataModule(str(tmp_path / "valid"), num_classes=2)
+
+
+def test_folder_too_few_pairs_to_train_on_fails_naming_val_fraction(tmp_path):
+    write_folder(tmp_path, 3)
+    FolderDataModule(str(tmp_path), num_classes=2, val_fraction=0.5)  # 2 train, 1 validates
+    with pytest.raises(ValueError, match=r"^val_fraction: 0\.9 of 3 pairs in .* leaves no pair to train on"):
+        FolderDataModule(str(tmp_path), num_classes=2, val_fraction=0.9)
+    one = tmp_path / "one"
+    write_folder(one, 1)
+    cfg = compose_config(*TINY_TRAINER, "data=folder", f"data.root={one}", output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^data\.val_fraction: 0\.2 of 1 pair in .* leaves no pair"):
+        build(cfg)
+
+
 def test_oxford_pet_trimaps_become_background_pet_border(tmp_path):
     # The on-disk layout torchvision's OxfordIIITPet reads, with one tiny fake sample per split.
     base = tmp_path / "oxford-iiit-pet"

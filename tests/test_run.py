@@ -63,6 +63,14 @@ def test_two_step_run_writes_summary(task, probes, relu, tmp_path):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+def test_run_without_validation_batches_has_no_headline_metric(tmp_path):
+    cfg = compose_config(*TINY_CLASSIFICATION, "trainer.limit_val_batches=0", output_dir=tmp_path)
+    summary = run(cfg)
+    assert summary["metric_name"] == "val/acc" and summary["metric"] is None
+    assert {"test/acc", "test/loss"} <= set(summary["metrics"]) and not any(k.startswith("val/") for k in summary["metrics"])
+    assert json.loads((tmp_path / "summary.json").read_text())["metric"] is None
+
+
 def test_checkpointing_run_records_its_segments_against_an_unwrapped_baseline(tmp_path):
     plain_torch = [*TINY_SEGMENTATION, "xconv.probes=0", "xconv.relu=exact"]
     cfg = compose_config(*plain_torch, "checkpointing=[encoder.layer*,decoder.blocks.*]", output_dir=tmp_path)
@@ -149,24 +157,50 @@ def test_unreadable_checkpoint_is_a_config_error_naming_ckpt_path(tmp_path):
         build(compose_config(*TINY_SEGMENTATION, f"ckpt_path={tmp_path / 'weights.pt'}", output_dir=tmp_path / "run"))
 
 
-@pytest.mark.parametrize("case", ["random ckpt_path", "run dir in /proc", "run dir under a file"])
+def test_checkpoint_of_another_model_or_task_is_a_config_error_naming_ckpt_path(tmp_path):
+    def checkpoint_of(name: str, *overrides: str) -> Path:
+        """A Lightning-style checkpoint of the task ``overrides`` build, as its run would save it."""
+        _, task, _ = build(compose_config(*overrides, output_dir=tmp_path / name))
+        torch.save({"state_dict": task.state_dict(), "global_step": 2}, tmp_path / f"{name}.ckpt")
+        return tmp_path / f"{name}.ckpt"
+
+    small_cnn = checkpoint_of("small_cnn", *TINY_CLASSIFICATION)
+    segmentation = checkpoint_of("segmentation", *TINY_SEGMENTATION)
+    build(compose_config(*TINY_CLASSIFICATION, f"ckpt_path={small_cnn}", output_dir=tmp_path / "run"))  # its own: fits
+    for overrides, checkpoint, reason in [
+        ([*TINY_CLASSIFICATION, "model=resnet18_cifar"], small_cnn, r"\d+ keys missing, e\.g\. net\.conv1\.weight"),
+        (TINY_CLASSIFICATION, segmentation, r"\d+ keys missing, .*; \d+ unexpected keys, e\.g\. net\.encoder\."),
+        ([*TINY_CLASSIFICATION, "model.channels=[8,32,32]"], small_cnn,
+         r"\?\): 3 of another shape, e\.g\. net\.features\.0\.weight \(16x1x3x3 in the checkpoint, 8x1x3x3 here\)"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^ckpt_path: '.*{checkpoint.name}' does not fit the task's network .*{reason}"):
+            build(compose_config(*overrides, f"ckpt_path={checkpoint}", output_dir=tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case", [
+    "random ckpt_path", "ckpt_path of another model", "run dir in /proc", "run dir under a file", "output_dir in /proc",
+])
 def test_unreadable_checkpoint_or_run_dir_exits_2_with_one_line_and_leaves_nothing(case, tmp_path):
     (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 16)
+    torch.save({"state_dict": {"net.weight": torch.zeros(3)}, "global_step": 2}, tmp_path / "other.ckpt")
     (tmp_path / "file").write_text("not a directory")
-    run_dir, ckpt = tmp_path / "run", []
-    if case == "random ckpt_path":
-        ckpt, key = [f"ckpt_path={tmp_path / 'garbage.ckpt'}"], "ckpt_path"
+    # As Hydra's default outputs/<task>/<time>: the parents the run creates go too.
+    run_dir, extra = tmp_path / "outputs" / "segmentation" / "run", []
+    if "ckpt_path" in case:  # the other model's is refused after xconv.convert, whose log line is held back
+        extra, key = [f"ckpt_path={tmp_path / ('garbage.ckpt' if 'random' in case else 'other.ckpt')}"], "ckpt_path"
+    elif case == "output_dir in /proc":  # output_dir, normally Hydra's run directory, set apart from it
+        extra, key = ["output_dir=/proc/xconv-forbidden/x"], "output_dir"
     else:
         run_dir, key = (Path("/proc/xconv-forbidden/x") if "proc" in case else tmp_path / "file" / "run"), "hydra.run.dir"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_SEGMENTATION, *ckpt, f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_SEGMENTATION, *extra, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), lines
     assert not run_dir.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "garbage.ckpt"]  # nothing else written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "garbage.ckpt", "other.ckpt"]  # nothing else written
 
 
 def test_multirun_over_probes_writes_one_summary_per_job(tmp_path):

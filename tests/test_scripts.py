@@ -100,6 +100,19 @@ def test_tables_of_another_metric_and_errors(sweep):
     assert "no summary.json" in make_tables(root / "empty").stderr
 
 
+def test_tables_leave_the_metric_blank_for_runs_that_validated_nothing(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, f"run{seed}", 0, seed, 0.9, activation_bytes=MIB, samples_per_s=100.0)
+    path = tmp_path / "run1" / "summary.json"  # trainer.limit_val_batches=0: no val/ metrics, metric null
+    path.write_text(json.dumps({**json.loads(path.read_text()), "metric": None, "metrics": {"test/acc": 0.8}}))
+    result = make_tables(tmp_path, "--out", tmp_path / "tables")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "tables" / "tables.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["runs"] == "2" and float(row["metric_mean"]) == pytest.approx(0.9) and row["metric_std"] == ""
+    assert make_tables(tmp_path, "--metric", "val/acc").returncode == 2  # asked for by name: every run must have it
+
+
 def test_plots_one_png_per_table(sweep):
     root, _ = sweep
     assert make_tables(root / "sweep", root / "other", "--out", root / "tables").returncode == 0

@@ -90,8 +90,13 @@ class ClassificationDataModule(SplitsDataModule):
 
 
 def mask_values(mask: Image.Image) -> torch.Tensor:
-    """The value stored per pixel of a mask, [H, W], as PIL decodes it (the first channel of an RGB mask)."""
-    return F.pil_to_tensor(mask)[0]
+    """The value stored per pixel of a mask, [H, W], as PIL decodes it (the first channel of an RGB mask).
+
+    A 16-bit mask (PIL's ``I;16``) comes as int32: torch has few operations for uint16 (no
+    ``min``/``max``).
+    """
+    values = F.pil_to_tensor(mask)[0]
+    return values.to(torch.int32) if values.dtype == torch.uint16 else values
 
 
 class ResizePair:
