@@ -56,7 +56,8 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     setup = setup_suffix(precision, processes)
     settings = f", {settings}" if settings else ""
     # Rows from tables.csv (text); rows of tables written before the storage options lack them.
-    exact = next((r for r in rows if r["probes"] == "0" and not r.get("storage") and not r.get("batchnorm_bits")), None)
+    exact = next((r for r in rows if r["probes"] == "0" and not r.get("storage") and not r.get("batchnorm_bits")
+                  and not r.get("checkpointing")), None)
     series: dict[str, list[dict]] = {}
     levels = []  # SR storage, the planner, BatchNorm storage with exact convs: one value each, no r axis
     for row in rows:

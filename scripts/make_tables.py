@@ -48,10 +48,10 @@ MIB = 2**20
 # What separates tables, and within a table, rows.
 TABLE_KEYS = ("task", "data", "model", "settings", "batch_size", "precision", "processes", "metric_name")
 ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank", "relu", "include", "exclude", "min_pixels",
-            "storage", "bits", "max_compression", "batchnorm_bits", "maxpool", "budget")
+            "storage", "bits", "max_compression", "batchnorm_bits", "maxpool", "budget", "checkpointing")
 # Config values that may differ between the runs of one row: seeds, where a run wrote its
 # files, how it logged; the XConv options and what TABLE_KEYS already name are compared there.
-NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "trainer.default_root_dir", "task_name",
+NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "checkpointing", "trainer.default_root_dir", "task_name",
                 "data._target_", "data.image", "data.batch_size", "model._target_", "model.encoder_name",
                 "task._target_", "trainer.precision", "trainer.devices", "trainer.num_nodes"}
 NOT_SETTINGS_PREFIXES = ("xconv.", "callbacks.", "logger.", "hydra.", "task.net.")  # task.net is ${model}
@@ -122,6 +122,8 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "batchnorm_bits": xconv.get("batchnorm_bits") or "",
                 "maxpool": bool(xconv.get("maxpool")),
                 "budget": xconv.get("budget") or "",
+                # Activation checkpointing (an exact-gradient baseline): a row beside exact, not a table apart.
+                "checkpointing": _patterns(summary.get("checkpointing")),
                 "activation_mib": summary["activation_bytes"] / MIB,
                 "peak_mib": summary["peak_memory_bytes"] / MIB if summary["peak_memory_bytes"] else None,
                 "step_s": batch / summary["samples_per_s"] if batch and summary["samples_per_s"] else None,
@@ -180,15 +182,16 @@ def _sortable(value) -> tuple:
 
 
 def is_exact(row: dict) -> bool:
-    """Whether a row's runs trained with exact gradients (what ratios are taken against)."""
-    return row["probes"] == 0 and not row["storage"] and not row["batchnorm_bits"]
+    """Whether a row's runs trained as plain torch (what ratios are taken against): exact gradients,
+    nothing stored in low bits, no activation checkpointing."""
+    return row["probes"] == 0 and not row["storage"] and not row["batchnorm_bits"] and not row["checkpointing"]
 
 
 def _row_order(row: dict) -> tuple:
     return (not is_exact(row), row["storage"], str(row["budget"]), str(row["bits"]), row["probes"], row["mode"],
             row["distribution"], row["deflation"],
             str(row["deflation_rank"]), row["relu"] != "exact", row["include"], row["exclude"], str(row["min_pixels"]),
-            str(row["max_compression"]), str(row["batchnorm_bits"]), row["maxpool"])
+            str(row["max_compression"]), str(row["batchnorm_bits"]), row["maxpool"], row["checkpointing"])
 
 
 def table_keys(batch_rows: bool) -> tuple[str, ...]:
@@ -234,17 +237,22 @@ def _spread(mean: float | None, std: float | None) -> str:
 
 
 def settings_label(row: dict) -> str:
-    """What sets a row's runs apart beyond r, mode and distribution: deflation, and options that are not the defaults."""
-    label = f" deflation={row['deflation']} k={row['deflation_rank'] or 1}" if row["deflation"] else ""
-    if row["relu"] != "bit":
+    """What sets a row's runs apart beyond r, mode and distribution: deflation, and options that are not the defaults.
+
+    Rows read back from an older ``tables.csv`` may lack the options added since: they had the defaults.
+    """
+    label = f" deflation={row['deflation']} k={row.get('deflation_rank') or 1}" if row.get("deflation") else ""
+    if row.get("relu", "bit") != "bit":
         label += f" relu={row['relu']}"
     for key in ("include", "exclude", "min_pixels", "max_compression"):
-        if row[key] not in ("", None):
+        if row.get(key) not in ("", None):
             label += f" {key}={row[key]}"
-    if row["batchnorm_bits"]:
+    if row.get("batchnorm_bits"):
         label += f" BN {row['batchnorm_bits']}-bit"
-    if row["maxpool"]:
+    if row.get("maxpool") not in (None, "", False, "False"):
         label += " pool offsets"
+    if row.get("checkpointing"):
+        label += f" checkpointing={row['checkpointing']}"
     return label
 
 
@@ -256,14 +264,14 @@ def setup_suffix(precision: str, processes) -> str:
 
 
 def row_label(row: dict, batch_rows: bool) -> str:
-    if row["storage"] == "planned":
+    if row.get("storage") == "planned":
         label = f"planner {row['budget']}x"
-    elif row["storage"] == "quantized":
+    elif row.get("storage") == "quantized":
         label = f"SR {row['bits']}-bit"
     elif str(row["probes"]) == "0":  # an int here, text in rows read back from tables.csv
         label = "exact"
     else:
-        label = f"r={row['probes']} {row['mode']} {row['distribution']}" + (f" {row['bits']}-bit" if row["bits"] else "")
+        label = f"r={row['probes']} {row['mode']} {row['distribution']}" + (f" {row['bits']}-bit" if row.get("bits") else "")
     return label + settings_label(row) + (f", batch {row['batch_size']}" if batch_rows else "")
 
 

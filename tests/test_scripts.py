@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,7 @@ MIB = 2**20
 
 
 def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None,
-              precision=None, world_size=None, data_options=(), **xconv_options):
+              precision=None, world_size=None, data_options=(), checkpointing=None, **xconv_options):
     """A run directory with the summary.json fields the table script reads (``batch=None``: no
     ``data.batch_size``, as in the deep image prior's data modules)."""
     run = root / name
@@ -42,6 +43,8 @@ def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s,
         summary["precision"] = precision
     if world_size is not None:  # likewise: one process
         summary["world_size"] = world_size
+    if checkpointing is not None:  # older summaries lack it: no checkpointing
+        summary["checkpointing"] = summary["config"]["checkpointing"] = checkpointing
     (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -249,6 +252,29 @@ def test_storage_options_are_rows_against_the_exact_row(tmp_path):
     plots = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(tmp_path / "tables")],
                            capture_output=True, text=True, cwd=REPO_ROOT)
     assert plots.returncode == 0, plots.stderr
+
+
+def test_checkpointing_is_a_row_beside_exact(tmp_path):
+    write_run(tmp_path, "exact", 0, 0, 0.5, 8 * MIB, 100.0, checkpointing=None)
+    write_run(tmp_path, "exact_ckpt", 0, 0, 0.5, 3 * MIB, 80.0, checkpointing=["encoder.layer*", "decoder.blocks.*"])
+    write_run(tmp_path, "r8_ckpt", 8, 0, 0.4, 2 * MIB, 75.0, checkpointing="encoder.layer*")
+    result = make_tables(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("### ") == 1  # one table: checkpointing is not a setting that splits tables
+    assert "| exact | 0.500 | 1 | 8.0 | 1.00 |" in result.stdout
+    assert "| exact checkpointing=encoder.layer*,decoder.blocks.* | 0.500 | 1 | 3.0 | 0.38 |  | 0.4000 | 1.25 |" in result.stdout
+    assert "| r=8 independent gaussian checkpointing=encoder.layer* | 0.400 | 1 | 2.0 | 0.25 |" in result.stdout
+
+
+def test_plots_of_a_published_table_written_before_the_storage_columns(tmp_path):
+    """results/ holds tables.csv files written before storage, checkpointing and max_compression were
+    columns: their rows had the defaults, and make_plots must still draw them."""
+    shutil.copy(REPO_ROOT / "results" / "paper_segmentation_cpu" / "tables.csv", tmp_path)
+    assert "checkpointing" not in (tmp_path / "tables.csv").read_text().splitlines()[0]
+    plots = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(tmp_path)],
+                           capture_output=True, text=True, cwd=REPO_ROOT)
+    assert plots.returncode == 0, plots.stderr
+    assert list(tmp_path.glob("*.png"))
 
 
 def test_other_config_values_are_tables_not_seeds(tmp_path):
