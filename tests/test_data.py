@@ -177,6 +177,17 @@ def test_folder_too_few_pairs_to_train_on_fails_naming_val_fraction(tmp_path):
         build(cfg)
 
 
+@pytest.mark.parametrize("batch_size, sizes", [(2, [2]), (3, [3]), (4, [3])])
+def test_a_last_training_batch_of_one_sample_is_dropped(tmp_path, batch_size, sizes):
+    """BatchNorm cannot train on one sample where a map is 1x1 (a U-Net at image_size < 64):
+    3 training pairs at batch 2 would end with a batch of 1."""
+    write_folder(tmp_path, 4)
+    data = FolderDataModule(str(tmp_path), num_classes=2, val_fraction=0.25, batch_size=batch_size, num_workers=0)
+    data.setup("fit")
+    assert len(data.train_set) == 3
+    assert [len(images) for images, _ in data.train_dataloader()] == sizes
+
+
 def test_oxford_pet_trimaps_become_background_pet_border(tmp_path):
     # The on-disk layout torchvision's OxfordIIITPet reads, with one tiny fake sample per split.
     base = tmp_path / "oxford-iiit-pet"

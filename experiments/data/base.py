@@ -44,14 +44,18 @@ class SplitsDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled batches of ``batch_size``; a last batch of a single sample is dropped, as
+        BatchNorm cannot train on one sample where a map has shrunk to 1x1 (a U-Net's bottleneck
+        at ``image_size`` < 64). Other last batches are kept, so the runs are as before."""
+        size = len(self.train_set)
+        return self._loader(self.train_set, shuffle=True, drop_last=size > 1 and size % self.batch_size == 1)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
