@@ -110,6 +110,8 @@ class _XConvMixin:
         weight, bias = self.weight, self.bias
         cfg = self.sketch_config
         how = f"bits={cfg.bits} quantized" if cfg.storage == "quantized" else f"mode={cfg.mode!r}"
+        if cfg.storage == "sketch" and cfg.deflation is not None:
+            how += f", deflation={cfg.deflation!r}"
         layer = layer_label(self, f"weight {list(weight.shape)}, {how}")
         device = x.device.type
         if torch.is_autocast_enabled(device):
