@@ -8,7 +8,7 @@ from test_gan import TINY_GAN
 
 from experiments.config import ConfigError
 from experiments.summary import activation_memory
-from run import build
+from run import build, run
 
 TINY = {
     "segmentation": TINY_SEGMENTATION,
@@ -56,3 +56,15 @@ def test_bad_storage_options_fail_before_training(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         build(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_sr4_option_is_the_explicit_storage_settings_and_trains(tmp_path):
+    """``xconv=sr4`` (what ``make run`` uses) is SR 4-bit storage of convs and BatchNorms with offset
+    max-pools, the rest of ``xconv`` as the default; it converts every conv and BatchNorm and trains."""
+    preset = compose_config(*TINY_SEGMENTATION, "xconv=sr4", output_dir=tmp_path)
+    explicit = compose_config(*TINY_SEGMENTATION, *STORAGE, "xconv.storage=quantized", "xconv.bits=4",
+                              output_dir=tmp_path)
+    assert preset.xconv == explicit.xconv
+    summary = run(preset)
+    assert summary["steps"] == 2 and summary["storage"] == "quantized" and summary["bits"] == 4
+    assert summary["activation_bytes"] < summary["activation_bytes_exact"] / 3
