@@ -7,9 +7,9 @@ group never mixes channels of different scales. Each group keeps an offset ``lo`
 
     code = floor((x - lo) / scale + u),  u ~ U[0, 1),   stored value  lo + scale * code
 
-so ``E[stored] = x`` (unbiased; ``u`` has 16-bit resolution, four values per 64-bit draw, which
-leaves ``E[code]`` within ``2^-17`` of a step of exact, the order of fp32's own rounding of
-``t + u``) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
+so ``E[stored] = x`` (unbiased up to float rounding: ``u`` has 16-bit resolution, four values per
+64-bit draw, worth ``2^-17`` of a step; ``(x - lo) / scale`` is computed as one ``x * (1 / scale) +
+c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32 resolution) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
 ``f`` the fractional part of ``(x - lo) / scale``. ``scale = (max - lo) / (2^b - 1)``: the
 variance falls 4x per bit. 16 bits is bfloat16 with stochastic rounding (no groups). Groups of
 64 (:data:`GROUP_SIZE`) cost 0.5 bit per element for ``lo`` and ``scale``; the measurement behind
@@ -209,6 +209,7 @@ def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = Non
         return Quantized(stochastic_round_bf16(x.detach(), generator), None, None, 16, shape, strides, x.dtype)
     # u = (k + 32768.5) / 2^16 for a uniform int16 k: uniform on [0, 1) at 16-bit resolution, so
     # E[code] is within 2^-17 of a step of t (fp32's rounding of t + u is of that order already).
+    # t's own rounding (one addcmul) is up to ~ulp(lo) / 2 in x's units: see the module docstring.
     t, lo, scale = _grid(x, bits, shift=0.5 + 2.0**-17)
     t.add_(_uniform16(t.numel(), generator, t.device).view(t.shape), alpha=2.0**-16)
     # t + u is in [0, 2^b): after the clamp (float rounding only), truncation is the floor.
