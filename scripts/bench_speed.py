@@ -9,22 +9,28 @@ how far it moved single rounds. Single layers: forward (grad mode on), forward+b
 backward as their difference. Training steps: forward, loss, backward, SGD step of a whole model,
 with every conv converted at r and the 1-bit ReLU. Prints a markdown table and writes CSV.
 
-With ``--compile BACKEND`` every model (exact and XConv alike) runs through
-``torch.compile(model, backend=BACKEND)``; the first, untimed call compiles, and the
-graph breaks it caused are counted and their distinct reasons printed (XConv layers run
-eagerly inside a ``torch.compiler.disable``d call, so each is a break).
+With ``--compile BACKEND [BACKEND ...]`` every model (exact and XConv alike) runs through
+``torch.compile(model, backend=BACKEND, mode=--compile-mode)`` for each backend in turn
+(``none``: eagerly); the first, untimed call compiles, and the graph breaks it caused are
+counted and their distinct reasons printed (a converted model compiles whole: zero is the
+expected count). Ratios are against the exact model of the same backend, and, where ``none``
+is among the backends, ``vs_eager_exact`` is against the eager exact model. On CUDA each row
+also has the peak memory of one call (``peak_mib``, ``torch.cuda.max_memory_allocated``).
 
 ``--batch-scale K`` multiplies every case's batch size by K: on a GPU the default sizes take
-well under a millisecond per layer, where fixed per-call costs dominate. ``--profile``
+well under a millisecond per layer, where fixed per-call costs dominate. ``--small`` runs every
+case at batch 2 and a quarter of its image size: a quick check that a command runs end to end
+(``scripts/gpu_bench.sh --device cpu``), not a measurement. ``--profile``
 prints ``torch.profiler`` operator tables (self device time on CUDA, self CPU time on CPU)
 instead of timing, to see where a ratio comes from. On CUDA, cuDNN runs fp32 convolutions in
 TF32 by default while matmuls (XConv's contractions) stay fp32; ``--matmul-tf32`` lets the
 matmuls use TF32 too.
 
 Usage:
-    python scripts/bench_speed.py [--probes 4 8 16 32] [--min-run-time 1.0]
-                                  [--only layers|steps] [--compile inductor] [--batch-scale 1]
-                                  [--csv results/bench/speed_cpu.csv | --profile]
+    python scripts/bench_speed.py [--probes 4 8 16 32] [--storage-bits 8 4] [--min-run-time 1.0]
+                                  [--only layers|steps] [--compile none inductor]
+                                  [--compile-mode reduce-overhead] [--batch-scale 1] [--small]
+                                  [--device cuda] [--csv results/bench/speed_cpu.csv | --profile]
 """
 from __future__ import annotations
 
@@ -59,10 +65,17 @@ STEPS = [
 ]
 
 
-def scaled(cases, batch_scale: int):
-    """``cases`` with every batch size multiplied by ``batch_scale`` and named accordingly."""
-    return [(name.format(b=shape[0] * batch_scale), make, (shape[0] * batch_scale, *shape[1:]))
-            for name, make, shape in cases]
+def scaled(cases, batch_scale: int, small: bool = False):
+    """``cases`` with every batch size multiplied by ``batch_scale`` and named accordingly; ``small``:
+    batch 2 and every image dimension divided by 4 (at least 2), the name saying so."""
+    out = []
+    for name, make, shape in cases:
+        batch = shape[0] * batch_scale
+        if small:
+            shape = (2, shape[1], *(max(2, size // 4) for size in shape[2:]))
+            name = f"{name} (small: {'x'.join(map(str, shape))})"
+        out.append((name.format(b=batch), make, (shape[0] if small else batch, *shape[1:])))
+    return out
 
 
 def median_seconds(fn, min_run_time: float) -> float:
@@ -70,8 +83,9 @@ def median_seconds(fn, min_run_time: float) -> float:
     return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def compiled(model: nn.Module, backend: str | None, run) -> tuple[nn.Module, dict]:
-    """``model`` compiled with ``backend`` (as is when None) and the graph breaks of compiling it.
+def compiled(model: nn.Module, backend: str | None, run, mode: str | None = None) -> tuple[nn.Module, dict]:
+    """``model`` compiled with ``backend`` and ``mode`` (as is when ``backend`` is None) and the graph
+    breaks of compiling it.
 
     ``run(compiled_model)`` is called once to trigger compilation. Returns the model and
     ``{"graph_breaks": count, "break_reasons": [first line of each distinct reason]}`` (empty
@@ -81,7 +95,7 @@ def compiled(model: nn.Module, backend: str | None, run) -> tuple[nn.Module, dic
         return model, {}
     torch._dynamo.reset()
     counters.clear()
-    model = torch.compile(model, backend=backend)
+    model = torch.compile(model, backend=backend, mode=mode)
     run(model)
     reasons = counters["graph_break"]
     return model, {"graph_breaks": sum(reasons.values()),
@@ -104,19 +118,19 @@ def variant_label(variant) -> str:
     return "exact" if options is None else f"SR {options['bits']}-bit" if isinstance(variant, str) else f"r={variant}"
 
 
-def layer_timers(make, shape, variant, device, backend=None):
+def layer_timers(make, shape, variant, device, backend=None, mode=None):
     """``{"forward": fn, "total": fn}`` for one layer at ``variant`` (see :func:`convert_options`), and its
     compile report."""
     layer = make().to(device)
     if variant:
         layer = xconv.convert(layer, **convert_options(variant))
     x = torch.randn(shape, device=device, requires_grad=True)
-    layer, report = compiled(layer, backend, lambda m: m(x).sum().backward())
+    layer, report = compiled(layer, backend, lambda m: m(x).sum().backward(), mode)
     grad_y = torch.randn_like(layer(x))
     return {"forward": lambda: layer(x), "total": lambda: layer(x).backward(grad_y)}, report
 
 
-def step_timers(make, shape, variant, device, backend=None):
+def step_timers(make, shape, variant, device, backend=None, mode=None):
     """``{"total": fn}``: one SGD training step of a model converted at ``variant`` with the 1-bit ReLU,
     and its compile report."""
     model = make().to(device).train()
@@ -124,7 +138,7 @@ def step_timers(make, shape, variant, device, backend=None):
         xconv.convert(model, relu=True, **convert_options(variant))
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     x = torch.randn(shape, device=device)
-    model, report = compiled(model, backend, lambda m: m(x).float().square().mean().backward())
+    model, report = compiled(model, backend, lambda m: m(x).float().square().mean().backward(), mode)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -134,16 +148,28 @@ def step_timers(make, shape, variant, device, backend=None):
     return {"total": step}, report
 
 
-def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, backend=None):
+def peak_mib(fn, device) -> float | None:
+    """Peak CUDA memory (MiB, ``torch.cuda.max_memory_allocated``) of one call of ``fn``; None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, backend=None, mode=None):
     rows = []
     for name, make, shape in cases:
         variants = [0, *variants_list]
         timers, reports = [], []
         for r in variants:
             torch.manual_seed(0)
-            timer, report = make_timers(make, shape, r, device, backend)
+            timer, report = make_timers(make, shape, r, device, backend, mode)
             timers.append(timer)
             reports.append(report)
+        peaks = [peak_mib(timer["total"], device) for timer in timers]
         samples = [{key: [] for key in t} for t in timers]
         for _ in range(rounds):
             for timer, sample in zip(timers, samples):
@@ -153,11 +179,14 @@ def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, b
         for m in medians:
             if "forward_s" in m:
                 m["backward_s"] = m["total_s"] - m["forward_s"]
-        for r, times, sample, report in zip(variants, medians, samples, reports):
-            row = {"kind": kind, "case": name, "variant": variant_label(r), "device": device}
+        for r, times, sample, report, peak in zip(variants, medians, samples, reports, peaks):
+            row = {"kind": kind, "case": name, "variant": variant_label(r), "device": device,
+                   "compile": backend or "none"}
             if backend:
-                row.update(compile=backend, graph_breaks=report["graph_breaks"],
+                row.update(compile_mode=mode or "default", graph_breaks=report["graph_breaks"],
                            break_reasons="; ".join(report["break_reasons"]))
+            if peak is not None:
+                row["peak_mib"] = peak
             row.update(times)
             row.update({k.replace("_s", "_ratio"): v / medians[0][k] for k, v in times.items()})
             row.update(round_ratio_quartiles(sample["total"], samples[0]["total"]))
@@ -212,9 +241,22 @@ def format_row(row):
     if row["variant"] != "exact":
         parts.append(f"rounds' total ratios {row['total_ratio_q2']:.2f} "
                      f"(quartiles {row['total_ratio_q1']:.2f}-{row['total_ratio_q3']:.2f})")
-    if "compile" in row:
-        parts.append(f"{row['compile']}: {row['graph_breaks']} graph breaks ({row['break_reasons'] or 'none'})")
+    if "vs_eager_exact" in row:
+        parts.append(f"{row['vs_eager_exact']:.2f}x eager exact")
+    if "peak_mib" in row:
+        parts.append(f"peak {row['peak_mib']:.0f} MiB")
+    if "graph_breaks" in row:
+        parts.append(f"{row['compile']} ({row['compile_mode']}): {row['graph_breaks']} graph breaks "
+                     f"({row['break_reasons'] or 'none'})")
     return "| " + " | ".join(parts) + " |"
+
+
+def add_eager_ratios(rows) -> None:
+    """Give every compiled row ``vs_eager_exact``: its total time over the eager exact row's of its case."""
+    eager = {(r["kind"], r["case"]): r["total_s"] for r in rows if r["compile"] == "none" and r["variant"] == "exact"}
+    for row in rows:
+        if row["compile"] != "none" and (row["kind"], row["case"]) in eager:
+            row["vs_eager_exact"] = row["total_s"] / eager[row["kind"], row["case"]]
 
 
 def main(argv=None):
@@ -226,8 +268,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
     parser.add_argument("--only", choices=["layers", "steps"], default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", default=None, metavar="BACKEND",
-                        help="torch.compile every model with this backend (inductor, aot_eager, ...)")
+    parser.add_argument("--compile", nargs="+", default=["none"], metavar="BACKEND",
+                        help="time every model eagerly (none) and/or compiled with these backends (inductor, ...)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
+    parser.add_argument("--small", action="store_true",
+                        help="batch 2 and a quarter of each image size: a quick end-to-end check, not a measurement")
     parser.add_argument("--batch-scale", type=int, default=1, metavar="K",
                         help="multiply every case's batch size by K (larger batches: less per-call overhead)")
     parser.add_argument("--matmul-tf32", action="store_true",
@@ -240,7 +286,7 @@ def main(argv=None):
         parser.error(f"--batch-scale must be an int >= 1, got {args.batch_scale}")
     if args.rounds < 1 or not 0 < args.min_run_time < math.inf:
         parser.error(f"--rounds must be >= 1 and --min-run-time > 0, got {args.rounds} and {args.min_run_time}")
-    if args.profile and (args.csv or args.compile):
+    if args.profile and (args.csv or args.compile != ["none"]):
         parser.error("--profile prints operator tables of eager models: it takes neither --csv nor --compile")
     if any(r < 1 for r in args.probes):
         parser.error(f"--probes must be ints >= 1 (exact is always measured), got {args.probes}")
@@ -248,14 +294,16 @@ def main(argv=None):
         parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
-    if args.compile is not None and args.compile not in torch.compiler.list_backends(exclude_tags=()):
-        parser.error(f"--compile must be one of torch.compiler.list_backends(exclude_tags=()): "
-                     f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}; got {args.compile!r}")
+    backends = torch.compiler.list_backends(exclude_tags=())
+    for backend in args.compile:
+        if backend != "none" and backend not in backends:
+            parser.error(f"--compile must be none or one of torch.compiler.list_backends(exclude_tags=()): "
+                         f"{', '.join(backends)}; got {backend!r}")
     torch.backends.cuda.matmul.allow_tf32 = args.matmul_tf32
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"matmul TF32 {args.matmul_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
-    kinds = [("layer", scaled(LAYERS, args.batch_scale), layer_timers),
-             ("step", scaled(STEPS, args.batch_scale), step_timers)]
+    kinds = [("layer", scaled(LAYERS, args.batch_scale, args.small), layer_timers),
+             ("step", scaled(STEPS, args.batch_scale, args.small), step_timers)]
     kinds = [k for k in kinds if args.only in (None, k[0] + "s")]
     if args.profile:
         for kind, cases, make in kinds:
@@ -264,8 +312,16 @@ def main(argv=None):
         return
     variants = [*args.probes, *(f"sr{b}" for b in args.storage_bits)]
     rows = []
-    for kind, cases, make in kinds:
-        rows += run(kind, cases, make, variants, args.device, args.min_run_time, args.rounds, args.compile)
+    for backend in args.compile:
+        for kind, cases, make in kinds:
+            rows += run(kind, cases, make, variants, args.device, args.min_run_time, args.rounds,
+                        None if backend == "none" else backend, args.compile_mode)
+    add_eager_ratios(rows)
+    if "none" in args.compile and len(args.compile) > 1:
+        print("Compiled against eager exact:")
+        for row in rows:
+            if "vs_eager_exact" in row:
+                print(format_row(row), flush=True)
     if args.csv:
         write_csv(rows, args.csv)
 

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from xconv.probes import draw_seed
+from xconv.rng import draw_seed
 
 
 class RunProbe(L.Callback):
@@ -27,7 +27,7 @@ class RunProbe(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.torch_seed = torch.initial_seed()
         state = torch.get_rng_state()
-        self.probe_seed = draw_seed()
+        self.probe_seed = int(draw_seed())
         torch.set_rng_state(state)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

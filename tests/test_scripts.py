@@ -379,7 +379,7 @@ def test_bench_speed_round_ratio_quartiles_pair_each_round(bench_speed):
     (["--min-run-time", "nan"], "--rounds must be >= 1 and --min-run-time > 0"),
     (["--profile", "--csv", "x.csv"], "--profile prints operator tables of eager models"),
     (["--device", "nope"], "--device must be cpu, cuda or cuda:N, got 'nope'"),
-    (["--compile", "nosuch"], "--compile must be one of torch.compiler.list_backends(exclude_tags=())"),
+    (["--compile", "none", "nosuch"], "--compile must be none or one of torch.compiler.list_backends(exclude_tags=())"),
     pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA device here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
@@ -389,8 +389,8 @@ def test_bench_speed_bad_arguments_are_one_line(args, error):
     assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr
 
 
-def gpu_bench(tmp_path, python, *args):
-    env = {**os.environ, "PYTHON": str(python)}
+def gpu_bench(tmp_path, python, *args, **env):
+    env = {**os.environ, "PYTHON": str(python), **env}
     return subprocess.run(["bash", str(SCRIPTS / "gpu_bench.sh"), *map(str, args)], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
 
@@ -402,19 +402,59 @@ def test_gpu_bench_refuses_to_run_without_cuda(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, error", [
+    (["--device"], "--device needs a value"), (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'")])
+def test_gpu_bench_bad_device_is_one_line(tmp_path, args, error):
+    result = gpu_bench(tmp_path, sys.executable, *args)
+    assert result.returncode == 2 and error in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+PARTS = ["steps", "steps_batch8x", "steps_cudagraphs", "layers"]
+
+
 def test_gpu_bench_runs_every_part_and_reports_the_failed_ones(tmp_path):
-    # A stand-in interpreter that claims CUDA, prints its arguments and fails the memory part.
+    # A stand-in interpreter that claims CUDA, prints its arguments and fails the CUDA-graphs part.
     fake = tmp_path / "fake-python"
-    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "ran $*"\n'
-                    'case "$1" in *bench_memory*) echo boom >&2; exit 3;; esac\n')
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && { echo "Fake GPU (xconv test)"; exit 0; }\necho "ran $*"\n'
+                    'case "$*" in *reduce-overhead*) echo boom >&2; exit 3;; esac\n')
     fake.chmod(0o755)
     result = gpu_bench(tmp_path, "./fake-python", "out dir")
     out = tmp_path / "out dir"  # relative to the caller's directory, not the repository
-    assert result.returncode == 1 and "failed: memory" in result.stderr
+    assert result.returncode == 1 and "failed or skipped: steps_cudagraphs" in result.stderr
     parts = (out / "parts.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in parts] == ["profile", "speed", "speed_batch8x", "memory", "gradient"]
-    assert "memory: exit 3" in parts[3] and (out / "memory.err").read_text() == "boom\n"
-    assert f"--csv {out}/gradient.csv" in (out / "gradient.md").read_text()
+    assert [line.split(":")[0] for line in parts] == PARTS
+    assert "steps_cudagraphs: exit 3" in parts[2] and (out / "steps_cudagraphs.err").read_text() == "boom\n"
+    steps = (out / "steps_batch8x.md").read_text()
+    assert f"--batch-scale 8 --csv {out}/steps_batch8x.csv --device cuda" in steps and "--compile none inductor" in steps
+    # The default folder is named after the device.
+    result = gpu_bench(tmp_path, "./fake-python", BENCH_BUDGET_S="0")
+    default = REPO_ROOT / "results" / "bench" / "gpu" / "fake-gpu-xconv-test"
+    try:
+        assert result.returncode == 1 and (default / "parts.txt").read_text().count("skipped") == 4
+    finally:
+        shutil.rmtree(default, ignore_errors=True)
+
+
+def test_gpu_bench_runs_end_to_end_on_the_cpu(tmp_path):
+    """The GPU call's parts small on the CPU: the CUDA-graphs steps (the steps parts differ from it
+    only in flags that the command-line test above checks; all four take ~4 minutes here) and the
+    layers. Dynamo's eager backend keeps it short; it still traces every model, so the compiled
+    rows count graph breaks: none."""
+    parts = ["steps_cudagraphs", "layers"]
+    result = gpu_bench(tmp_path, REPO_ROOT / ".venv" / "bin" / "python", "--device", "cpu", "out",
+                       COMPILE_BACKEND="eager", BENCH_PARTS=" ".join(parts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert [line.split(":")[0] for line in (out / "parts.txt").read_text().splitlines()] == parts
+    for part in parts:
+        with open(out / f"{part}.csv") as f:
+            rows = list(csv.DictReader(f))
+        variants = {"exact", "r=8", "SR 4-bit"} | ({"r=32"} if part == "layers" else set())
+        assert {r["variant"] for r in rows} == variants, part
+        compiled = [r for r in rows if r["compile"] == "eager"]
+        assert compiled and all(r["graph_breaks"] == "0" for r in compiled), part
+        if part != "steps_cudagraphs":
+            assert all(float(r["vs_eager_exact"]) > 0 for r in compiled)
 
 
 def test_bench_checkpointing_compares_the_four_networks(monkeypatch, capsys):

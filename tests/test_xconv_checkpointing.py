@@ -134,7 +134,7 @@ def test_bad_patterns_raise_one_line_before_changing_anything(include, error, me
 
 
 def test_a_compiled_model_runs_its_segments_eagerly_with_statistics_updated_once():
-    # XConv layers break the graph inside a segment, which compiled would be checkpointed without its context_fn.
+    # A compiled segment would be checkpointed without its context_fn (statistics updated twice).
     converted = xconv.convert(_net().train(), probes=4)
     checkpointed = xconv.checkpoint_modules(copy.deepcopy(converted), ["1", "2"])
     compiled = torch.compile(checkpointed, backend="aot_eager")

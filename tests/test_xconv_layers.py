@@ -125,9 +125,9 @@ def test_bit_activation_double_backward_gradgradcheck(make, inplace):
     assert torch.autograd.gradgradcheck(lambda t: act(t.clone()) * t, (x,))
 
 
-# A reentrant checkpoint with preserve_rng_state=True is left out: its forward runs under no_grad
+# A reentrant checkpoint with preserve_rng_state=True is left out here: its forward runs under no_grad
 # (the plain layer, no draw), so each recomputation replays the same RNG state and draws the
-# same probes unless something else draws in between (README, "Activation recomputation").
+# same probes unless something else draws in between; the layer warns (test below; README, "Activation recomputation").
 @pytest.mark.parametrize("mode, use_reentrant, preserve_rng_state", [
     ("independent", False, True), ("independent", False, False), ("multi", False, True),
     ("multi", False, False), ("independent", True, False),
@@ -150,6 +150,32 @@ def test_checkpoint_recomputation_keeps_the_estimate_unbiased(mode, use_reentran
 
     t, threshold = bias_statistic(torch.stack([draw() for _ in range(400)]), exact)
     assert t < threshold, f"Monte-Carlo mean deviates from the exact gradient: T={t:.2f} > {threshold:.2f}"
+
+
+def test_a_replayed_rng_state_is_named_by_a_warning():
+    """Reentrant checkpointing with preserve_rng_state=True sets torch's RNG state back before every
+    recomputation: where nothing else draws, every step repeats one estimate. The layer says so at
+    the third repeat; the other checkpoint forms (a recomputation redraws its forward's seed once),
+    and plain training, draw fresh seeds and stay silent."""
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+
+    def steps(**kwargs):
+        layer = xconv.convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), probes=4)
+        grads = []
+        for _ in range(3):
+            layer.zero_grad(set_to_none=True)
+            (checkpoint(layer, x, **kwargs) if kwargs else layer(x)).sum().backward()
+            grads.append(layer[0].weight.grad)
+        return grads
+
+    with pytest.warns(RuntimeWarning, match=r"^'0' \(XConv2d, .*\) drew the same seed in three forwards in a row"):
+        first, _, third = steps(use_reentrant=True, preserve_rng_state=True)
+    assert torch.equal(first, third)
+    for kwargs in ({}, dict(use_reentrant=False, preserve_rng_state=True), dict(use_reentrant=True, preserve_rng_state=False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            first, _, third = steps(**kwargs)
+        assert not torch.equal(first, third)
 
 
 def _relative_error(estimate, reference):
@@ -218,33 +244,6 @@ def test_weight_grad_has_the_weight_strides(kernel_size, contraction):
     layer = xconv.XConv2d(4, 8, kernel_size, probes=2, contraction=contraction)
     layer(torch.randn(2, 4, 16, 16)).sum().backward()
     assert layer.weight.grad.stride() == layer.weight.stride()
-
-
-def _small_cnn():
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-    )
-
-
-def test_torch_compile_matches_eager_and_breaks_only_at_the_estimator():
-    from torch._dynamo.utils import counters
-
-    eager = xconv.convert(_small_cnn(), probes=4)
-    compiled_model = xconv.convert(_small_cnn(), probes=4)
-    compiled_model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_model, backend="aot_eager")
-    x = torch.randn(4, 3, 16, 16)
-    torch._dynamo.reset()
-    counters.clear()
-    for model in (eager, compiled):
-        torch.manual_seed(11)  # the same probe seeds in both
-        model(x).square().mean().backward()
-    for p_eager, p_compiled in zip(eager.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(p_compiled.grad, p_eager.grad)
-    reasons = counters["graph_break"]
-    assert reasons and all("_estimate" in reason for reason in reasons), dict(reasons)
 
 
 def test_min_pixels_and_default_skip():

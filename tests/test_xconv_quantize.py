@@ -48,8 +48,8 @@ def test_quantize_is_unbiased_and_keeps_the_layout(layout, bits):
 def test_bias_statistic_rejects_deterministic_rounding(monkeypatch):
     """Rounding down (no noise) is biased; the unbiasedness check must catch it."""
     x = torch.randn(4, 64)
-    lowest = lambda count, generator, device: torch.full((count,), -(1 << 15), dtype=torch.int16)  # u = 2^-17
-    monkeypatch.setattr(xconv.quantize, "_uniform16", lowest)
+    lowest = lambda key, count, device: torch.full((count,), -(1 << 15), dtype=torch.int16)  # u = 2^-17
+    monkeypatch.setattr(xconv.rng, "uniform16", lowest)
     draws = torch.stack([dequantize(quantize(x, 4)) + 1e-4 * torch.randn_like(x) for _ in range(100)])
     t, threshold = bias_statistic(draws, x)
     assert t > threshold

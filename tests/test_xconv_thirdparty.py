@@ -124,7 +124,7 @@ def private_probe_seeds(monkeypatch):
     seeds come from a private generator, so the masks line up and a bitwise comparison tests
     everything else the conversion could change."""
     generator = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(xconv.nn, "draw_seed", lambda: int(torch.randint(0, 2**62, (), generator=generator)))
+    monkeypatch.setattr(xconv.nn, "draw_seed", lambda: torch.randint(0, 2**62, (), generator=generator))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -148,7 +148,8 @@ def test_train_forward_is_torch_s_and_gradients_to_rounding(name, private_probe_
 @pytest.mark.parametrize("name", CASES)
 def test_training_step_is_finite_and_saved_bytes_are_reported(name, saved_bytes_table, record_property):
     """Saved bytes of one train forward + loss, converted against torch; then one SGD step of the
-    converted model: every parameter torch gives a non-zero gradient gets a finite, non-zero one."""
+    converted model: every parameter whose gradient in torch is above rounding (a conv bias before a
+    BatchNorm has a true gradient of zero) gets a finite, non-zero one."""
     plain, model, x = _pair(name)
     reports = [saved_tensor_bytes(lambda: _loss(_forward(m, x, 1)[1]), model=m) for m in (plain, model)]
     ratio = reports[1].total_bytes / reports[0].total_bytes
@@ -159,11 +160,13 @@ def test_training_step_is_finite_and_saved_bytes_are_reported(name, saved_bytes_
     _loss(_forward(plain, x, 2)[1]).backward()  # which parameters get a (non-zero) gradient at all
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     _loss(_forward(model, x, 2)[1]).backward()
+    largest = max(q.grad.abs().max().item() for q in plain.parameters() if q.grad is not None)
     for (key, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None), key
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), key
-            assert p.grad.any() or not q.grad.any(), f"{key}: no gradient where torch's is non-zero"
+            nonzero = q.grad.abs().max() > FLOOR * largest
+            assert p.grad.any() or not nonzero, f"{key}: no gradient where torch's is above rounding"
     optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(_forward(model, x, 3)[1]).all()

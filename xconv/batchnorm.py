@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .functional import layer_label, refuse_double_backward
-from .probes import draw_seed, make_generator
+from .rng import draw_seed
 from .quantize import check_bits, dequantize, quantize
 
 
@@ -38,7 +38,7 @@ class XBatchNormFunction(torch.autograd.Function):
             x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled
         )
         # Groups must not mix channels: a [B, C] input is grouped along the batch, per channel.
-        stored = quantize(x if x.dim() > 2 else x.t(), bits, make_generator(seed, x.device))
+        stored = quantize(x if x.dim() > 2 else x.t(), bits, seed)
         ctx.stored, ctx.impl, ctx.eps, ctx.layer = stored.layout(), impl, eps, layer
         ctx.save_for_backward(weight, mean, invstd, reserve, *stored.tensors())
         return y

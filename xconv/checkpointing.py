@@ -62,8 +62,8 @@ class _Checkpointed:
 
 
 # Under torch.compile a segment runs eagerly: compiled checkpoints take only dispatch modes as
-# context_fn, and a segment that breaks the graph (XConv layers do) was checkpointed without it,
-# updating BatchNorm statistics twice.
+# context_fn, so a compiled segment would be checkpointed without the one that keeps BatchNorm
+# statistics from being updated twice.
 @torch.compiler.disable
 def _checkpoint(segment: nn.Module, forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import rng
 from .probes import (
     DEFLATIONS,
     DISTRIBUTIONS,
     dct_basis,
     deflated_probes,
-    make_generator,
     orthogonal_probes,
     random_probes,
     range_basis,
@@ -246,29 +246,32 @@ def _input_grad(grad_out, input_shape, weight, geom: ConvGeometry) -> torch.Tens
 # --------------------------------------------------------------------------- probes
 
 
-def deflation_basis(x: torch.Tensor, cfg: SketchConfig, seed: int) -> torch.Tensor | None:
+# Sub-streams of a layer call's seed (xconv.rng.key): each random quantity has its own.
+PROBE_STREAM, BASIS_STREAM, SKETCH_BITS_STREAM = 0, 1, 2
+
+
+def deflation_basis(x: torch.Tensor, cfg: SketchConfig, seed: torch.Tensor) -> torch.Tensor | None:
     """The directions deflation keeps exactly, ``float32 [k, n]``, or None without deflation.
 
-    ``"pca"`` draws its test matrix from a generator seeded with ``seed + 1``, independent of
-    the probes' ``seed``.
+    ``"pca"`` draws its test matrix from the seed's own stream, independent of the probes'.
     """
     if cfg.deflation is None:
         return None
     if cfg.deflation == "dct":
         return dct_basis(tuple(x.shape[2:]), cfg.rank, x.device)
-    return range_basis(x, cfg.rank, make_generator(seed + 1, x.device))
+    return range_basis(x, cfg.rank, rng.key(seed, BASIS_STREAM))
 
 
-def _independent_probes(cfg: SketchConfig, seed: int, batch: int, spatial, dtype, device, basis=None):
+def _independent_probes(cfg: SketchConfig, seed: torch.Tensor, batch: int, spatial, dtype, device, basis=None):
     """Probes ``[r, *S_in]`` shared by the batch, or ``[B, r, *S_in]`` when per-sample.
 
     With a deflation ``basis`` (``[k, n]``) the first ``k`` probes are its rows.
     """
-    gen = make_generator(seed, device)
+    key = rng.key(seed, PROBE_STREAM)
     lead = (batch,) if cfg.per_sample else ()
     if basis is None:
-        return random_probes(lead + (cfg.probes, *spatial), cfg.probes, cfg.distribution, gen, dtype, device)
-    z = deflated_probes(basis, lead, cfg.probes, cfg.distribution, gen, dtype)
+        return random_probes(lead + (cfg.probes, *spatial), cfg.probes, cfg.distribution, key, dtype, device)
+    z = deflated_probes(basis, lead, cfg.probes, cfg.distribution, key, dtype)
     return z.view(*lead, cfg.probes, *spatial)
 
 
@@ -296,28 +299,30 @@ class _ChunkPlan:
         c = unit * max(1, min(channels // unit, CHUNK_ELEMENTS // (m * pixels * unit)))
         return _ChunkPlan(cfg.probes, channels, pixels, unit, m, c)
 
-    def blocks(self, cfg: SketchConfig, seed: int, spatial, dtype, device):
+    def blocks(self, cfg: SketchConfig, seed: torch.Tensor, spatial, dtype, device):
         """Yield ``(p0, p1, c0, c1, Z_block [p1-p0, c1-c0, *S_in])`` in a fixed order.
 
-        Forward and backward walk the same order with the same generator, so backward
-        regenerates exactly the forward probes without storing them.
+        Block ``i`` of the order draws from its own stream of ``seed``, so backward regenerates
+        exactly the forward probes without storing them.
         """
-        gen = make_generator(seed, device)
+        blocks = 0
         for p0 in range(0, self.probes, self.probe_chunk):
             p1 = min(self.probes, p0 + self.probe_chunk)
             for c0 in range(0, self.channels, self.channel_chunk):
                 c1 = min(self.channels, c0 + self.channel_chunk)
+                key = rng.key(seed, PROBE_STREAM, blocks)
+                blocks += 1
                 if cfg.mode == "orthogonal":
-                    z = orthogonal_probes(c1 - c0, self.pixels, p1 - p0, self.probes, gen, dtype, device)
+                    z = orthogonal_probes(c1 - c0, self.pixels, p1 - p0, self.probes, key, dtype, device)
                 else:
-                    z = random_probes((p1 - p0, c1 - c0, self.pixels), self.probes, cfg.distribution, gen, dtype, device)
+                    z = random_probes((p1 - p0, c1 - c0, self.pixels), self.probes, cfg.distribution, key, dtype, device)
                 yield p0, p1, c0, c1, z.view(p1 - p0, c1 - c0, *spatial)
 
 
 # --------------------------------------------------------------------------- sketch
 
 
-def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: int, plan: _ChunkPlan | None, basis=None) -> torch.Tensor:
+def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: torch.Tensor, plan: _ChunkPlan | None, basis=None) -> torch.Tensor:
     """Sketch ``S = Z^T X`` of the layer input.
 
     Args:
@@ -503,13 +508,14 @@ class XConvFunction(torch.autograd.Function):
 
     Forward returns exactly ``aten.convolution(x, weight, bias, ...)`` and keeps only the
     weight, the sketch (``[B, C_in, r]`` or ``[B, r]``; with ``bits``, in SR low-bit storage),
-    an integer seed and, with ``deflation="pca"``, the deflation basis (``[k, n]``). Backward
+    the seed (an int64 scalar tensor, :func:`xconv.rng.draw_seed`) and, with ``deflation="pca"``,
+    the deflation basis (``[k, n]``). Backward
     returns the exact input and bias gradients and an unbiased estimate of the weight
     gradient (Hutchinson trace estimation; paper section 3).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: int, layer: str):
+    def forward(ctx, x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: torch.Tensor, layer: str):
         y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
         ctx.geom, ctx.cfg, ctx.layer = geom, cfg, layer
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
@@ -525,20 +531,19 @@ class XConvFunction(torch.autograd.Function):
             stored_basis = basis if cfg.deflation == "pca" else None
         kept = (sketch,)
         if sketch is not None and cfg.bits is not None:
-            stored = quantize(sketch, cfg.bits, make_generator(seed + 2, sketch.device))  # seed + 1: the PCA basis
+            stored = quantize(sketch, cfg.bits, rng.key(seed, SKETCH_BITS_STREAM))
             ctx.stored, kept = stored.layout(), stored.tensors()
-        # The seed is saved as a tensor, not a ctx attribute: activation recomputation
+        # The seed is a saved tensor, not a ctx attribute: activation recomputation
         # (torch.utils.checkpoint) replaces saved tensors by the recomputed forward's, and a
         # recomputation that draws another seed (preserve_rng_state=False) must hand backward
         # that seed with its sketch, or the probes no longer match and the estimate is biased.
-        ctx.save_for_backward(weight, stored_basis, torch.tensor(seed, dtype=torch.int64), *kept)
+        ctx.save_for_backward(weight, stored_basis, seed, *kept)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         refuse_double_backward(ctx.layer, "a sketch of its input")
         weight, basis, seed, *stored = ctx.saved_tensors
-        seed = int(seed)
         sketch = stored[0] if ctx.stored is None else dequantize(ctx.stored.with_tensors(*stored))
         geom, cfg = ctx.geom, ctx.cfg
         grad_x = grad_w = grad_b = None
@@ -612,6 +617,14 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
+    if torch.compiler.is_compiling():
+        # Eight strided slices vectorise in inductor's code (35x faster than the word multiply,
+        # whose bytes-as-int64 view it cannot); eagerly the word multiply is faster.
+        bits = flat.view(-1, 8).to(torch.int32)
+        packed = bits[:, 0]
+        for j in range(1, 8):
+            packed = packed | (bits[:, j] << j)
+        return packed.to(torch.uint8)
     words = flat.view(torch.uint8).view(torch.int64)
     return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
 
@@ -627,7 +640,13 @@ def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool, st
     mask as a tensor of ``shape`` in ``dtype`` (True/False, or 1/0)."""
     count = math.prod(shape)
     first, end = start // 8, -(-(start + count) // 8)
-    bits = _unpack_table(packed.device, dtype).index_select(0, packed[first:end].long())
+    if torch.compiler.is_compiling():
+        # Shifts of int32 words vectorise in inductor's code (the table gather does not: 8x slower
+        # fused into a BatchNorm backward); eagerly the table is faster.
+        shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+        bits = ((packed[first:end].to(torch.int32)[:, None] >> shifts) & 1).to(dtype)
+    else:
+        bits = _unpack_table(packed.device, dtype).index_select(0, packed[first:end].long())
     offset = start - 8 * first
     return bits.view(-1)[offset : offset + count].view(shape)
 
@@ -646,7 +665,8 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         mask = (x <= 0).logical_not_() if relu else x > 0
         if inplace:
             ctx.mark_dirty(x)
-            y = x.relu_() if relu else torch.nn.functional.leaky_relu_(x, negative_slope)
+            x.relu_() if relu else torch.nn.functional.leaky_relu_(x, negative_slope)
+            y = x  # torch.compile traces mark_dirty only where forward returns the dirty input itself
         else:
             y = x.relu() if relu else torch.nn.functional.leaky_relu(x, negative_slope)
         ctx.shape, ctx.negative_slope = x.shape, negative_slope
@@ -669,6 +689,13 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         # the gradient's dtype: the mask is unpacked straight into that dtype a few samples at
         # a time, so no mask-sized temporary exists (1.7 ms less per 8x64x64x64 than unpacking
         # to bool and casting).
+        if torch.compiler.is_compiling():  # whole: the compiler fuses the unpacking into the kernel
+            sign = unpack_bits(packed, shape, grad.dtype)
+            if ctx.negative_slope is None:
+                grad_x = torch.ops.aten.threshold_backward(grad, sign, 0)
+            else:
+                grad_x = torch.ops.aten.leaky_relu_backward(grad, sign, ctx.negative_slope, False)
+            return grad_x.view(grad_y.shape), None, None
         grad_x = torch.empty_like(grad)
         per_sample = math.prod(shape[1:])
         step = max(1, SIGN_CHUNK_ELEMENTS // max(1, per_sample))

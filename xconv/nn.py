@@ -25,7 +25,7 @@ from .functional import (
     sketch_numel_per_sample,
     validate_sketch_config,
 )
-from .probes import draw_seed
+from .rng import draw_seed
 from .quantized_conv import QuantizedConvFunction
 
 
@@ -44,23 +44,19 @@ def _warn_if_not_finite(x: torch.Tensor, cfg: SketchConfig, layer: str) -> None:
                   RuntimeWarning, stacklevel=2)
 
 
-# torch.compile cannot trace the seed draw (a tensor -> int) or the private probe generator;
-# left to try, it splits every XConv layer into several graph fragments (8 breaks for two
-# layers and a 1-bit ReLU). Excluded as a whole, the estimator runs eagerly, as before, and
-# costs one graph break per layer.
-@torch.compiler.disable
-def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, layer: str) -> torch.Tensor:
-    """``XConvFunction`` with a fresh probe seed from torch's default generator and the layer's
-    probe count, or ``QuantizedConvFunction`` for ``storage="quantized"``; ``layer`` names the
-    layer in errors and warnings."""
-    if torch.is_anomaly_enabled():
+def _estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: torch.Tensor, layer: str) -> torch.Tensor:
+    """``XConvFunction`` with probe ``seed`` and the layer's probe count, or ``QuantizedConvFunction``
+    for ``storage="quantized"``; ``layer`` names the layer in errors and warnings. Traceable by
+    ``torch.compile`` (the seed is a tensor and the probes are counter-based, :mod:`xconv.rng`);
+    anomaly mode's check runs eagerly only."""
+    if not torch.compiler.is_compiling() and torch.is_anomaly_enabled():
         _warn_if_not_finite(x, cfg, layer)
     if cfg.storage == "quantized":
-        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits, draw_seed(), layer)
+        return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits, seed, layer)
     probes = layer_probes(cfg, x.shape)
     if probes != cfg.probes:
         cfg = dataclasses.replace(cfg, probes=probes)
-    return XConvFunction.apply(x, weight, bias, geom, cfg, draw_seed(), layer)
+    return XConvFunction.apply(x, weight, bias, geom, cfg, seed, layer)
 
 
 class _XConvMixin:
@@ -107,12 +103,30 @@ class _XConvMixin:
         return sketch_numel_per_sample(cfg, x.shape[1]) < x.shape[1] * pixels
 
     def _run_estimator(self, x, geom: ConvGeometry) -> torch.Tensor:
+        # The seed is kept as an attribute (the seed of the last estimator forward): under
+        # torch.compile that makes it an output of the forward graph, so the compiler keeps the
+        # drawn value for backward. Needed by nothing but the forward output, the draw would be
+        # recomputed in the backward graph (torch 2.14's partitioners treat it as free to
+        # recompute), giving other probes than the sketch's and a biased estimate.
+        previous, seed = self.__dict__.get("last_seed"), draw_seed()
+        self.last_seed = seed
         weight, bias = self.weight, self.bias
         cfg = self.sketch_config
         how = f"bits={cfg.bits} quantized" if cfg.storage == "quantized" else f"mode={cfg.mode!r}"
         if cfg.storage == "sketch" and cfg.deflation is not None:
             how += f", deflation={cfg.deflation!r}"
         layer = layer_label(self, f"weight {list(weight.shape)}, {how}")
+        if not torch.compiler.is_compiling():
+            # A recomputation (activation checkpointing) redraws its forward's seed once; a third
+            # draw of one seed means the RNG state keeps being set back.
+            repeats = self.__dict__.get("_seed_repeats", 0) + 1 if previous is not None and int(previous) == int(seed) else 0
+            self._seed_repeats = repeats
+            if repeats == 2:
+                warnings.warn(f"{layer} drew the same seed in three forwards in a row: torch's RNG state is set back "
+                              "before each, so they repeat one estimate and its error does not average out. Reentrant "
+                              "torch.utils.checkpoint with preserve_rng_state=True does this at every step where "
+                              "nothing else draws random numbers: use use_reentrant=False",
+                              RuntimeWarning, stacklevel=3)
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # Cast as autocast would for a conv, then run the Function without autocast so
@@ -121,8 +135,8 @@ class _XConvMixin:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return _estimate(x, weight, bias, geom, self.sketch_config, layer)
-        return _estimate(x, weight, bias, geom, self.sketch_config, layer)
+                return _estimate(x, weight, bias, geom, self.sketch_config, seed, layer)
+        return _estimate(x, weight, bias, geom, self.sketch_config, seed, layer)
 
     def extra_repr(self) -> str:
         cfg = self.sketch_config

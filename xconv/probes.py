@@ -1,7 +1,7 @@
 """Probe generation for the XConv estimator.
 
-Probes are regenerated in backward from an integer seed instead of being stored, so
-everything here is a pure function of ``(seed, shape, distribution)``, except the
+Probes are regenerated in backward from a key (:mod:`xconv.rng`) instead of being stored, so
+everything here is a pure function of ``(key, shape, distribution)``, except the
 data-adaptive deflation basis (:func:`range_basis`), which the layer stores. Entries are
 scaled so that ``E[Z Z^T] = I`` over the probed dimension.
 """
@@ -13,31 +13,16 @@ import math
 
 import torch
 
+from . import rng
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
-
-
-def draw_seed() -> int:
-    """Draw a probe seed from torch's default CPU generator.
-
-    Consuming the default generator (as dropout does) makes ``torch.manual_seed`` and
-    Lightning's ``seed_everything`` reproduce the probes, without ever reseeding or
-    restoring the global RNG state.
-    """
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A private generator on ``device`` seeded with ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
 
 
 def random_probes(
     shape: tuple[int, ...],
     num_probes: int,
     distribution: str,
-    generator: torch.Generator,
+    key: torch.Tensor,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
@@ -48,15 +33,15 @@ def random_probes(
         num_probes: total number of probes r, used for the scaling so that a sum over all
             r probes of ``z z^T`` has expectation ``I``.
         distribution: ``"gaussian"`` (N(0, 1)) or ``"rademacher"`` (+-1).
+        key: the stream's key (:func:`xconv.rng.key`).
     Returns:
         Tensor of ``shape`` in ``dtype``. Drawn in float32 so the values do not depend on
         the compute dtype (bf16/fp16 runs see the same probes, rounded).
     """
     if distribution == "gaussian":
-        z = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        z = rng.gaussian(key, shape, device)
     elif distribution == "rademacher":
-        z = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.int8)
-        z = z.to(torch.float32).mul_(2).sub_(1)
+        z = rng.rademacher(key, shape, device)
     else:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     return z.mul_(1.0 / math.sqrt(num_probes)).to(dtype)
@@ -67,7 +52,7 @@ def orthogonal_probes(
     pixels: int,
     chunk_probes: int,
     num_probes: int,
-    generator: torch.Generator,
+    key: torch.Tensor,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
@@ -86,7 +71,7 @@ def orthogonal_probes(
     """
     if chunk_probes > pixels:
         raise ValueError(f"orthogonal probes need chunk_probes <= pixels, got {chunk_probes} > {pixels}")
-    g = torch.randn((channels, pixels, chunk_probes), generator=generator, device=device, dtype=torch.float32)
+    g = rng.gaussian(key, (channels, pixels, chunk_probes), device)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     q = q.mul_(math.sqrt(pixels / num_probes))
@@ -127,7 +112,7 @@ def dct_basis(spatial: tuple[int, ...], rank: int, device: torch.device) -> torc
     return torch.stack(rows).to(torch.float32).to(device)
 
 
-def range_basis(x: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+def range_basis(x: torch.Tensor, rank: int, key: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis ``float32 [min(rank, n), n]`` of the dominant pixel-space range of ``x``.
 
     Randomized range finder with one subspace iteration (Halko, Martinsson, Tropp 2011,
@@ -136,10 +121,11 @@ def range_basis(x: torch.Tensor, rank: int, generator: torch.Generator) -> torch
 
     Args:
         x: ``[B, C_in, *S_in]`` layer input.
+        key: the test matrix's stream (:func:`xconv.rng.key`).
     """
     m = x.detach().flatten(2).flatten(0, 1).float()
     rank = min(rank, m.shape[1])
-    omega = torch.randn((rank, m.shape[0]), generator=generator, device=x.device, dtype=torch.float32)
+    omega = rng.gaussian(key, (rank, m.shape[0]), x.device)
     y = omega @ m
     y = (y @ m.t()) @ m
     q, _ = torch.linalg.qr(y.t())
@@ -151,7 +137,7 @@ def deflated_probes(
     lead: tuple[int, ...],
     num_probes: int,
     distribution: str,
-    generator: torch.Generator,
+    key: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Probes ``[*lead, num_probes, n]``: the ``k`` basis rows, then ``num_probes - k`` random
@@ -162,6 +148,6 @@ def deflated_probes(
         lead: leading shape of the random part (``(B,)`` for per-sample probes, else ``()``).
     """
     k, n = basis.shape
-    g = random_probes(lead + (num_probes - k, n), num_probes - k, distribution, generator, torch.float32, basis.device)
+    g = random_probes(lead + (num_probes - k, n), num_probes - k, distribution, key, torch.float32, basis.device)
     g = g - (g @ basis.t()) @ basis
     return torch.cat([basis.expand(*lead, k, n), g], dim=-2).to(dtype)

@@ -8,7 +8,7 @@ group never mixes channels of different scales. Each group keeps an offset ``lo`
     code = floor((x - lo) / scale + u),  u ~ U[0, 1),   stored value  lo + scale * code
 
 so ``E[stored] = x`` (unbiased up to float rounding: ``u`` has 16-bit resolution, four values per
-64-bit draw, worth ``2^-17`` of a step; ``(x - lo) / scale`` is computed as one ``x * (1 / scale) +
+64-bit hash (:mod:`xconv.rng`), worth ``2^-17`` of a step; ``(x - lo) / scale`` is computed as one ``x * (1 / scale) +
 c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32 resolution) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
 ``f`` the fractional part of ``(x - lo) / scale``. ``scale = (max - lo) / (2^b - 1)``: the
 variance falls 4x per bit. 16 bits is bfloat16 with stochastic rounding (no groups). Groups of
@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from . import rng
 
 #: Bits per stored element that :func:`quantize` accepts.
 BITS = (2, 4, 8, 16)
@@ -92,27 +94,35 @@ def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
     return torch.empty_like(x, device="meta", memory_format=torch.preserve_format).stride()
 
 
-def _uniform16(count: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """``count`` independent uniform ``int16`` (all 65536 values), four from each 64-bit draw."""
-    draws = torch.empty(-(-count // 4), dtype=torch.int64, device=device).random_(-(1 << 63), None, generator=generator)
-    return draws.view(torch.int16)[:count]
-
-
 def _round_bf16(x: torch.Tensor, direction: float) -> torch.Tensor:
-    """``x`` in bfloat16, rounded towards ``direction`` (``-inf`` or ``inf``) where not exact."""
-    y = x.to(torch.bfloat16)
-    wrong = y.to(x.dtype) > x if direction < 0 else y.to(x.dtype) < x
-    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, direction)), y)
+    """``x`` (float32 or float64) in bfloat16, rounded towards ``direction`` (``-inf`` or ``inf``)
+    where not exact.
+
+    On the float32 bits: cutting the low 16 rounds the magnitude down; one more unit in bit 16
+    rounds it up. Not ``nextafter`` on bfloat16: compiled code computes bfloat16 ops in float32,
+    where the next value is float32's (and eager and compiled storage would differ)."""
+    down = direction < 0
+    x32 = x.float()
+    if x.dtype == torch.float64:  # float32's nearest may lie on the wrong side of x
+        wrong = x32.double() > x if down else x32.double() < x
+        x32 = torch.where(wrong, torch.nextafter(x32, torch.full_like(x32, direction)), x32)
+    bits = x32.view(torch.int32)
+    cut = bits & -65536
+    # Away from zero where bits were cut and the magnitude must grow: below zero going down, above going up.
+    away = ((bits & 65535) != 0) & ((x32 < 0) if down else (x32 > 0)) & torch.isfinite(x32)
+    rounded = torch.where(away, cut + 65536, cut).view(torch.float32)
+    return torch.where(torch.isnan(x32), x32, rounded).to(torch.bfloat16)  # a cut NaN could read as inf
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to bfloat16 stochastically: up with probability equal to the fraction cut off.
 
-    Unbiased (``E = x``) for finite ``x``: a uniform 16-bit integer is added to the magnitude
-    bits of the fp32 value before they are cut to bfloat16's 16.
+    Unbiased (``E = x``) for finite ``x``: a uniform 16-bit integer (stream ``key``,
+    :mod:`xconv.rng`) is added to the magnitude bits of the fp32 value before they are cut to
+    bfloat16's 16.
     """
     bits = x.float().contiguous().view(torch.int32)
-    noise = _uniform16(bits.numel(), generator, x.device).view(bits.shape).to(torch.int32) + (1 << 15)
+    noise = rng.uniform16(key, bits.numel(), x.device).view(bits.shape).to(torch.int32) + (1 << 15)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -191,27 +201,28 @@ def _restore(values: torch.Tensor, shape, strides, dtype) -> torch.Tensor:
     return torch.empty_strided(shape, strides, dtype=dtype, device=values.device).copy_(logical)
 
 
-def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> Quantized:
+def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | None = None) -> Quantized:
     """Stochastically round ``x`` (any shape, floating) to ``bits`` bits per element.
 
-    Draws its uniform noise from ``generator`` (on ``x.device``), or, if None, from torch's
-    default generator for ``x.device``. The layers pass a private generator seeded from one draw
-    of the default CPU generator (:func:`xconv.probes.draw_seed`), so they never move a GPU's
-    generator (dropout there stays as in the unconverted model) and ``torch.manual_seed``
-    reproduces them. Temporaries: one fp32 copy of ``x``.
+    Its uniform noise is the counter-based stream ``key`` (an int64 scalar tensor,
+    :func:`xconv.rng.key`), or, if None, of a seed drawn from torch's default CPU generator
+    (:func:`xconv.rng.draw_seed`): a GPU's generator never moves (dropout there stays as in the
+    unconverted model), ``torch.manual_seed`` reproduces the noise, and the call traces into
+    ``torch.compile`` graphs. Temporaries: one fp32 copy of ``x``.
 
     Raises:
         ValueError: ``bits`` not in :data:`BITS`.
     """
     check_bits("bits", bits, none_ok=False)
+    key = rng.draw_seed() if key is None else key
     shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
-        return Quantized(stochastic_round_bf16(x.detach(), generator), None, None, 16, shape, strides, x.dtype)
+        return Quantized(stochastic_round_bf16(x.detach(), key), None, None, 16, shape, strides, x.dtype)
     # u = (k + 32768.5) / 2^16 for a uniform int16 k: uniform on [0, 1) at 16-bit resolution, so
     # E[code] is within 2^-17 of a step of t (fp32's rounding of t + u is of that order already).
     # t's own rounding (one addcmul) is up to ~ulp(lo) / 2 in x's units: see the module docstring.
     t, lo, scale = _grid(x, bits, shift=0.5 + 2.0**-17)
-    t.add_(_uniform16(t.numel(), generator, t.device).view(t.shape), alpha=2.0**-16)
+    t.add_(rng.uniform16(key, t.numel(), t.device).view(t.shape), alpha=2.0**-16)
     # t + u is in [0, 2^b): after the clamp (float rounding only), truncation is the floor.
     codes = t.clamp_(0, (1 << bits) - 1).to(torch.uint8).reshape(-1)
     pad = (-codes.numel()) % (8 // bits)

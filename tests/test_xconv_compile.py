@@ -1,0 +1,167 @@
+"""torch.compile: counter-based probes (xconv.rng), converted models without graph breaks, and
+compiled gradients that match eager ones and stay unbiased."""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+import xconv
+import xconv.batchnorm
+import xconv.nn
+from xconv import rng
+from stats import bias_statistic
+
+MASK64 = (1 << 64) - 1
+SR4 = dict(storage="quantized", bits=4, batchnorm_bits=4, maxpool=True)
+
+
+def _reference_finalize(z: int) -> int:
+    """splitmix64's finalizer on Python ints (Steele, Lea, Flood 2014), for unsigned 64-bit z."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def _reference_bits(seed: int, streams, count: int) -> list[int]:
+    key = seed & MASK64
+    for stream in streams:
+        key = _reference_finalize((key + (stream + 1) * 0x9E3779B97F4A7C15) & MASK64)
+    return [_reference_finalize((((i + 1) ^ key) * 0x9E3779B97F4A7C15) & MASK64) for i in range(count)]
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_streams_equal_an_independent_splitmix64_on_every_device_and_call():
+    seed = int(rng.draw_seed())
+    count = 3 * (1 << 15) + 5  # several of the eager blocks and a partial one
+    expected = _reference_bits(seed, (0, 7), count)
+    for device in _devices():
+        key = rng.key(torch.tensor(seed), 0, 7)
+        for _ in range(2):
+            bits = rng.random_bits(key, count, device).cpu()
+            assert [b & MASK64 for b in bits.tolist()] == expected, device
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "uniform16"])
+def test_stream_moments_and_independence(kind):
+    """Mean, variance and fourth moment of 2^20 draws within 6 standard errors of the target's, and
+    two streams of one seed uncorrelated (6 standard errors of a correlation: 6 / sqrt(n))."""
+    n = 1 << 20
+    seed = rng.draw_seed()
+    draw = {
+        "gaussian": lambda k: rng.gaussian(k, (n,), "cpu").double(),
+        "rademacher": lambda k: rng.rademacher(k, (n,), "cpu").double(),
+        "uniform16": lambda k: (rng.uniform16(k, n, "cpu").double() + 32768.5) / 65536 - 0.5,
+    }[kind]
+    # (variance, fourth moment, variance of x^2, variance of x^4) of N(0,1), +-1 and U(-1/2, 1/2)
+    var, m4, var2, var4 = {"gaussian": (1, 3, 2, 96), "rademacher": (1, 1, 0, 0),
+                           "uniform16": (1 / 12, 1 / 80, 1 / 80 - 1 / 144, 1 / 2304 - 1 / 6400)}[kind]
+    x, y = draw(rng.key(seed, 0)), draw(rng.key(seed, 1))
+    assert abs(x.mean()) < 6 * math.sqrt(var / n)
+    assert abs(x.square().mean() - var) <= 6 * math.sqrt(var2 / n) + 1e-12
+    assert abs(x.pow(4).mean() - m4) <= 6 * math.sqrt(var4 / n) + 1e-12
+    assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1]) < 6 / math.sqrt(n)
+
+
+def test_compiled_streams_are_bit_identical_to_eager():
+    """Keys are Python ints eagerly and tensors in compiled code; sizes past one eager block
+    (xconv.rng hashes eagerly in blocks, in compiled code whole)."""
+    def streams(seed):
+        return (rng.gaussian(rng.key(seed, 3), (3, 16667), "cpu"), rng.rademacher(rng.key(seed, 4), ((1 << 21) + 5,), "cpu"),
+                rng.uniform16(rng.key(seed, 5, 1), 200003, "cpu"))
+
+    seed = rng.draw_seed()
+    compiled = torch.compile(streams, backend="inductor", fullgraph=True)
+    for eager, traced in zip(streams(seed), compiled(seed), strict=True):
+        assert torch.equal(eager, traced)
+
+
+def _small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.1), nn.ConvTranspose2d(8, 4, 2, stride=2),
+    )
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+
+
+def _assert_gradients_close(model, other, rtol):
+    """Every parameter's gradient within ``rtol`` of the largest entry of the model's gradients."""
+    scale = max(p.grad.abs().max() for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=rtol * scale, msg=name)
+
+
+@pytest.mark.parametrize("options", [dict(probes=8), SR4], ids=["sketch", "sr4"])
+def test_converted_unet_compiles_whole_and_matches_eager(options):
+    """fullgraph=True fails on any graph break. With aot_eager the seeds are drawn from the default
+    generator in the order eager draws them, so under one torch.manual_seed the gradients agree.
+    (ResNet-18 compiles whole too: scripts/bench_speed.py counts its breaks, and its blocks are the
+    U-Net encoder's.)"""
+    model = xconv.convert(smp.Unet("resnet18", encoder_weights=None, classes=3).train(), **options)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):  # the second step runs the compiled graph without tracing
+        torch.manual_seed(seed)
+        _step(model, x)
+        torch.manual_seed(seed)
+        _step(compiled, x)
+        _assert_gradients_close(model, twin, rtol=1e-5)
+
+
+@pytest.fixture
+def fixed_seeds(monkeypatch):
+    """Layers take seeds 17, 18, ... (restarted by calling the fixture's value): inductor replaces the
+    default generator's draws by its own random numbers, so only fixed seeds compare the two."""
+    counter = [itertools.count(17)]
+    seed = lambda: torch.tensor(next(counter[0]), dtype=torch.int64)
+    monkeypatch.setattr(xconv.nn, "draw_seed", seed)
+    monkeypatch.setattr(xconv.batchnorm, "draw_seed", seed)
+    return lambda: counter.__setitem__(0, itertools.count(17))
+
+
+@pytest.mark.parametrize("options", [dict(probes=4), dict(probes=4, mode="multi", distribution="rademacher"), SR4],
+                         ids=["independent", "multi-rademacher", "sr4"])
+def test_inductor_gradients_equal_eager_for_the_same_seeds(options, fixed_seeds):
+    model = xconv.convert(_small_cnn(), **options)
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 3, 16, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="inductor", fullgraph=True)
+    _step(model, x)
+    fixed_seeds()
+    _step(compiled, x)
+    _assert_gradients_close(model, twin, rtol=1e-4)
+
+
+def test_compiled_estimate_is_unbiased():
+    """The seed of a forward reaches its backward in compiled code too (the partitioner must not
+    draw it again in the backward graph: the probes would then not be the sketch's and the mean
+    would be ~0, T ~ 1e2 here)."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x, grad_y = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+    conv(x).backward(grad_y)
+    exact = conv.weight.grad.clone()
+    layer = xconv.convert(nn.Sequential(conv), probes=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+    draws = []
+    for _ in range(300):
+        layer.zero_grad(set_to_none=True)
+        compiled(x).backward(grad_y)
+        draws.append(layer[0].weight.grad.clone())
+    t, threshold = bias_statistic(torch.stack(draws), exact)
+    assert t < threshold, f"T={t:.2f} > {threshold:.2f}"

@@ -1,0 +1,137 @@
+"""Counter-based random numbers: every random number xconv draws is a hash of ``(key, index)``.
+
+Forward and backward must see the same probes without storing them, on any device, in eager
+and in compiled code alike. A ``torch.Generator`` cannot give that inside ``torch.compile``
+(it is an opaque object, and its draws are replaced by the compiler's own random numbers), so
+the numbers here are made of integer tensor ops: entry ``i`` of a stream with key ``k`` is
+splitmix64's finalizer applied to the state ``((i + 1) xor k) * gamma`` (Steele, Lea and Flood, "Fast splittable
+pseudorandom number generators", OOPSLA 2014; the 64-bit finalizer of their paper). The same
+ops run in eager and in compiled code, so both give the same bits, and no tensor is read back
+to the host.
+
+Seeds are int64 scalar tensors. :func:`draw_seed` draws one from torch's default CPU generator,
+so ``torch.manual_seed`` and Lightning's ``seed_everything`` reproduce every stream; a GPU's
+generator is never moved (dropout there draws as in the unconverted model). :func:`key` derives
+independent streams from one seed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+_MASK = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """The signed int64 with the low 64 bits of ``value``: torch's int64 arithmetic wraps modulo 2^64."""
+    value &= _MASK
+    return value - (1 << 64) if value >> 63 else value
+
+
+# splitmix64's increment (the golden ratio in 64-bit fixed point) and finalizer multipliers.
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+# Eager hashing works on blocks of this many int64 values in place, so each of the finalizer's
+# passes runs in cache (a whole-tensor pass per op is memory bound); compiled code fuses the ops.
+_BLOCK = 1 << 15
+
+
+def draw_seed() -> torch.Tensor:
+    """An int64 scalar tensor drawn from torch's default CPU generator (traceable: no host read)."""
+    return torch.randint(0, 1 << 62, (), dtype=torch.int64)
+
+
+def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    """``z >> k`` on the 64 bits as unsigned (torch's ``>>`` on int64 copies the sign bit)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _finalize_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer of each element, in place."""
+    z ^= _shift_right(z, 30)
+    z *= _MIX1
+    z ^= _shift_right(z, 27)
+    z *= _MIX2
+    z ^= _shift_right(z, 31)
+    return z
+
+
+def _finalize_int(z: int) -> int:
+    """splitmix64's finalizer of an unsigned 64-bit Python int."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def key(seed: torch.Tensor | int, *streams: int) -> torch.Tensor | int:
+    """The key of sub-stream ``streams`` (non-negative ints, e.g. ``(0,)`` for the probes and
+    ``(1,)`` for the PCA test matrix) of ``seed``: each level hashes the key and the stream's index.
+
+    Eagerly the key is a Python int (the seed is a CPU tensor: reading it costs no device sync, and
+    a dozen scalar tensor ops per layer call would cost more than the probes); in compiled code it
+    is an int64 scalar tensor, the same bits."""
+    if isinstance(seed, torch.Tensor) and torch.compiler.is_compiling():
+        k = seed.to(torch.int64)
+        for stream in streams:
+            k = _finalize_(k + _int64((stream + 1) * _GAMMA))
+        return k
+    k = int(seed) & _MASK
+    for stream in streams:
+        k = _finalize_int((k + (stream + 1) * _GAMMA) & _MASK)
+    return _int64(k)
+
+
+def random_bits(k: torch.Tensor | int, count: int, device) -> torch.Tensor:
+    """``int64 [count]``, 64 independent uniform bits each: entries ``0 .. count-1`` of stream ``k``."""
+    # The state is (i xor k) * gamma, not splitmix's k + i * gamma: inductor (torch 2.14) folds an
+    # arange's arithmetic with constants into index expressions, where 64-bit wrap-around is an
+    # overflow error (or, for a bare arange times a large constant on the CPU, corrupt memory); a
+    # xor is no index arithmetic. Keys are finalizer outputs, so two streams' states coincide only
+    # where the keys agree in every bit above the count's.
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device)
+    z.bitwise_xor_(k if isinstance(k, int) else k.to(device)).mul_(_int64(_GAMMA))
+    block = count if torch.compiler.is_compiling() else _BLOCK
+    for start in range(0, count, block):
+        _finalize_(z[start : start + block])
+    return z
+
+
+def uniform16(k: torch.Tensor | int, count: int, device) -> torch.Tensor:
+    """``int16 [count]``, uniform over all 65536 values, four from each 64-bit hash."""
+    return random_bits(k, -(-count // 4), device).view(torch.int16)[:count]
+
+
+def _box_muller(bits: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the Box-Muller pairs of 64-bit hashes ``bits [m]`` into ``out [m, 2]`` (float32)."""
+    unit = 2.0**-24
+    # In float64, rounded to float32 once: eager and compiled code (other log/cos kernels, fused
+    # multiply-adds) then differ in the last float64 bits only, which the rounding removes.
+    u1 = (_shift_right(bits, 40).double() + 0.5) * unit  # in (0, 1): the log is finite
+    u2 = ((bits >> 8) & ((1 << 24) - 1)).double() * unit
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * math.pi) * u2
+    out[:, 0] = radius * torch.cos(angle)
+    out[:, 1] = radius * torch.sin(angle)
+
+
+def gaussian(k: torch.Tensor | int, shape, device) -> torch.Tensor:
+    """Standard normal ``float32`` of ``shape`` by Box-Muller, a pair from each 64-bit hash
+    (two 24-bit uniforms; the largest magnitude is ``sqrt(2 ln 2^25) = 5.9``)."""
+    count = math.prod(shape)
+    bits = random_bits(k, -(-count // 2), device)
+    pairs = torch.empty(bits.shape[0], 2, dtype=torch.float32, device=device)
+    block = bits.shape[0] if torch.compiler.is_compiling() else _BLOCK // 2  # float64 temporaries in cache
+    for start in range(0, bits.shape[0], block):
+        _box_muller(bits[start : start + block], pairs[start : start + block])
+    return pairs.view(-1)[:count].view(shape)
+
+
+def rademacher(k: torch.Tensor | int, shape, device) -> torch.Tensor:
+    """``float32`` +-1 of ``shape``, equally likely, 64 from each 64-bit hash."""
+    count = math.prod(shape)
+    bits = random_bits(k, -(-count // 64), device)
+    signs = (bits[:, None] >> torch.arange(64, device=device)) & 1
+    return signs.view(-1)[:count].view(shape).float().mul_(2).sub_(1)
