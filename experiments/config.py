@@ -63,6 +63,21 @@ def check_run_config(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an int, got {cfg.seed!r}")
     check_output_dir(cfg.output_dir)
+    check_no_earlier_run("output_dir", cfg.output_dir, cfg.get("ckpt_path"))
+
+
+def check_no_earlier_run(key: str, directory: str | Path, ckpt_path: str | None) -> None:
+    """Raise :class:`ConfigError` naming ``key`` where ``directory`` holds an earlier run (its
+    ``summary.json`` or a checkpoint in ``checkpoints/``) and ``ckpt_path`` does not resume one:
+    a new run there would overwrite that run's checkpoints and summary."""
+    directory = Path(directory)
+    held = [name for name, found in [("summary.json", (directory / "summary.json").is_file()),
+                                     ("checkpoints", any((directory / "checkpoints").glob("*.ckpt")))] if found]
+    if held and ckpt_path is None:
+        raise ConfigError(
+            f"{key}: {str(directory)!r} holds an earlier run ({' and '.join(held)}), which a new run would overwrite: "
+            f"resume it with ckpt_path={directory / 'checkpoints' / 'last.ckpt'}, or give another {key}"
+        )
 
 
 def check_output_dir(path: str) -> None:
@@ -165,12 +180,17 @@ class MakeOutputDir(Callback):
 
     Hydra creates ``hydra.run.dir`` (``hydra.sweep.dir`` in a sweep) outside the task function,
     where a path in ``/proc`` or under a regular file ended in a traceback. This runs before
-    Hydra writes anything. Hydra turns a callback's exceptions into warnings and carries on, so
+    Hydra writes anything; a run directory that holds an earlier run is refused here too, unless
+    ``ckpt_path`` resumes a run (:func:`check_no_earlier_run`). Hydra turns a callback's exceptions into warnings and carries on, so
     the error exits here, as ``run.py`` exits on any :class:`ConfigError` (:func:`exit_with`).
     Registered in ``configs/hydra/default.yaml`` (``hydra.callbacks``).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:  # before Hydra writes .hydra/ over an earlier run's
+            check_no_earlier_run("hydra.run.dir", config.hydra.run.dir, config.get("ckpt_path"))
+        except ConfigError as err:
+            exit_with(err)
         self._make("hydra.run.dir", config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

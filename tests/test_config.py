@@ -186,6 +186,25 @@ def test_bad_command_line_exits_2_with_one_line_and_leaves_no_run_dir(override, 
     assert not run_dir.exists()
 
 
+def test_a_new_run_into_an_earlier_run_s_dir_exits_2_and_changes_nothing(tmp_path):
+    """Without ckpt_path, a run directory holding an earlier run's summary or checkpoints is refused
+    before Hydra writes its .hydra/ files: nothing of the earlier run is overwritten."""
+    run_dir = tmp_path / "run"
+    for name, content in {".hydra/overrides.yaml": "- seed=1\n", "summary.json": "{}", "checkpoints/last.ckpt": "x"}.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(content)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: hydra.run.dir: '{run_dir}' holds an earlier run (summary.json and checkpoints), which a new run "
+        f"would overwrite: resume it with ckpt_path={run_dir}/checkpoints/last.ckpt, or give another hydra.run.dir")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):
     sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
     result = subprocess.run(

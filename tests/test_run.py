@@ -123,6 +123,16 @@ def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeyp
     assert resumed["train_time_s"] > first["callbacks"]["Timer"]["time_elapsed"]["train"]
 
 
+def test_a_new_run_into_an_interrupted_run_s_dir_is_refused_naming_output_dir(tmp_path, monkeypatch):
+    run_crashing_in_step_3(tmp_path, monkeypatch)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    with pytest.raises(ConfigError, match=rf"^output_dir: '{tmp_path}' holds an earlier run \(checkpoints\), which a new "
+                                          rf"run would overwrite: resume it with ckpt_path={last}, or give another output_dir$"):
+        run(compose_config(*INTERRUPTIBLE, output_dir=tmp_path))
+    assert last.read_bytes() == saved
+
+
 def csv_rows(path) -> list[dict]:
     """The rows of a CSV log, each without its empty cells (a later header may add columns)."""
     with open(path, newline="") as f:
