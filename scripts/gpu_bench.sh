@@ -26,6 +26,14 @@ if [ "${1:-}" = --device ]; then
     shift 2 || { echo "gpu_bench.sh: --device needs a value: cpu or cuda" >&2; exit 2; }
 fi
 case $device in cpu|cuda) ;; *) echo "gpu_bench.sh: --device must be cpu or cuda, got '$device'" >&2; exit 2;; esac
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+    echo "gpu_bench.sh: usage: scripts/gpu_bench.sh [--device cpu|cuda] [OUT_DIR]; got: $*" >&2
+    exit 2
+fi
+all_parts="steps steps_batch8x steps_cudagraphs layers"
+for name in ${BENCH_PARTS:-$all_parts}; do
+    [[ " $all_parts " == *" $name "* ]] || { echo "gpu_bench.sh: BENCH_PARTS must name parts among: $all_parts; got '$name'" >&2; exit 2; }
+done
 py=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 case $py in */*)
     dir=$(cd -- "$(dirname -- "$py")" 2> /dev/null && pwd) || { echo "gpu_bench.sh: no folder for $py" >&2; exit 2; }
@@ -43,8 +51,12 @@ else
     timing=(--small --rounds 1 --min-run-time 0.05)
 fi
 backend=${COMPILE_BACKEND:-inductor}
+if ! "$py" -c "import sys, torch; sys.exit(sys.argv[1] not in torch.compiler.list_backends(exclude_tags=()))" "$backend"; then
+    echo "gpu_bench.sh: COMPILE_BACKEND must be one of torch.compiler.list_backends(exclude_tags=()); got '$backend'" >&2
+    exit 2
+fi
 budget=${BENCH_BUDGET_S:-450}
-selected=" ${BENCH_PARTS:-steps steps_batch8x steps_cudagraphs layers} "
+selected=" ${BENCH_PARTS:-$all_parts} "
 out=${1:-$(dirname "$0")/../results/bench/gpu/$name}
 mkdir -p -- "$out" || exit 2
 out=$(cd -- "$out" && pwd)

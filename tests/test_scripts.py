@@ -402,11 +402,18 @@ def test_gpu_bench_refuses_to_run_without_cuda(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, error", [
-    (["--device"], "--device needs a value"), (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'")])
-def test_gpu_bench_bad_device_is_one_line(tmp_path, args, error):
-    result = gpu_bench(tmp_path, sys.executable, *args)
+@pytest.mark.parametrize("args, env, error", [
+    (["--device"], {}, "--device needs a value"),
+    (["--device", "tpu"], {}, "--device must be cpu or cuda, got 'tpu'"),
+    (["--device", "cpu", "--bogus"], {}, "usage: scripts/gpu_bench.sh [--device cpu|cuda] [OUT_DIR]; got: --bogus"),
+    (["--device", "cpu", "out", "more"], {}, "usage: scripts/gpu_bench.sh [--device cpu|cuda] [OUT_DIR]; got: out more"),
+    (["--device", "cpu", "out"], {"BENCH_PARTS": "layerz"}, "BENCH_PARTS must name parts among: steps steps_batch8x"),
+    (["--device", "cpu", "out"], {"COMPILE_BACKEND": "nope"}, "COMPILE_BACKEND must be one of"),
+])
+def test_gpu_bench_bad_arguments_are_one_line_and_run_nothing(tmp_path, args, env, error):
+    result = gpu_bench(tmp_path, sys.executable, *args, **env)
     assert result.returncode == 2 and error in result.stderr and len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 PARTS = ["steps", "steps_batch8x", "steps_cudagraphs", "layers"]

@@ -103,11 +103,7 @@ class _XConvMixin:
         return sketch_numel_per_sample(cfg, x.shape[1]) < x.shape[1] * pixels
 
     def _run_estimator(self, x, geom: ConvGeometry) -> torch.Tensor:
-        # The seed is kept as an attribute (the seed of the last estimator forward): under
-        # torch.compile that makes it an output of the forward graph, so the compiler keeps the
-        # drawn value for backward. Needed by nothing but the forward output, the draw would be
-        # recomputed in the backward graph (torch 2.14's partitioners treat it as free to
-        # recompute), giving other probes than the sketch's and a biased estimate.
+        # last_seed: the seed of the last estimator forward, for the repeated-seed warning below.
         previous, seed = self.__dict__.get("last_seed"), draw_seed()
         self.last_seed = seed
         weight, bias = self.weight, self.bias

@@ -39,9 +39,18 @@ _MIX2 = _int64(0x94D049BB133111EB)
 _BLOCK = 1 << 15
 
 
+# Every seed drawn is added in here. Under torch.compile that makes each draw part of the forward
+# graph's outputs (a mutated global), so the compiler keeps the drawn value for backward: a draw that
+# no forward output needs is treated as free to recompute in the backward graph (torch 2.14's
+# partitioners), where it would give other probes than the sketch's and a biased estimate.
+_SEED_SINK = torch.zeros((), dtype=torch.int64)
+
+
 def draw_seed() -> torch.Tensor:
     """An int64 scalar tensor drawn from torch's default CPU generator (traceable: no host read)."""
-    return torch.randint(0, 1 << 62, (), dtype=torch.int64)
+    seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
+    _SEED_SINK.add_(seed)
+    return seed
 
 
 def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
