@@ -115,7 +115,8 @@ class _XConvMixin:
         if not torch.compiler.is_compiling():
             # A recomputation (activation checkpointing) redraws its forward's seed once; a third
             # draw of one seed means the RNG state keeps being set back.
-            repeats = self.__dict__.get("_seed_repeats", 0) + 1 if previous is not None and int(previous) == int(seed) else 0
+            repeated = previous is not None and int(previous) == int(seed)
+            repeats = self.__dict__.get("_seed_repeats", 0) + 1 if repeated else 0
             self._seed_repeats = repeats
             if repeats == 2:
                 warnings.warn(f"{layer} drew the same seed in three forwards in a row: torch's RNG state is set back "

@@ -4,8 +4,8 @@ Forward and backward must see the same probes without storing them, on any devic
 and in compiled code alike. A ``torch.Generator`` cannot give that inside ``torch.compile``
 (it is an opaque object, and its draws are replaced by the compiler's own random numbers), so
 the numbers here are made of integer tensor ops: entry ``i`` of a stream with key ``k`` is
-splitmix64's finalizer applied to the state ``((i + 1) xor k) * gamma`` (Steele, Lea and Flood, "Fast splittable
-pseudorandom number generators", OOPSLA 2014; the 64-bit finalizer of their paper). The same
+splitmix64's finalizer applied to the state ``((i + 1) xor k) * gamma`` (Steele, Lea and Flood,
+"Fast splittable pseudorandom number generators", OOPSLA 2014). The same
 ops run in eager and in compiled code, so both give the same bits, and no tensor is read back
 to the host.
 
