@@ -49,6 +49,7 @@ from torch.profiler import ProfilerActivity
 from torch.utils import benchmark
 
 import xconv
+from xconv.memory import cuda_peak_memory_bytes
 from benchlib import write_csv
 
 # (name, torch layer, input shape); "{b}" in a name is the batch size.
@@ -148,17 +149,6 @@ def step_timers(make, shape, variant, device, backend=None, mode=None):
     return {"total": step}, report
 
 
-def peak_mib(fn, device) -> float | None:
-    """Peak CUDA memory (MiB, ``torch.cuda.max_memory_allocated``) of one call of ``fn``; None on the CPU."""
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
 def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, backend=None, mode=None):
     rows = []
     for name, make, shape in cases:
@@ -169,7 +159,7 @@ def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, b
             timer, report = make_timers(make, shape, r, device, backend, mode)
             timers.append(timer)
             reports.append(report)
-        peaks = [peak_mib(timer["total"], device) for timer in timers]
+        peaks = [cuda_peak_memory_bytes(timer["total"], device=device) for timer in timers]
         samples = [{key: [] for key in t} for t in timers]
         for _ in range(rounds):
             for timer, sample in zip(timers, samples):
@@ -186,7 +176,7 @@ def run(kind, cases, make_timers, variants_list, device, min_run_time, rounds, b
                 row.update(compile_mode=mode or "default", graph_breaks=report["graph_breaks"],
                            break_reasons="; ".join(report["break_reasons"]))
             if peak is not None:
-                row["peak_mib"] = peak
+                row["peak_mib"] = peak / 2**20
             row.update(times)
             row.update({k.replace("_s", "_ratio"): v / medians[0][k] for k, v in times.items()})
             row.update(round_ratio_quartiles(sample["total"], samples[0]["total"]))

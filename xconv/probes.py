@@ -22,7 +22,7 @@ def random_probes(
     shape: tuple[int, ...],
     num_probes: int,
     distribution: str,
-    key: torch.Tensor,
+    key: torch.Tensor | int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
@@ -52,7 +52,7 @@ def orthogonal_probes(
     pixels: int,
     chunk_probes: int,
     num_probes: int,
-    key: torch.Tensor,
+    key: torch.Tensor | int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
@@ -112,7 +112,7 @@ def dct_basis(spatial: tuple[int, ...], rank: int, device: torch.device) -> torc
     return torch.stack(rows).to(torch.float32).to(device)
 
 
-def range_basis(x: torch.Tensor, rank: int, key: torch.Tensor) -> torch.Tensor:
+def range_basis(x: torch.Tensor, rank: int, key: torch.Tensor | int) -> torch.Tensor:
     """Orthonormal basis ``float32 [min(rank, n), n]`` of the dominant pixel-space range of ``x``.
 
     Randomized range finder with one subspace iteration (Halko, Martinsson, Tropp 2011,
@@ -137,7 +137,7 @@ def deflated_probes(
     lead: tuple[int, ...],
     num_probes: int,
     distribution: str,
-    key: torch.Tensor,
+    key: torch.Tensor | int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Probes ``[*lead, num_probes, n]``: the ``k`` basis rows, then ``num_probes - k`` random

@@ -8,8 +8,9 @@ group never mixes channels of different scales. Each group keeps an offset ``lo`
     code = floor((x - lo) / scale + u),  u ~ U[0, 1),   stored value  lo + scale * code
 
 so ``E[stored] = x`` (unbiased up to float rounding: ``u`` has 16-bit resolution, four values per
-64-bit hash (:mod:`xconv.rng`), worth ``2^-17`` of a step; ``(x - lo) / scale`` is computed as one ``x * (1 / scale) +
-c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32 resolution) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
+64-bit hash (:mod:`xconv.rng`), worth ``2^-17`` of a step; ``(x - lo) / scale`` is computed as
+one ``x * (1 / scale) + c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32
+resolution) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
 ``f`` the fractional part of ``(x - lo) / scale``. ``scale = (max - lo) / (2^b - 1)``: the
 variance falls 4x per bit. 16 bits is bfloat16 with stochastic rounding (no groups). Groups of
 64 (:data:`GROUP_SIZE`) cost 0.5 bit per element for ``lo`` and ``scale``; the measurement behind
@@ -114,7 +115,7 @@ def _round_bf16(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(torch.isnan(x32), x32, rounded).to(torch.bfloat16)  # a cut NaN could read as inf
 
 
-def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
     """``x`` rounded to bfloat16 stochastically: up with probability equal to the fraction cut off.
 
     Unbiased (``E = x``) for finite ``x``: a uniform 16-bit integer (stream ``key``,
@@ -201,7 +202,7 @@ def _restore(values: torch.Tensor, shape, strides, dtype) -> torch.Tensor:
     return torch.empty_strided(shape, strides, dtype=dtype, device=values.device).copy_(logical)
 
 
-def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | None = None) -> Quantized:
+def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) -> Quantized:
     """Stochastically round ``x`` (any shape, floating) to ``bits`` bits per element.
 
     Its uniform noise is the counter-based stream ``key`` (an int64 scalar tensor,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .functional import ConvGeometry, _input_grad, _weight_grad, bias_grad, parameter_layout, refuse_double_backward
-from . import rng
 from .quantize import dequantize, quantize
 
 
@@ -28,7 +27,7 @@ class QuantizedConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, geom: ConvGeometry, bits: int, seed: torch.Tensor, layer: str):
         y = torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
         ctx.geom, ctx.x_shape, ctx.has_bias, ctx.layer, ctx.bits = geom, x.shape, bias is not None, layer, bits
-        stored = quantize(x, bits, rng.key(seed)) if ctx.needs_input_grad[1] else None
+        stored = quantize(x, bits, seed) if ctx.needs_input_grad[1] else None
         ctx.stored = None if stored is None else stored.layout()
         ctx.save_for_backward(weight, *(() if stored is None else stored.tensors()))
         return y

@@ -30,10 +30,11 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
-# splitmix64's increment (the golden ratio in 64-bit fixed point) and finalizer multipliers.
+# splitmix64's increment (the golden ratio in 64-bit fixed point) and finalizer multipliers;
+# tensors take the multipliers as the signed int64s with the same bits.
 _GAMMA = 0x9E3779B97F4A7C15
-_MIX1 = _int64(0xBF58476D1CE4E5B9)
-_MIX2 = _int64(0x94D049BB133111EB)
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SIGNED_MIX1, _SIGNED_MIX2 = _int64(_MIX1), _int64(_MIX2)
 # Eager hashing works on blocks of this many int64 values in place, so each of the finalizer's
 # passes runs in cache (a whole-tensor pass per op is memory bound); compiled code fuses the ops.
 _BLOCK = 1 << 15
@@ -61,17 +62,17 @@ def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
 def _finalize_(z: torch.Tensor) -> torch.Tensor:
     """splitmix64's finalizer of each element, in place."""
     z ^= _shift_right(z, 30)
-    z *= _MIX1
+    z *= _SIGNED_MIX1
     z ^= _shift_right(z, 27)
-    z *= _MIX2
+    z *= _SIGNED_MIX2
     z ^= _shift_right(z, 31)
     return z
 
 
 def _finalize_int(z: int) -> int:
     """splitmix64's finalizer of an unsigned 64-bit Python int."""
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK
     return z ^ (z >> 31)
 
 
@@ -98,8 +99,8 @@ def random_bits(k: torch.Tensor | int, count: int, device) -> torch.Tensor:
     # The state is (i xor k) * gamma, not splitmix's k + i * gamma: inductor (torch 2.14) folds an
     # arange's arithmetic with constants into index expressions, where 64-bit wrap-around is an
     # overflow error (or, for a bare arange times a large constant on the CPU, corrupt memory); a
-    # xor is no index arithmetic. Keys are finalizer outputs, so two streams' states coincide only
-    # where the keys agree in every bit above the count's.
+    # xor is no index arithmetic. Keys are random (drawn seeds, or finalizer outputs), so two
+    # streams' states coincide only where the keys agree in every bit above the count's.
     z = torch.arange(1, count + 1, dtype=torch.int64, device=device)
     z.bitwise_xor_(k if isinstance(k, int) else k.to(device)).mul_(_int64(_GAMMA))
     block = count if torch.compiler.is_compiling() else _BLOCK
