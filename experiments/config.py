@@ -89,8 +89,13 @@ def check_output_dir(path: str) -> None:
     """
     if not isinstance(path, str) or not path:
         raise ConfigError(f"output_dir must be a directory path, got {path!r}")
-    created = make_directory("output_dir", path)
-    for directory in reversed(created):
+    check_creatable("output_dir", path)
+
+
+def check_creatable(key: str, path: str | Path) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless the directory ``path`` exists or can be
+    created; what this creates is removed again, innermost first (see :func:`make_directory`)."""
+    for directory in reversed(make_directory(key, path)):
         try:
             directory.rmdir()
         except OSError:  # written to meanwhile: leave it
@@ -181,7 +186,9 @@ class MakeOutputDir(Callback):
     Hydra creates ``hydra.run.dir`` (``hydra.sweep.dir`` in a sweep) outside the task function,
     where a path in ``/proc`` or under a regular file ended in a traceback. This runs before
     Hydra writes anything; a run directory that holds an earlier run is refused here too, unless
-    ``ckpt_path`` resumes a run (:func:`check_no_earlier_run`). Hydra turns a callback's exceptions into warnings and carries on, so
+    ``ckpt_path`` resumes a run (:func:`check_no_earlier_run`), and a ``ckpt_path`` that does not
+    load is refused before Hydra writes over the run's ``.hydra/``; in a sweep, a job directory
+    (``hydra.sweep.subdir``) that cannot be created is refused too. Hydra turns a callback's exceptions into warnings and carries on, so
     the error exits here, as ``run.py`` exits on any :class:`ConfigError` (:func:`exit_with`).
     Registered in ``configs/hydra/default.yaml`` (``hydra.callbacks``).
     """
@@ -189,12 +196,23 @@ class MakeOutputDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:  # before Hydra writes .hydra/ over an earlier run's
             check_no_earlier_run("hydra.run.dir", config.hydra.run.dir, config.get("ckpt_path"))
+            if config.get("ckpt_path") is not None:  # resuming into its own directory: check it first
+                check_checkpoint(config.ckpt_path)
         except ConfigError as err:
             exit_with(err)
         self._make("hydra.run.dir", config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._make("hydra.sweep.dir", config.hydra.sweep.dir)
+        # Hydra creates each job's directory before any job callback runs, and an uncreatable one
+        # ends the sweep in a traceback: try it here, as far as it resolves before the job's overrides.
+        subdir = OmegaConf.select(config, "hydra.sweep.subdir", throw_on_resolution_failure=False)
+        if isinstance(subdir, str):
+            try:
+                check_creatable("hydra.sweep.subdir", Path(config.hydra.sweep.dir) / subdir)
+            except ConfigError as err:
+                remove_created_output_dirs()
+                exit_with(err)
 
     @staticmethod
     def _make(key: str, path: str) -> None:

@@ -11,24 +11,22 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from xconv.rng import draw_seed
+from xconv.rng import state_seed
 
 
 class RunProbe(L.Callback):
     """Writes ``probe_rank<global rank>.pt`` into the run directory (``trainer.default_root_dir``).
 
     It holds ``torch_seed``, the seed torch's default generator was last seeded with, and
-    ``probe_seed``, the next probe seed an XConv forward would draw from it when training starts
-    (taken without consuming the generator, so the run is unchanged); ``params``, the
+    ``probe_seed``, the probe seed an XConv forward would draw at its state when training starts
+    (``xconv.rng.state_seed``: nothing is drawn, so the run is unchanged); ``params``, the
     rank's parameters after training; and ``wandb``, the id and group of the run's W&B run
     (rank 0 with a W&B logger only, else None).
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.torch_seed = torch.initial_seed()
-        state = torch.get_rng_state()
-        self.probe_seed = int(draw_seed())
-        torch.set_rng_state(state)
+        self.probe_seed = state_seed(torch.get_rng_state(), 0)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wandb = next((logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)), None)

@@ -205,6 +205,38 @@ def test_a_new_run_into_an_earlier_run_s_dir_exits_2_and_changes_nothing(tmp_pat
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_resuming_from_a_bad_checkpoint_into_its_run_dir_exits_2_and_changes_nothing(tmp_path):
+    """A ckpt_path that does not load is refused before Hydra writes .hydra/ over the run it resumes."""
+    run_dir = tmp_path / "run"
+    for name, content in {".hydra/overrides.yaml": "- seed=1\n", "summary.json": "{}", "checkpoints/last.ckpt": "x"}.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(content)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, f"hydra.run.dir={run_dir}",
+         f"ckpt_path={run_dir}/checkpoints/last.ckpt"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: ckpt_path: cannot load '{run_dir}/checkpoints/last.ckpt'"), lines
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_nothing(tmp_path):
+    """Hydra creates a job's directory (hydra.sweep.subdir) before any job callback could check it."""
+    (tmp_path / "file").write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, f"hydra.sweep.dir={tmp_path}/multirun/sweep",
+         f"hydra.sweep.subdir={tmp_path}/file/job"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [f"error: hydra.sweep.subdir: cannot create the directory '{tmp_path}/file/job': Not a directory"]
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):
     sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
     result = subprocess.run(

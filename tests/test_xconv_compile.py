@@ -3,7 +3,6 @@ compiled gradients that match eager ones and stay unbiased."""
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import pytest
@@ -104,9 +103,8 @@ def _assert_gradients_close(model, other, rtol):
 
 
 @pytest.mark.parametrize("options", [dict(probes=8), SR4], ids=["sketch", "sr4"])
-def test_converted_unet_compiles_whole_and_matches_eager(options):
-    """fullgraph=True fails on any graph break. With aot_eager the seeds are drawn from the default
-    generator in the order eager draws them, so under one torch.manual_seed the gradients agree.
+def test_converted_unet_compiles_whole_and_matches_eager(options, fixed_seeds):
+    """fullgraph=True fails on any graph break. With aot_eager and the same seeds the gradients agree.
     (ResNet-18 compiles whole too: scripts/bench_speed.py counts its breaks, and its blocks are the
     U-Net encoder's.)"""
     model = xconv.convert(smp.Unet("resnet18", encoder_weights=None, classes=3).train(), **options)
@@ -114,23 +112,12 @@ def test_converted_unet_compiles_whole_and_matches_eager(options):
     x = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
-    for seed in (1, 2):  # the second step runs the compiled graph without tracing
-        torch.manual_seed(seed)
+    for _ in range(2):  # the second step runs the compiled graph without tracing
+        fixed_seeds()
         _step(model, x)
-        torch.manual_seed(seed)
+        fixed_seeds()
         _step(compiled, x)
         _assert_gradients_close(model, twin, rtol=1e-5)
-
-
-@pytest.fixture
-def fixed_seeds(monkeypatch):
-    """Layers take seeds 17, 18, ... (restarted by calling the fixture's value): inductor replaces the
-    default generator's draws by its own random numbers, so only fixed seeds compare the two."""
-    counter = [itertools.count(17)]
-    seed = lambda: torch.tensor(next(counter[0]), dtype=torch.int64)
-    monkeypatch.setattr(xconv.nn, "draw_seed", seed)
-    monkeypatch.setattr(xconv.batchnorm, "draw_seed", seed)
-    return lambda: counter.__setitem__(0, itertools.count(17))
 
 
 @pytest.mark.parametrize("options", [dict(probes=4), dict(probes=4, mode="multi", distribution="rademacher"), SR4],

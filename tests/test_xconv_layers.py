@@ -42,25 +42,44 @@ def test_manual_seed_reproduces_gradient_bit_for_bit():
     lambda: xconv.XConv2d(4, 6, 3, padding=1, storage="quantized", bits=4),
     lambda: xconv.batchnorm.XBatchNorm2d(4, bits=4),
 ], ids=["sketch", "sketch-8bit", "quantized", "batchnorm"])
-def test_forward_consumes_global_rng_like_dropout_and_never_reseeds(make):
-    """One draw from the default CPU generator per call, whatever is stored: SR noise and probes
-    come from private generators seeded by it, so a GPU's generator (dropout there) never moves."""
+def test_forward_leaves_the_generator_and_backward_takes_one_number(make):
+    """The seed is derived from the default CPU generator's state without moving it (random ops
+    after the layer draw as in the unconverted model); backward takes exactly one number, so the
+    next step's seeds are new. The generator is never reseeded."""
     torch.manual_seed(7)
     initial = torch.initial_seed()
     layer = make()
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     state = torch.get_rng_state()
-    layer(x).sum().backward()
+    y = layer(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    y.sum().backward()
     assert torch.initial_seed() == initial
+    after_backward = torch.get_rng_state()
     torch.set_rng_state(state)
-    torch.randint(0, 2**62, (), dtype=torch.int64)  # exactly one draw per forward
-    assert torch.equal(torch.get_rng_state(), _state_after_forward(layer, x, state))
+    torch.randint(0, 2, (), dtype=torch.int64)
+    assert torch.equal(torch.get_rng_state(), after_backward)
 
 
-def _state_after_forward(layer, x, state):
-    torch.set_rng_state(state)
-    layer(x).sum().backward()
-    return torch.get_rng_state()
+def test_dropout_between_converted_layers_draws_torch_s_masks_and_seeds_stay_distinct():
+    """Train mode with dropout after each conv: the output bit for bit under one torch.manual_seed.
+    The two convs derive their seeds from the generator states they see (counted where nothing
+    draws between them), so every seed of a step differs, and the next step's differ again."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Dropout(0.5),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.Dropout2d(0.3))
+    model = xconv.convert(copy.deepcopy(plain), probes=4)
+    x = torch.randn(2, 3, 16, 16)
+    seeds = []
+    for step in range(2):
+        torch.manual_seed(step)
+        want = plain(x)
+        torch.manual_seed(step)
+        got = model(x)
+        assert torch.equal(got, want)
+        got.sum().backward()
+        seeds += [int(model[i].last_seed) for i in (0, 1, 3)]
+    assert len(set(seeds)) == len(seeds)
 
 
 def test_no_grad_keeps_no_sketch_and_matches_torch():
@@ -125,16 +144,15 @@ def test_bit_activation_double_backward_gradgradcheck(make, inplace):
     assert torch.autograd.gradgradcheck(lambda t: act(t.clone()) * t, (x,))
 
 
-# A reentrant checkpoint with preserve_rng_state=True is left out here: its forward runs under no_grad
-# (the plain layer, no draw), so each recomputation replays the same RNG state and draws the
-# same probes unless something else draws in between; the layer warns (test below; README, "Activation recomputation").
 @pytest.mark.parametrize("mode, use_reentrant, preserve_rng_state", [
     ("independent", False, True), ("independent", False, False), ("multi", False, True),
-    ("multi", False, False), ("independent", True, False),
+    ("multi", False, False), ("independent", True, False), ("independent", True, True),
 ])
 def test_checkpoint_recomputation_keeps_the_estimate_unbiased(mode, use_reentrant, preserve_rng_state):
     """Activation recomputation re-runs forward in backward; with preserve_rng_state=False it draws
-    another seed, which must come with its own sketch."""
+    another seed, which must come with its own sketch. A reentrant checkpoint with
+    preserve_rng_state=True runs forward under no_grad (no draw) and sets the generator back before
+    each recomputation: the backward's draw (outside the recomputation) moves it on between steps."""
     ref = nn.Conv2d(4, 6, 3, padding=1)
     layer = xconv.XConv2d(4, 6, 3, padding=1, probes=4, mode=mode)
     layer.load_state_dict(ref.state_dict())
@@ -153,25 +171,26 @@ def test_checkpoint_recomputation_keeps_the_estimate_unbiased(mode, use_reentran
 
 
 def test_a_replayed_rng_state_is_named_by_a_warning():
-    """Reentrant checkpointing with preserve_rng_state=True sets torch's RNG state back before every
-    recomputation: where nothing else draws, every step repeats one estimate. The layer says so at
-    the third repeat; the other checkpoint forms (a recomputation redraws its forward's seed once),
-    and plain training, draw fresh seeds and stay silent."""
+    """torch.manual_seed with one seed before every step repeats one estimate: the layer says so at
+    the third repeat. Plain training and every activation-recomputation form draw fresh seeds and
+    stay silent."""
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
 
-    def steps(**kwargs):
+    def steps(reseed=False, **kwargs):
         layer = xconv.convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), probes=4)
         grads = []
         for _ in range(3):
+            if reseed:
+                torch.manual_seed(0)
             layer.zero_grad(set_to_none=True)
             (checkpoint(layer, x, **kwargs) if kwargs else layer(x)).sum().backward()
             grads.append(layer[0].weight.grad)
         return grads
 
     with pytest.warns(RuntimeWarning, match=r"^'0' \(XConv2d, .*\) drew the same seed in three forwards in a row"):
-        first, _, third = steps(use_reentrant=True, preserve_rng_state=True)
+        first, _, third = steps(reseed=True)
     assert torch.equal(first, third)
-    for kwargs in ({}, dict(use_reentrant=False, preserve_rng_state=True), dict(use_reentrant=True, preserve_rng_state=False)):
+    for kwargs in ({}, *(dict(use_reentrant=r, preserve_rng_state=p) for r in (False, True) for p in (False, True))):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             first, _, third = steps(**kwargs)

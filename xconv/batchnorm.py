@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import rng
 from .functional import layer_label, refuse_double_backward
 from .rng import draw_seed
 from .quantize import check_bits, dequantize, quantize
@@ -46,6 +47,7 @@ class XBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         refuse_double_backward(ctx.layer, f"its input in {ctx.stored.bits}-bit SR storage")
+        rng.advance()
         weight, mean, invstd, reserve, *stored = ctx.saved_tensors
         x_hat = dequantize(ctx.stored.with_tensors(*stored))
         x_hat = x_hat if x_hat.dim() > 2 else x_hat.t()

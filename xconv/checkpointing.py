@@ -3,8 +3,8 @@
 ``checkpoint_modules(model, ["encoder.layer*"])`` makes each matching submodule (a *segment*)
 run under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: in forward a
 segment keeps only its inputs for backward, and backward runs its forward once more to get
-the rest. Gradients are exact (bit for bit those of the unwrapped model: the RNG state is
-replayed, so dropout masks and XConv probe seeds repeat) and BatchNorm running statistics
+the rest. Gradients are exact (bit for bit those of the unwrapped model: the RNG state and
+XConv's seed count are replayed, so dropout masks and XConv probe seeds repeat) and BatchNorm running statistics
 are updated once per forward, as without checkpointing.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
+
+from . import rng
 
 
 @contextlib.contextmanager
@@ -40,8 +42,23 @@ def _running_stats_kept(segment: nn.Module):
                 buffer.copy_(value)
 
 
+@contextlib.contextmanager
+def _count_recorded(record: dict):
+    record["count"] = rng.draw_count()
+    yield
+
+
+@contextlib.contextmanager
+def _recomputation(segment: nn.Module, record: dict):
+    # torch replays the generator state; XConv layers also need the count of seeds already derived
+    # from it (xconv.rng.draw_seed) to derive the forward's seeds again.
+    with rng.replayed_draw_count(record["count"]), _running_stats_kept(segment):
+        yield
+
+
 def _contexts(segment: nn.Module):
-    return contextlib.nullcontext(), _running_stats_kept(segment)
+    record = {}
+    return _count_recorded(record), _recomputation(segment, record)
 
 
 class _Checkpointed:

@@ -543,6 +543,7 @@ class XConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         refuse_double_backward(ctx.layer, "a sketch of its input")
+        rng.advance()
         weight, basis, seed, *stored = ctx.saved_tensors
         sketch = stored[0] if ctx.stored is None else dequantize(ctx.stored.with_tensors(*stored))
         geom, cfg = ctx.geom, ctx.cfg

@@ -113,16 +113,14 @@ class _XConvMixin:
             how += f", deflation={cfg.deflation!r}"
         layer = layer_label(self, f"weight {list(weight.shape)}, {how}")
         if not torch.compiler.is_compiling():
-            # A recomputation (activation checkpointing) redraws its forward's seed once; a third
-            # draw of one seed means the RNG state keeps being set back.
+            # A third draw of one seed in a row means the RNG state keeps being set back.
             repeated = previous is not None and int(previous) == int(seed)
             repeats = self.__dict__.get("_seed_repeats", 0) + 1 if repeated else 0
             self._seed_repeats = repeats
             if repeats == 2:
                 warnings.warn(f"{layer} drew the same seed in three forwards in a row: torch's RNG state is set back "
-                              "before each, so they repeat one estimate and its error does not average out. Reentrant "
-                              "torch.utils.checkpoint with preserve_rng_state=True does this at every step where "
-                              "nothing else draws random numbers: use use_reentrant=False",
+                              "before each (torch.manual_seed with one seed before every step?), so they repeat one "
+                              "estimate and its error does not average out",
                               RuntimeWarning, stacklevel=3)
         device = x.device.type
         if torch.is_autocast_enabled(device):

@@ -206,16 +206,18 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     """Stochastically round ``x`` (any shape, floating) to ``bits`` bits per element.
 
     Its uniform noise is the counter-based stream ``key`` (an int64 scalar tensor,
-    :func:`xconv.rng.key`), or, if None, of a seed drawn from torch's default CPU generator
-    (:func:`xconv.rng.draw_seed`): a GPU's generator never moves (dropout there stays as in the
-    unconverted model), ``torch.manual_seed`` reproduces the noise, and the call traces into
-    ``torch.compile`` graphs. Temporaries: one fp32 copy of ``x``.
+    :func:`xconv.rng.key`), or, if None, of a seed from torch's default CPU generator
+    (:func:`xconv.rng.draw_seed`, then :func:`xconv.rng.advance`: the generator moves as for any
+    random op, ``torch.manual_seed`` reproduces the noise, and the call traces into
+    ``torch.compile`` graphs). Temporaries: one fp32 copy of ``x``.
 
     Raises:
         ValueError: ``bits`` not in :data:`BITS`.
     """
     check_bits("bits", bits, none_ok=False)
-    key = rng.draw_seed() if key is None else key
+    if key is None:
+        key = rng.draw_seed()
+        rng.advance()
     shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
         return Quantized(stochastic_round_bf16(x.detach(), key), None, None, 16, shape, strides, x.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import rng
 from .functional import ConvGeometry, _input_grad, _weight_grad, bias_grad, parameter_layout, refuse_double_backward
 from .quantize import dequantize, quantize
 
@@ -36,6 +37,7 @@ class QuantizedConvFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         weight, *stored = ctx.saved_tensors
         refuse_double_backward(ctx.layer, f"its input in {ctx.bits}-bit SR storage")
+        rng.advance()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad_y, ctx.x_shape, weight, ctx.geom)

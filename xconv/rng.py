@@ -9,13 +9,17 @@ splitmix64's finalizer applied to the state ``((i + 1) xor k) * gamma`` (Steele,
 ops run in eager and in compiled code, so both give the same bits, and no tensor is read back
 to the host.
 
-Seeds are int64 scalar tensors. :func:`draw_seed` draws one from torch's default CPU generator,
-so ``torch.manual_seed`` and Lightning's ``seed_everything`` reproduce every stream; a GPU's
-generator is never moved (dropout there draws as in the unconverted model). :func:`key` derives
-independent streams from one seed.
+Seeds are int64 scalar tensors. Eagerly, :func:`draw_seed` derives one from the state of torch's
+default CPU generator without moving it, so ``torch.manual_seed`` and Lightning's
+``seed_everything`` reproduce every stream and random ops after a converted layer (dropout) draw
+what they draw in the unconverted model; each backward that used a seed then takes one number from
+the generator (:func:`advance`), so the next step's seeds are new. A GPU's generator is never
+used. :func:`key` derives independent streams from one seed.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 
 import torch
@@ -40,18 +44,84 @@ _SIGNED_MIX1, _SIGNED_MIX2 = _int64(_MIX1), _int64(_MIX2)
 _BLOCK = 1 << 15
 
 
-# Every seed drawn is added in here. Under torch.compile that makes each draw part of the forward
+# Every seed drawn in compiled code is added in here. That makes each draw part of the forward
 # graph's outputs (a mutated global), so the compiler keeps the drawn value for backward: a draw that
 # no forward output needs is treated as free to recompute in the backward graph (torch 2.14's
 # partitioners), where it would give other probes than the sketch's and a biased estimate.
 _SEED_SINK = torch.zeros((), dtype=torch.int64)
 
 
+class _DrawCount:
+    """Which generator state the last eager seed was derived from, and how many seeds were derived
+    from it: layers that draw while nothing moves the generator (one forward's convs, say) get the
+    seeds of counts 0, 1, 2, ... of one state."""
+
+    fingerprint: bytes | None = None
+    draws = 0
+
+
+def _fingerprint(state: torch.Tensor) -> bytes:
+    return hashlib.blake2b(state.numpy(), digest_size=8).digest()
+
+
+def _seed(fingerprint: bytes, draw: int) -> int:
+    return _finalize_int((int.from_bytes(fingerprint, "little") + (draw + 1) * _GAMMA) & _MASK) >> 2
+
+
+def state_seed(state: torch.Tensor, draw: int) -> int:
+    """The seed of the ``draw``-th (from 0) eager :func:`draw_seed` at CPU generator state ``state``
+    (``torch.get_rng_state()``, uint8 [5056]): a 62-bit int hashed from both."""
+    return _seed(_fingerprint(state), draw)
+
+
 def draw_seed() -> torch.Tensor:
-    """An int64 scalar tensor drawn from torch's default CPU generator (traceable: no host read)."""
-    seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
-    _SEED_SINK.add_(seed)
-    return seed
+    """An int64 scalar tensor in [0, 2^62), from torch's default CPU generator.
+
+    Eagerly it is :func:`state_seed` of the generator's state and of the number of seeds already
+    derived from that state, and the generator does not move: a forward draws no random number
+    that an unconverted model would not (dropout masks stay bit for bit). ``torch.manual_seed``
+    reproduces the seeds as long as every forward that drew seeds was followed by its backward
+    (which calls :func:`advance`). In compiled code, where the state cannot be read, it is a
+    ``torch.randint`` draw (traceable, no host read), which moves the generator."""
+    if torch.compiler.is_compiling():
+        seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
+        _SEED_SINK.add_(seed)
+        return seed
+    fingerprint = _fingerprint(torch.get_rng_state())
+    if fingerprint == _DrawCount.fingerprint:
+        _DrawCount.draws += 1
+    else:
+        _DrawCount.fingerprint, _DrawCount.draws = fingerprint, 0
+    return torch.tensor(_seed(fingerprint, _DrawCount.draws), dtype=torch.int64)
+
+
+def draw_count() -> tuple[bytes | None, int]:
+    """Where the eager seed count of :func:`draw_seed` stands, for :func:`replayed_draw_count`."""
+    return _DrawCount.fingerprint, _DrawCount.draws
+
+
+@contextlib.contextmanager
+def replayed_draw_count(count: tuple[bytes | None, int]):
+    """Within the block, the seed count is ``count`` (from :func:`draw_count`), and afterwards what it
+    was before: a recomputed forward (activation checkpointing) run with the generator state of the
+    original forward and that forward's count derives the same seeds."""
+    saved = draw_count()
+    _DrawCount.fingerprint, _DrawCount.draws = count
+    try:
+        yield
+    finally:
+        _DrawCount.fingerprint, _DrawCount.draws = saved
+
+
+def advance() -> None:
+    """Called by every backward whose forward drew a seed: eagerly, take one number from the default
+    CPU generator and restart the count of :func:`draw_seed`. Without the draw, steps where nothing
+    else draws would repeat their seeds (the generator would never move); without the restart,
+    ``torch.manual_seed`` with an earlier seed would find that state already counted."""
+    if torch.compiler.is_compiling():
+        return
+    torch.randint(0, 2, (), dtype=torch.int64)
+    _DrawCount.fingerprint = None
 
 
 def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:

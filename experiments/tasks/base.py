@@ -81,7 +81,7 @@ class XConvTask(L.LightningModule):
     def on_fit_start(self) -> None:
         """In a distributed run, reseed torch's default generator per rank, from (run seed, global rank).
 
-        XConv layers draw their probe seeds from that generator (``xconv.rng.draw_seed``), and
+        XConv layers derive their probe seeds from that generator (``xconv.rng.draw_seed``), and
         every rank was seeded alike (``seed_everything`` in each process): without this, all ranks
         would draw the same probes, their weight-gradient errors would be identical, and DDP's
         gradient average would not reduce them. Here, after the model is wrapped (DDP has already
