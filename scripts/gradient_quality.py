@@ -28,6 +28,16 @@ of the layer input (``storage="quantized"``) with the paper's sketch given the s
 layer ``r = bytes / (4 B C_in)``, independent mode; layers where that sketch would not be smaller
 than the input are left out of its row).
 
+With ``--equal-memory B0`` (``--model`` sources, with ``--age M``) it follows the paper's
+equal-memory protocol: the budget is the activation bytes (``xconv.memory.saved_tensor_bytes``
+of one training forward and loss) of the plain torch network at batch ``B0``; exact training,
+exact with 1-bit ReLUs (``probes=0``), the sketch at each ``--probes`` r (the ``convert``
+defaults) and SR storage at each ``--storage-bits`` (convs, BatchNorms, ReLUs and max-pools: the
+``xconv=sr4`` settings at those bits) each run at the largest batch that fits the budget, and
+each gets its AGE over ``M`` minibatches of that size (``g`` the exact gradient over its own
+``M`` minibatches), next to exact training's AGE at ``B0``. ``--inputs noise`` feeds standard
+normal images instead of photo crops (the paper: noise inputs, untrained weights).
+
 With ``--plot PNG`` it draws the median relative error, the median cosine and (with ``--age``)
 AGE / SGD AGE against r, one line per estimator.
 
@@ -35,6 +45,7 @@ Usage:
     python scripts/gradient_quality.py [--model unet|resnet18 | --task NAME [OVERRIDE ...]]
                                        [--probes 4 8 16 32] [--draws 8] [--train-steps 0] [--age M]
                                        [--half bfloat16|float16] [--storage-bits 8 4 2]
+                                       [--inputs crops|noise] [--equal-memory B0]
                                        [--csv results/bench/gradient_cpu.csv] [--plot gradient.png]
     e.g. python scripts/gradient_quality.py --task classification data.batch_size=32 --age 8
 """
@@ -62,6 +73,7 @@ from torch import nn
 
 import xconv
 from xconv.functional import deflation_basis
+from xconv.memory import saved_tensor_bytes
 from xconv.quantize import stored_bytes
 from benchlib import write_csv
 
@@ -102,29 +114,35 @@ def natural_crops(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 class Source:
     """A network at fixed parameters, its training loss and a stream of training batches.
 
-    ``batch(seed)`` is a batch drawn with ``seed`` (distinct seeds give fresh batches);
-    ``loss(net, batch)`` the scalar training loss of ``batch`` through ``net``.
+    ``batch(seed)`` is a batch drawn with ``seed`` (distinct seeds give fresh batches; a ``--model``
+    source's ``batch(seed, size)`` one of ``size`` samples); ``loss(net, batch)`` the scalar
+    training loss of ``batch`` through ``net`` (a mean over the batch).
     """
 
     name: str
     model: nn.Module
     loss: Callable[[nn.Module, object], torch.Tensor]
-    batch: Callable[[int], object]
+    batch: Callable[..., object]
 
 
-def crop_source(name: str, batch: int, size: int, device: str) -> Source:
-    """``--model``: a U-Net segmenting bright regions of natural crops, or a ResNet-18 telling which photo a crop is from."""
-    def make_batch(seed: int):
-        x = natural_crops(batch, size, seed).to(device)
+def crop_source(name: str, batch: int, size: int, device: str, inputs: str = "crops") -> Source:
+    """``--model``: a U-Net segmenting bright regions of natural crops, or a ResNet-18 telling which
+    photo a crop is from; with ``inputs="noise"``, standard normal images in place of the crops."""
+    def make_batch(seed: int, samples: int = batch):
+        if inputs == "noise":
+            x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+        else:
+            x = natural_crops(samples, size, seed).to(device)
         if name == "unet":
             return x, (x.mean(1, keepdim=True) > 0).float()
-        return x, torch.arange(batch, device=device) % len(IMAGES)
+        return x, torch.arange(samples, device=device) % len(IMAGES)
 
     if name == "unet":
         model, loss_fn = smp.Unet("resnet18", encoder_weights=None, classes=1), nn.functional.binary_cross_entropy_with_logits
     else:
         model, loss_fn = torchvision.models.resnet18(num_classes=len(IMAGES)), nn.functional.cross_entropy
-    return Source(f"{name}, batch {batch}, {size}x{size} crops", model.to(device),
+    what = "crops" if inputs == "crops" else "noise images"
+    return Source(f"{name}, batch {batch}, {size}x{size} {what}", model.to(device),
                   lambda net, b: loss_fn(net(b[0]), b[1]), make_batch)
 
 
@@ -324,6 +342,54 @@ def age_table(args, source: Source) -> dict[tuple[str, int], float]:
     return ratios
 
 
+def activation_bytes(model: nn.Module, source: Source, samples: int) -> int:
+    """Bytes kept for backward by one training forward and loss of ``model`` on ``samples`` samples."""
+    return saved_tensor_bytes(lambda: source.loss(model, source.batch(0, samples)), model=model).total_bytes
+
+
+def largest_batch(model: nn.Module, source: Source, budget: int, cap: int) -> int:
+    """The largest batch size up to ``cap`` whose :func:`activation_bytes` fit ``budget`` (at least 2:
+    BatchNorm needs two samples where a map shrinks to 1x1): bytes grow linearly with the batch,
+    so the size is read off batches 2 and 4, then checked."""
+    two, four = activation_bytes(model, source, 2), activation_bytes(model, source, 4)
+    per_sample = max((four - two) // 2, 1)
+    size = max(2, min(cap, (budget - (two - 2 * per_sample)) // per_sample))
+    while size > 2 and activation_bytes(model, source, size) > budget:
+        size -= 1
+    return size
+
+
+def equal_memory_methods(args) -> list[tuple[str, dict | None]]:
+    """``(label, convert options or None for the torch network)`` of the ``--equal-memory`` table."""
+    return [("exact", None), ("exact, 1-bit ReLU", dict(probes=0)),
+            *((f"sketch r={r}", dict(probes=r)) for r in args.probes),
+            *((f"SR {b}-bit", dict(storage="quantized", bits=b, batchnorm_bits=b, maxpool=True)) for b in args.storage_bits)]
+
+
+def equal_memory_table(args, source: Source) -> list[dict]:
+    """Print the ``--equal-memory`` table and return its rows: each method at the largest batch whose
+    activation bytes fit exact training's at ``--equal-memory`` samples, with its AGE there."""
+    budget = activation_bytes(source.model, source, args.equal_memory)
+    sgd = None
+    print(f"\nEqual memory: {budget / 2**20:.2f} MiB of activations, exact training's at batch {args.equal_memory}; "
+          f"AGE over {args.age} minibatches of each method's batch")
+    print("| method | batch | activation bytes / budget | AGE | AGE / exact's at the budget batch |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for label, options in equal_memory_methods(args):
+        model = source.model if options is None else xconv.convert(copy.deepcopy(source.model), **options)
+        size = args.equal_memory if options is None else largest_batch(model, source, budget, 16 * args.equal_memory)
+        kept = activation_bytes(model, source, size)
+        batches = [source.batch(1 + m, size) for m in range(args.age)]
+        exact = torch.stack([full_gradient(source.model, b, source.loss) for b in batches]).mean(0)
+        age = average_gradient_error(model, batches, source.loss, exact)
+        sgd = age if sgd is None else sgd
+        rows.append(dict(source=source.name, train_steps=args.train_steps, method=label, batch=size,
+                         activation_bytes=kept, budget_bytes=budget, age=age, age_vs_exact=age / sgd))
+        print(f"| {label} | {size} | {kept / budget:.3f} | {age:.4g} | {age / sgd:.2f} |", flush=True)
+    return rows
+
+
 def plot(path: Path, title: str, medians: dict[tuple[str, int], tuple[float, float]],
          age_ratios: dict[tuple[str, int], float]) -> None:
     """Median relative error, median cosine and AGE / SGD AGE against r, one line per estimator."""
@@ -368,15 +434,24 @@ def main(argv=None):
                         help="also compare estimates under autocast in this dtype with fp32 ones")
     parser.add_argument("--storage-bits", type=int, nargs="+", default=[], choices=[2, 4, 8, 16],
                         help="also compare SR storage at these bits with the sketch at equal bytes")
+    parser.add_argument("--inputs", choices=["crops", "noise"], default="crops",
+                        help="photo crops or standard normal images (--model only)")
+    parser.add_argument("--equal-memory", type=int, default=0, metavar="B0",
+                        help="with --age: AGE of each method at the largest batch that fits exact's bytes at batch B0")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.task is None:
         parser.error(f"Hydra overrides {overrides} need --task")
+    if args.equal_memory == 1 or args.equal_memory < 0 or (args.equal_memory and (args.task is not None or args.age < 1)):
+        parser.error(f"--equal-memory B0 must be a batch size >= 2 used with --model and --age M >= 1, "
+                     f"got --equal-memory {args.equal_memory}{' --task' if args.task else ''} --age {args.age}")
+    if args.inputs != "crops" and args.task is not None:
+        parser.error("--inputs noise needs --model (a task brings its own data)")
     torch.manual_seed(0)
     try:
         source = (task_source(args.task, overrides, args.device) if args.task
-                  else crop_source(args.model, args.batch, args.size, args.device))
+                  else crop_source(args.model, args.batch, args.size, args.device, args.inputs))
     except (ConfigCompositionException, OverrideParseException) as err:
         parser.error(f"Hydra overrides {overrides}: {str(err).splitlines()[0]}")
     except InstantiationException as err:  # a bad value, named by the constructor (run.py shows the same)
@@ -409,6 +484,10 @@ def main(argv=None):
         if args.csv:
             write_csv(storage_rows, args.csv.with_name(f"{args.csv.stem}_storage{args.csv.suffix}"))
     age_ratios = age_table(args, source) if args.age else {}
+    if args.equal_memory:
+        memory_rows = equal_memory_table(args, source)
+        if args.csv:
+            write_csv(memory_rows, args.csv.with_name(f"{args.csv.stem}_equal_memory{args.csv.suffix}"))
     if args.csv:
         write_csv(rows, args.csv)
     if args.half:

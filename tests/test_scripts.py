@@ -2,6 +2,7 @@
 bench_checkpointing.py, gpu_bench.sh."""
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import json
@@ -13,6 +14,8 @@ import sys
 import pytest
 import torch
 from hydra_helpers import REPO_ROOT
+
+import xconv
 
 SCRIPTS = REPO_ROOT / "scripts"
 MIB = 2**20
@@ -216,6 +219,36 @@ def test_gradient_quality_compares_storage_at_equal_bytes(tmp_path):
     assert median["8", "SR"] < median["8", "sketch"]
 
 
+def test_gradient_quality_equal_memory_runs_each_method_at_the_largest_batch_that_fits(tmp_path):
+    """The paper's protocol: noise inputs, untrained weights, every method at the largest batch whose
+    activation bytes fit exact training's at --equal-memory B0; one more sample would not fit."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", "unet", "--batch", "2", "--size", "32",
+         "--inputs", "noise", "--probes", "8", "--draws", "1", "--estimators", "independent shared", "--age", "2",
+         "--equal-memory", "2", "--storage-bits", "4", "--csv", str(tmp_path / "layers.csv")],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "32x32 noise images" in result.stdout
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "layers_equal_memory.csv", newline=""))}
+    assert list(rows) == ["exact", "exact, 1-bit ReLU", "sketch r=8", "SR 4-bit"]
+    assert rows["exact"]["batch"] == "2" and rows["exact"]["age_vs_exact"] == "1.0"
+    assert int(rows["SR 4-bit"]["batch"]) > 2 * int(rows["exact"]["batch"])
+    assert all(0 < int(r["activation_bytes"]) <= int(r["budget_bytes"]) and float(r["age"]) > 0 for r in rows.values())
+
+
+def test_largest_batch_is_the_largest_that_fits(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import gradient_quality
+
+    source = gradient_quality.crop_source("resnet18", 2, 32, "cpu", "noise")
+    model = xconv.convert(copy.deepcopy(source.model), probes=4)
+    budget = gradient_quality.activation_bytes(source.model, source, 3)
+    size = gradient_quality.largest_batch(model, source, budget, cap=64)
+    assert gradient_quality.activation_bytes(model, source, size) <= budget
+    assert gradient_quality.activation_bytes(model, source, size + 1) > budget
+
+
 def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
     write_run(tmp_path, "bit", 0, 0, 0.5, 2 * MIB, 100.0)
     write_run(tmp_path, "plain", 0, 0, 0.6, 4 * MIB, 100.0, relu="exact")
@@ -334,6 +367,8 @@ def test_tables_and_plots_without_a_batch_size(tmp_path):
     (["--task", "nope"], "argument --task: invalid choice: 'nope'"),
     (["--task", "superres", "data.nope=3"], "Hydra overrides ['data.nope=3']: Could not override 'data.nope'"),
     (["--task", "superres", "data.scale=x"], "data.scale: must be one of [2, 3, 4, 8], got 'x'"),
+    (["--equal-memory", "4"], "--equal-memory B0 must be a batch size >= 2 used with --model and --age M >= 1, got"),
+    (["--task", "superres", "--inputs", "noise"], "--inputs noise needs --model"),
 ])
 def test_gradient_quality_bad_task_or_override_is_one_line(args, error):
     result = subprocess.run([sys.executable, str(SCRIPTS / "gradient_quality.py"), *args, "--probes", "2"],
