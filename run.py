@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 import xconv
 from experiments.config import (
     ConfigError, check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns,
-    exit_with, remove_created_output_dirs, xconv_options,
+    exit_with, remove_created_output_dirs, restore_earlier_hydra_files, xconv_options,
 )
 from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
@@ -214,6 +214,7 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg)
     except ConfigError as err:
         hydra_cfg = HydraConfig.get()
+        restore_earlier_hydra_files()  # a run resumed into its own directory: its record of the config
         # Nothing ran: nothing to keep. output_dir=... may point elsewhere than Hydra's run directory
         # (or not resolve: then the error is about it).
         output_dir = OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)

@@ -187,9 +187,11 @@ class MakeOutputDir(Callback):
     where a path in ``/proc`` or under a regular file ended in a traceback. This runs before
     Hydra writes anything; a run directory that holds an earlier run is refused here too, unless
     ``ckpt_path`` resumes a run (:func:`check_no_earlier_run`), and a ``ckpt_path`` that does not
-    load is refused before Hydra writes over the run's ``.hydra/``; in a sweep, a job directory
-    (``hydra.sweep.subdir``) that cannot be created is refused too. Hydra turns a callback's exceptions into warnings and carries on, so
-    the error exits here, as ``run.py`` exits on any :class:`ConfigError` (:func:`exit_with`).
+    load is refused before Hydra writes over the run's ``.hydra/`` (which is kept, to be written back
+    by :func:`restore_earlier_hydra_files` if the run stops on a later check); a sweep's job
+    directories are checked by ``CheckedLauncher`` (``hydra_plugins/xconv_launcher/``). Hydra turns
+    a callback's exceptions into warnings and carries on, so the error exits here, as ``run.py``
+    exits on any :class:`ConfigError` (:func:`exit_with`).
     Registered in ``configs/hydra/default.yaml`` (``hydra.callbacks``).
     """
 
@@ -201,18 +203,13 @@ class MakeOutputDir(Callback):
         except ConfigError as err:
             exit_with(err)
         self._make("hydra.run.dir", config.hydra.run.dir)
+        if config.hydra.output_subdir is not None:
+            hydra_dir = Path(config.hydra.run.dir) / config.hydra.output_subdir
+            if hydra_dir.is_dir():
+                EARLIER_HYDRA_FILES[hydra_dir] = {p.name: p.read_bytes() for p in hydra_dir.iterdir() if p.is_file()}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._make("hydra.sweep.dir", config.hydra.sweep.dir)
-        # Hydra creates each job's directory before any job callback runs, and an uncreatable one
-        # ends the sweep in a traceback: try it here, as far as it resolves before the job's overrides.
-        subdir = OmegaConf.select(config, "hydra.sweep.subdir", throw_on_resolution_failure=False)
-        if isinstance(subdir, str):
-            try:
-                check_creatable("hydra.sweep.subdir", Path(config.hydra.sweep.dir) / subdir)
-            except ConfigError as err:
-                remove_created_output_dirs()
-                exit_with(err)
 
     @staticmethod
     def _make(key: str, path: str) -> None:
@@ -225,6 +222,24 @@ class MakeOutputDir(Callback):
 # The directories MakeOutputDir created for this process's run or sweep directory (that one and
 # its missing parents, outermost first), for remove_created_output_dirs.
 CREATED_OUTPUT_DIRS: list[Path] = []
+
+
+# The .hydra/ files of an earlier run in this run's directory (a run resumed into it), as they were
+# before Hydra rewrote them, for restore_earlier_hydra_files.
+EARLIER_HYDRA_FILES: dict[Path, dict[str, bytes]] = {}
+
+
+def restore_earlier_hydra_files() -> None:
+    """Put back the earlier run's ``.hydra/`` files (and remove any it did not have) after a run
+    resumed into its directory stopped on a :class:`ConfigError` (a checkpoint that does not fit, a
+    bad value): Hydra rewrote them with a command line that never ran, and the earlier run's record
+    of its config is not to be lost."""
+    for hydra_dir, files in EARLIER_HYDRA_FILES.items():
+        for path in hydra_dir.iterdir():
+            if path.is_file() and path.name not in files:
+                path.unlink()
+        for name, content in files.items():
+            (hydra_dir / name).write_bytes(content)
 
 
 def remove_created_output_dirs() -> None:

@@ -205,36 +205,52 @@ def test_a_new_run_into_an_earlier_run_s_dir_exits_2_and_changes_nothing(tmp_pat
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_resuming_from_a_bad_checkpoint_into_its_run_dir_exits_2_and_changes_nothing(tmp_path):
-    """A ckpt_path that does not load is refused before Hydra writes .hydra/ over the run it resumes."""
+@pytest.mark.parametrize("case, extra, error", [
+    ("checkpoint that does not load", [], "ckpt_path: cannot load '{ckpt}'"),
+    ("checkpoint of another model", [], "ckpt_path: '{ckpt}' does not fit the task's network"),
+    ("bad value", ["xconv.probes=-1"], "xconv.probes must be >= 0"),
+])
+def test_resuming_into_its_run_dir_and_stopping_changes_nothing_there(case, extra, error, tmp_path):
+    """A ckpt_path that does not load is refused before Hydra writes .hydra/ over the run it resumes;
+    after a later one-line stop (a checkpoint that does not fit, a bad value), .hydra/ is written back."""
     run_dir = tmp_path / "run"
-    for name, content in {".hydra/overrides.yaml": "- seed=1\n", "summary.json": "{}", "checkpoints/last.ckpt": "x"}.items():
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    for name, content in {".hydra/overrides.yaml": "- seed=1\n", ".hydra/config.yaml": "seed: 1\n", "summary.json": "{}"}.items():
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text(content)
+    ckpt.parent.mkdir()
+    if case == "checkpoint that does not load":
+        ckpt.write_text("x")
+    else:
+        torch.save({"state_dict": {"net.weight": torch.zeros(3)}, "global_step": 2}, ckpt)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, f"hydra.run.dir={run_dir}",
-         f"ckpt_path={run_dir}/checkpoints/last.ckpt"],
+        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, f"hydra.run.dir={run_dir}", f"ckpt_path={ckpt}", *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     lines = (result.stdout + result.stderr).strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: ckpt_path: cannot load '{run_dir}/checkpoints/last.ckpt'"), lines
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert lines[-1].startswith("error: " + error.format(ckpt=ckpt)), lines
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.log"} == before
 
 
-def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_nothing(tmp_path):
-    """Hydra creates a job's directory (hydra.sweep.subdir) before any job callback could check it."""
-    (tmp_path / "file").write_text("not a directory")
+@pytest.mark.parametrize("subdir, job_dir", [
+    ("file/job", "file/job"), ("file/${hydra.job.num}", "file/0"), ("s${seed}/job", "s2/job"),
+], ids=["constant", "job number", "second job only"])
+def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_nothing(subdir, job_dir, tmp_path):
+    """Hydra creates a job's directory (hydra.sweep.subdir) just before the job, outside any callback:
+    the launcher tries every job's first, so no job runs."""
+    for blocker in ("file", "s2"):
+        (tmp_path / blocker).write_text("not a directory")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, f"hydra.sweep.dir={tmp_path}/multirun/sweep",
-         f"hydra.sweep.subdir={tmp_path}/file/job"],
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, "seed=1,2", f"hydra.sweep.dir={tmp_path}/multirun/sweep",
+         f"hydra.sweep.subdir={tmp_path}/{subdir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     lines = (result.stdout + result.stderr).strip().splitlines()
-    assert lines == [f"error: hydra.sweep.subdir: cannot create the directory '{tmp_path}/file/job': Not a directory"]
-    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    assert lines == [f"error: hydra.sweep.subdir: cannot create the directory '{tmp_path}/{job_dir}': Not a directory"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s2"]
 
 
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):

@@ -509,3 +509,9 @@ def test_bench_checkpointing_compares_the_four_networks(monkeypatch, capsys):
     assert list(rows) == ["plain torch", "plain torch, checkpointed", "XConv r=8 + 1-bit ReLU",
                           "XConv r=8 + 1-bit ReLU, checkpointed"]
     assert rows["plain torch"][1] == "1.000" and float(rows["plain torch, checkpointed"][1]) < 0.5
+
+
+def test_results_hold_data_and_readmes_only():
+    """Measurements live in results/; the code that makes them lives in scripts/ (or in git history)."""
+    code = [p for p in (REPO_ROOT / "results").rglob("*") if p.suffix in {".py", ".sh", ".ipynb"} or (p.is_file() and os.access(p, os.X_OK))]
+    assert code == []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import segmentation_models_pytorch as smp
@@ -101,6 +102,22 @@ def test_xconv_layers_inside_a_segment():
     out_ck, grad_ck = _step(checkpointed, x)
     # The recomputation replays the RNG, so the probes are the same ones and so is the estimate.
     assert torch.equal(out, out_ck) and torch.equal(grad, grad_ck)
+    _assert_same_training_state(converted, checkpointed)
+
+
+def test_a_second_backward_through_a_kept_graph_recomputes_again():
+    """retain_graph=True: each backward recomputes the segments, with the forward's probes and masks
+    (and no repeated-seed warning: recomputations draw their forward's seed on purpose)."""
+    converted = xconv.convert(_net().train(), probes=4)
+    checkpointed = xconv.checkpoint_modules(copy.deepcopy(converted), ["1", "2"])
+    x = torch.randn(4, 3, 16, 16)
+    for net in (converted, checkpointed):
+        torch.manual_seed(1)
+        loss = net(x).square().mean()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss.backward(retain_graph=True)
+            loss.backward()
     _assert_same_training_state(converted, checkpointed)
 
 

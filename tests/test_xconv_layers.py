@@ -486,3 +486,16 @@ def test_non_finite_input_pixel_spread_and_anomaly_warning(options, spreads):
     message = str(record[0].message)
     assert message.startswith("XConv2d (weight [4, 3, 3, 3]") and "non-finite input [2, 3, 8, 8]" in message
     assert ("every weight-gradient entry" in message) == spreads
+
+
+def test_torch_func_transforms_are_refused_in_one_line():
+    """The estimators are torch.autograd Functions with a seed read from the generator's state, which
+    torch.func's transforms do not give: the error says so instead of a storage error."""
+    layer = xconv.XConv2d(2, 2, 3, padding=1)
+    x = torch.randn(1, 2, 6, 6)
+
+    def loss(weight):
+        return torch.func.functional_call(layer, {"weight": weight, "bias": layer.bias}, (x,)).sum()
+
+    with pytest.raises(RuntimeError, match=r"^XConv layers cannot read torch's generator state here \(inside a torch.func"):
+        torch.func.grad(loss)(layer.weight.detach())

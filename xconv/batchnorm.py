@@ -131,18 +131,27 @@ _DOC = """``nn.{torch_name}`` that keeps its input in SR ``bits``-bit storage fo
     """
 
 
-def _make_layer(name, base, shape, example_shape):
+class _XBatchNormLayer(_XBatchNormMixin):
+    """The constructor shared by the XBatchNorm classes: the torch layer's arguments, then ``bits``."""
+
     def __init__(self, *args, bits: int = 8, **kwargs):
-        base.__init__(self, *args, **kwargs)
+        super().__init__(*args, **kwargs)
         self._init_bits(bits)
 
-    doc = _DOC.format(torch_name=base.__name__, name=name, shape=shape, example_shape=example_shape)
-    return type(name, (_XBatchNormMixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+class XBatchNorm1d(_XBatchNormLayer, nn.BatchNorm1d):
+    __doc__ = _DOC.format(torch_name="BatchNorm1d", name="XBatchNorm1d", shape="``[B, C]`` or ``[B, C, L]``",
+                          example_shape="20")
 
 
-XBatchNorm1d = _make_layer("XBatchNorm1d", nn.BatchNorm1d, "``[B, C]`` or ``[B, C, L]``", "20")
-XBatchNorm2d = _make_layer("XBatchNorm2d", nn.BatchNorm2d, "``[B, C, H, W]``", "10, 10")
-XBatchNorm3d = _make_layer("XBatchNorm3d", nn.BatchNorm3d, "``[B, C, D, H, W]``", "4, 6, 6")
+class XBatchNorm2d(_XBatchNormLayer, nn.BatchNorm2d):
+    __doc__ = _DOC.format(torch_name="BatchNorm2d", name="XBatchNorm2d", shape="``[B, C, H, W]``",
+                          example_shape="10, 10")
+
+
+class XBatchNorm3d(_XBatchNormLayer, nn.BatchNorm3d):
+    __doc__ = _DOC.format(torch_name="BatchNorm3d", name="XBatchNorm3d", shape="``[B, C, D, H, W]``",
+                          example_shape="4, 6, 6")
 
 #: torch layer class -> X class, for :mod:`xconv.convert`.
 BATCHNORM_CLASSES = {nn.BatchNorm1d: XBatchNorm1d, nn.BatchNorm2d: XBatchNorm2d, nn.BatchNorm3d: XBatchNorm3d}

@@ -48,17 +48,27 @@ def _count_recorded(record: dict):
     yield
 
 
-@contextlib.contextmanager
-def _recomputation(segment: nn.Module, record: dict):
-    # torch replays the generator state; XConv layers also need the count of seeds already derived
-    # from it (xconv.rng.draw_seed) to derive the forward's seeds again.
-    with rng.replayed_draw_count(record["count"]), _running_stats_kept(segment):
-        yield
+class _Recomputation:
+    """The context of a segment's recomputation. torch enters it once per recomputation (a second
+    backward through a kept graph recomputes again), so each entry builds its contexts anew."""
+
+    def __init__(self, segment: nn.Module, record: dict):
+        self.segment, self.record = segment, record
+
+    def __enter__(self) -> None:
+        # torch replays the generator state; XConv layers also need the count of seeds already
+        # derived from it (xconv.rng.draw_seed) to derive the forward's seeds again.
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(rng.replayed_draw_count(self.record["count"]))
+        self.stack.enter_context(_running_stats_kept(self.segment))
+
+    def __exit__(self, *exc_info) -> bool:
+        return self.stack.__exit__(*exc_info)
 
 
 def _contexts(segment: nn.Module):
     record = {}
-    return _count_recorded(record), _recomputation(segment, record)
+    return _count_recorded(record), _Recomputation(segment, record)
 
 
 class _Checkpointed:

@@ -112,8 +112,10 @@ class _XConvMixin:
         if cfg.storage == "sketch" and cfg.deflation is not None:
             how += f", deflation={cfg.deflation!r}"
         layer = layer_label(self, f"weight {list(weight.shape)}, {how}")
-        if not torch.compiler.is_compiling():
-            # A third draw of one seed in a row means the RNG state keeps being set back.
+        # A third draw of one seed in a row means the RNG state keeps being set back. Forwards run
+        # inside a backward are recomputations (activation checkpointing), which draw their
+        # forward's seed again on purpose (torch's checkpoint tells them apart the same way).
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1:
             repeated = previous is not None and int(previous) == int(seed)
             repeats = self.__dict__.get("_seed_repeats", 0) + 1 if repeated else 0
             self._seed_repeats = repeats
@@ -263,30 +265,46 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
     """
 
 
-def _make_layer(name, base, mixin, example_shape):
+class _XConvLayer(_XConvMixin):
+    """The constructor shared by the XConv classes: the torch layer's arguments, then the estimator options."""
+
     def __init__(
         self, *args, probes: int = 8, mode: str = "independent", distribution: str = "gaussian",
         per_sample: bool = False, contraction: str = "auto", deflation: str | None = None,
         deflation_rank: int | None = None, storage: str = "sketch", bits: int | None = None,
         max_compression: int | None = None, min_pixels: int | None = None, **kwargs,
     ):
-        base.__init__(self, *args, **kwargs)
+        super().__init__(*args, **kwargs)
         self._init_xconv(
             min_pixels, probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
             contraction=contraction, deflation=deflation, deflation_rank=deflation_rank,
             storage=storage, bits=bits, max_compression=max_compression,
         )
 
-    doc = _DOC.format(torch_name=base.__name__, name=name, example_shape=example_shape)
-    return type(name, (mixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+class XConv1d(_XConvLayer, _XConvNd, nn.Conv1d):
+    __doc__ = _DOC.format(torch_name="Conv1d", name="XConv1d", example_shape="20")
 
 
-XConv1d = _make_layer("XConv1d", nn.Conv1d, _XConvNd, "20")
-XConv2d = _make_layer("XConv2d", nn.Conv2d, _XConvNd, "20, 20")
-XConv3d = _make_layer("XConv3d", nn.Conv3d, _XConvNd, "8, 8, 8")
-XConvTranspose1d = _make_layer("XConvTranspose1d", nn.ConvTranspose1d, _XConvTransposeNd, "20")
-XConvTranspose2d = _make_layer("XConvTranspose2d", nn.ConvTranspose2d, _XConvTransposeNd, "20, 20")
-XConvTranspose3d = _make_layer("XConvTranspose3d", nn.ConvTranspose3d, _XConvTransposeNd, "8, 8, 8")
+class XConv2d(_XConvLayer, _XConvNd, nn.Conv2d):
+    __doc__ = _DOC.format(torch_name="Conv2d", name="XConv2d", example_shape="20, 20")
+
+
+class XConv3d(_XConvLayer, _XConvNd, nn.Conv3d):
+    __doc__ = _DOC.format(torch_name="Conv3d", name="XConv3d", example_shape="8, 8, 8")
+
+
+class XConvTranspose1d(_XConvLayer, _XConvTransposeNd, nn.ConvTranspose1d):
+    __doc__ = _DOC.format(torch_name="ConvTranspose1d", name="XConvTranspose1d", example_shape="20")
+
+
+class XConvTranspose2d(_XConvLayer, _XConvTransposeNd, nn.ConvTranspose2d):
+    __doc__ = _DOC.format(torch_name="ConvTranspose2d", name="XConvTranspose2d", example_shape="20, 20")
+
+
+class XConvTranspose3d(_XConvLayer, _XConvTransposeNd, nn.ConvTranspose3d):
+    __doc__ = _DOC.format(torch_name="ConvTranspose3d", name="XConvTranspose3d", example_shape="8, 8, 8")
+
 
 #: torch layer class -> XConv class, used by :mod:`xconv.convert`.
 XCONV_CLASSES = {

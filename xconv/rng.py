@@ -61,7 +61,13 @@ class _DrawCount:
 
 
 def _fingerprint(state: torch.Tensor) -> bytes:
-    return hashlib.blake2b(state.numpy(), digest_size=8).digest()
+    try:
+        data = state.numpy()
+    except RuntimeError as err:  # inside torch.func's transforms the state has no readable storage
+        raise RuntimeError("XConv layers cannot read torch's generator state here (inside a torch.func transform "
+                           "such as grad or vmap?): their estimators support torch.autograd (backward, "
+                           "torch.autograd.grad) only") from err
+    return hashlib.blake2b(data, digest_size=8).digest()
 
 
 def _seed(fingerprint: bytes, draw: int) -> int:

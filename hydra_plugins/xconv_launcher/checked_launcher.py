@@ -1,0 +1,41 @@
+"""Hydra's basic (local, one job after another) launcher, which first checks every job's directory.
+
+Hydra takes launchers only from its ``hydra_plugins`` namespace package; this portion of it is at
+the repository root, which ``python run.py`` has on ``sys.path``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.utils import JobReturn
+from omegaconf import open_dict
+
+from experiments.config import ConfigError, check_creatable, exit_with, remove_created_output_dirs
+
+
+class CheckedLauncher(BasicLauncher):
+    """``BasicLauncher`` that tries to create each job's directory (``hydra.sweep.dir`` joined with
+    ``hydra.sweep.subdir``, resolved with the job's overrides and number) before the first job runs.
+
+    Hydra creates a job's directory just before the job, outside any callback, so a directory that
+    cannot be created (in ``/proc``, under a regular file) would end the sweep in a traceback after
+    the jobs before it ran. Here the sweep stops at once in one line naming ``hydra.sweep.subdir``,
+    exit status 2, and leaves no sweep directory. The default (``configs/hydra/default.yaml``,
+    ``configs/hydra/launcher/checked.yaml``).
+    """
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(config):
+                config.hydra.job.id = config.hydra.job.num = idx
+            try:
+                check_creatable("hydra.sweep.subdir", Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir))
+            except ConfigError as err:
+                sweep_dir = Path(self.config.hydra.sweep.dir)
+                (sweep_dir / "multirun.yaml").unlink(missing_ok=True)  # written by the sweeper before launching
+                remove_created_output_dirs()
+                exit_with(err)
+        return super().launch(job_overrides, initial_job_idx)
