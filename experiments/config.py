@@ -205,8 +205,8 @@ class MakeOutputDir(Callback):
         self._make("hydra.run.dir", config.hydra.run.dir)
         if config.hydra.output_subdir is not None:
             hydra_dir = Path(config.hydra.run.dir) / config.hydra.output_subdir
-            if hydra_dir.is_dir():
-                EARLIER_HYDRA_FILES[hydra_dir] = {p.name: p.read_bytes() for p in hydra_dir.iterdir() if p.is_file()}
+            files = hydra_dir.iterdir() if hydra_dir.is_dir() else ()
+            EARLIER_HYDRA_FILES[hydra_dir] = {p.name: p.read_bytes() for p in files if p.is_file()}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._make("hydra.sweep.dir", config.hydra.sweep.dir)
@@ -230,16 +230,18 @@ EARLIER_HYDRA_FILES: dict[Path, dict[str, bytes]] = {}
 
 
 def restore_earlier_hydra_files() -> None:
-    """Put back the earlier run's ``.hydra/`` files (and remove any it did not have) after a run
-    resumed into its directory stopped on a :class:`ConfigError` (a checkpoint that does not fit, a
-    bad value): Hydra rewrote them with a command line that never ran, and the earlier run's record
-    of its config is not to be lost."""
+    """Put back the earlier run's ``.hydra/`` files (removing any it did not have, and the folder if
+    it had none) after a run resumed into its directory stopped on a :class:`ConfigError` (a
+    checkpoint that does not fit, a bad value): Hydra rewrote them with a command line that never
+    ran, and the earlier run's record of its config is not to be lost."""
     for hydra_dir, files in EARLIER_HYDRA_FILES.items():
-        for path in hydra_dir.iterdir():
+        for path in hydra_dir.iterdir() if hydra_dir.is_dir() else ():
             if path.is_file() and path.name not in files:
                 path.unlink()
         for name, content in files.items():
             (hydra_dir / name).write_bytes(content)
+        if not files and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
 
 
 def remove_created_output_dirs() -> None:

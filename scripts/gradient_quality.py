@@ -416,36 +416,50 @@ def plot(path: Path, title: str, medians: dict[tuple[str, int], tuple[float, flo
     plt.close(fig)
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= ``low``, else argparse's one-line error naming the option."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source_group = parser.add_mutually_exclusive_group()
     source_group.add_argument("--model", choices=["unet", "resnet18"], default="unet", help="natural-crop source")
     source_group.add_argument("--task", default=None, choices=sorted(f.stem for f in (REPO_ROOT / "configs" / "task").glob("*.yaml")),
                               help="a task of configs/task/; Hydra overrides (key=value) may follow the options")
-    parser.add_argument("--batch", type=int, default=8, help="crops per batch (--model only)")
-    parser.add_argument("--size", type=int, default=128, help="crop side (--model only)")
-    parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--batch", type=_at_least(2), default=8, help="crops per batch (--model only)")
+    parser.add_argument("--size", type=_at_least(32), default=128, help="crop side (--model only)")
+    parser.add_argument("--probes", type=_at_least(1), nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--draws", type=_at_least(1), default=8)
     parser.add_argument("--estimators", nargs="+", default=[e[0] for e in ESTIMATORS], choices=[e[0] for e in ESTIMATORS])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--train-steps", type=int, default=0, help="exact Adam steps before measuring")
-    parser.add_argument("--age", type=int, default=0, metavar="M", help="also compute AGE over M minibatches")
+    parser.add_argument("--train-steps", type=_at_least(0), default=0, help="exact Adam steps before measuring")
+    parser.add_argument("--age", type=_at_least(0), default=0, metavar="M",
+                        help="also compute AGE over M >= 2 minibatches (one has no spread to measure)")
     parser.add_argument("--half", choices=["bfloat16", "float16"], default=None,
                         help="also compare estimates under autocast in this dtype with fp32 ones")
     parser.add_argument("--storage-bits", type=int, nargs="+", default=[], choices=[2, 4, 8, 16],
                         help="also compare SR storage at these bits with the sketch at equal bytes")
     parser.add_argument("--inputs", choices=["crops", "noise"], default="crops",
                         help="photo crops or standard normal images (--model only)")
-    parser.add_argument("--equal-memory", type=int, default=0, metavar="B0",
+    parser.add_argument("--equal-memory", type=_at_least(0), default=0, metavar="B0",
                         help="with --age: AGE of each method at the largest batch that fits exact's bytes at batch B0")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.task is None:
         parser.error(f"Hydra overrides {overrides} need --task")
-    if args.equal_memory == 1 or args.equal_memory < 0 or (args.equal_memory and (args.task is not None or args.age < 1)):
-        parser.error(f"--equal-memory B0 must be a batch size >= 2 used with --model and --age M >= 1, "
-                     f"got --equal-memory {args.equal_memory}{' --task' if args.task else ''} --age {args.age}")
+    if args.age == 1:
+        parser.error("--age M must be 0 (no AGE) or >= 2: one minibatch's gradient is the exact gradient of its own data")
+    if args.equal_memory == 1 or (args.equal_memory and (args.task is not None or args.age < 2)):
+        parser.error(f"--equal-memory B0 must be a batch size >= 2 used with --model and --age M >= 2, got "
+                     f"--equal-memory {args.equal_memory}{f' --task {args.task}' if args.task else ''} --age {args.age}")
     if args.inputs != "crops" and args.task is not None:
         parser.error("--inputs noise needs --model (a task brings its own data)")
     torch.manual_seed(0)

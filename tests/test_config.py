@@ -209,15 +209,18 @@ def test_a_new_run_into_an_earlier_run_s_dir_exits_2_and_changes_nothing(tmp_pat
     ("checkpoint that does not load", [], "ckpt_path: cannot load '{ckpt}'"),
     ("checkpoint of another model", [], "ckpt_path: '{ckpt}' does not fit the task's network"),
     ("bad value", ["xconv.probes=-1"], "xconv.probes must be >= 0"),
+    ("bad value, no .hydra/ before", ["xconv.probes=-1"], "xconv.probes must be >= 0"),
 ])
 def test_resuming_into_its_run_dir_and_stopping_changes_nothing_there(case, extra, error, tmp_path):
     """A ckpt_path that does not load is refused before Hydra writes .hydra/ over the run it resumes;
     after a later one-line stop (a checkpoint that does not fit, a bad value), .hydra/ is written back."""
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    for name, content in {".hydra/overrides.yaml": "- seed=1\n", ".hydra/config.yaml": "seed: 1\n", "summary.json": "{}"}.items():
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_text(content)
+    files = {".hydra/overrides.yaml": "- seed=1\n", ".hydra/config.yaml": "seed: 1\n", "summary.json": "{}"}
+    for name, content in files.items():
+        if not (name.startswith(".hydra/") and "no .hydra/" in case):
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / name).write_text(content)
     ckpt.parent.mkdir()
     if case == "checkpoint that does not load":
         ckpt.write_text("x")
@@ -232,6 +235,7 @@ def test_resuming_into_its_run_dir_and_stopping_changes_nothing_there(case, extr
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert lines[-1].startswith("error: " + error.format(ckpt=ckpt)), lines
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "run.log"} == before
+    assert (run_dir / ".hydra").is_dir() == ("no .hydra/" not in case)
 
 
 @pytest.mark.parametrize("subdir, job_dir", [

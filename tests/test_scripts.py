@@ -367,7 +367,9 @@ def test_tables_and_plots_without_a_batch_size(tmp_path):
     (["--task", "nope"], "argument --task: invalid choice: 'nope'"),
     (["--task", "superres", "data.nope=3"], "Hydra overrides ['data.nope=3']: Could not override 'data.nope'"),
     (["--task", "superres", "data.scale=x"], "data.scale: must be one of [2, 3, 4, 8], got 'x'"),
-    (["--equal-memory", "4"], "--equal-memory B0 must be a batch size >= 2 used with --model and --age M >= 1, got"),
+    (["--equal-memory", "4"], "--equal-memory B0 must be a batch size >= 2 used with --model and --age M >= 2, got"),
+    (["--age", "1"], "--age M must be 0 (no AGE) or >= 2"),
+    (["--batch", "0"], "argument --batch: must be an int >= 2, got 0"),
     (["--task", "superres", "--inputs", "noise"], "--inputs noise needs --model"),
 ])
 def test_gradient_quality_bad_task_or_override_is_one_line(args, error):

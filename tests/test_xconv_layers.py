@@ -171,13 +171,13 @@ def test_checkpoint_recomputation_keeps_the_estimate_unbiased(mode, use_reentran
 
 
 def test_a_replayed_rng_state_is_named_by_a_warning():
-    """torch.manual_seed with one seed before every step repeats one estimate: the layer says so at
-    the third repeat. Plain training and every activation-recomputation form draw fresh seeds and
-    stay silent."""
+    """torch.manual_seed with one seed before every step repeats one estimate: the first layer says
+    so at the third repeat (once: the layers after it repeat alike). Plain training and every
+    activation-recomputation form draw fresh seeds and stay silent."""
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
 
     def steps(reseed=False, **kwargs):
-        layer = xconv.convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), probes=4)
+        layer = xconv.convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)), probes=4)
         grads = []
         for _ in range(3):
             if reseed:
@@ -187,9 +187,9 @@ def test_a_replayed_rng_state_is_named_by_a_warning():
             grads.append(layer[0].weight.grad)
         return grads
 
-    with pytest.warns(RuntimeWarning, match=r"^'0' \(XConv2d, .*\) drew the same seed in three forwards in a row"):
+    with pytest.warns(RuntimeWarning, match=r"^'0' \(XConv2d, .*\) drew the same seed in three forwards in a row") as record:
         first, _, third = steps(reseed=True)
-    assert torch.equal(first, third)
+    assert torch.equal(first, third) and len(record) == 1
     for kwargs in ({}, *(dict(use_reentrant=r, preserve_rng_state=p) for r in (False, True) for p in (False, True))):
         with warnings.catch_warnings():
             warnings.simplefilter("error")

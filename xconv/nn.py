@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rng
 from .functional import (
     BitLeakyReLUFunction,
     ConvGeometry,
@@ -119,10 +120,12 @@ class _XConvMixin:
             repeated = previous is not None and int(previous) == int(seed)
             repeats = self.__dict__.get("_seed_repeats", 0) + 1 if repeated else 0
             self._seed_repeats = repeats
-            if repeats == 2:
+            # One warning per forward: its other layers repeat alike.
+            if repeats == 2 and rng.backward_count() != _REPEAT_WARNED_AT[0]:
+                _REPEAT_WARNED_AT[0] = rng.backward_count()
                 warnings.warn(f"{layer} drew the same seed in three forwards in a row: torch's RNG state is set back "
                               "before each (torch.manual_seed with one seed before every step?), so they repeat one "
-                              "estimate and its error does not average out",
+                              "estimate and its error does not average out (layers after it likely too)",
                               RuntimeWarning, stacklevel=3)
         device = x.device.type
         if torch.is_autocast_enabled(device):
@@ -220,6 +223,10 @@ class _XConvTransposeNd(_XConvMixin):
             transposed=True, output_padding=_ntuple(output_padding, spatial_dims),
         )
         return self._run_estimator(input, geom)
+
+
+# xconv.rng.backward_count() at the last repeated-seed warning.
+_REPEAT_WARNED_AT: list[int | None] = [None]
 
 
 _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XConv).

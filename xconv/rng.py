@@ -58,6 +58,7 @@ class _DrawCount:
 
     fingerprint: bytes | None = None
     draws = 0
+    backwards = 0  # calls of advance()
 
 
 def _fingerprint(state: torch.Tensor) -> bytes:
@@ -128,6 +129,13 @@ def advance() -> None:
         return
     torch.randint(0, 2, (), dtype=torch.int64)
     _DrawCount.fingerprint = None
+    _DrawCount.backwards += 1
+
+
+def backward_count() -> int:
+    """How many backwards have called :func:`advance` in this process (eagerly): the layers of one
+    forward see one value."""
+    return _DrawCount.backwards
 
 
 def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
