@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test
 
 run: $(STAMP)
-	$(VENV)/bin/python run.py task=segmentation xconv=sr4
+	$(VENV)/bin/python run.py task=segmentation xconv=plan25
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

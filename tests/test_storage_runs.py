@@ -58,8 +58,21 @@ def test_bad_storage_options_fail_before_training(override, message, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_plan25_option_is_the_planner_at_a_quarter_and_trains(tmp_path):
+    """``xconv=plan25`` (what ``make run`` uses) is the byte-budget planner at 0.25x of plain torch's
+    bytes with SR 4-bit BatchNorms and offset max-pools; the plan fits its budget and trains."""
+    preset = compose_config(*TINY_SEGMENTATION, "xconv=plan25", output_dir=tmp_path)
+    explicit = compose_config(*TINY_SEGMENTATION, "xconv.batchnorm_bits=4", "xconv.maxpool=true", "xconv.budget=0.25",
+                              output_dir=tmp_path)
+    assert preset.xconv == explicit.xconv
+    summary = run(preset)
+    plan = summary["storage_plan"]
+    assert summary["steps"] == 2 and summary["budget"] == 0.25
+    assert plan["total_bytes"] <= plan["budget_bytes"] == pytest.approx(0.25 * plan["plain_bytes"], rel=1e-3)
+
+
 def test_sr4_option_is_the_explicit_storage_settings_and_trains(tmp_path):
-    """``xconv=sr4`` (what ``make run`` uses) is SR 4-bit storage of convs and BatchNorms with offset
+    """``xconv=sr4`` is SR 4-bit storage of convs and BatchNorms with offset
     max-pools, the rest of ``xconv`` as the default; it converts every conv and BatchNorm and trains."""
     preset = compose_config(*TINY_SEGMENTATION, "xconv=sr4", output_dir=tmp_path)
     explicit = compose_config(*TINY_SEGMENTATION, *STORAGE, "xconv.storage=quantized", "xconv.bits=4",
