@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 import xconv
 from experiments.config import (
     ConfigError, check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns,
-    exit_with, remove_created_output_dirs, restore_earlier_hydra_files, xconv_options,
+    exit_with, remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files, xconv_options,
 )
 from experiments.summary import build_summary, git_commit, summary_callbacks, write_summary
 
@@ -188,15 +187,9 @@ def has_test_stage(task: L.LightningModule, datamodule: L.LightningDataModule) -
     return is_overridden("test_step", task) and getattr(datamodule, "test_set", None) is not None
 
 
-def _remove_if_only(directory: Path, names: set[str]) -> None:
-    """Delete ``directory`` if every entry in it is one of ``names`` (what Hydra writes before a job runs)."""
-    if directory.is_dir() and {p.name for p in directory.iterdir()} <= names:
-        shutil.rmtree(directory)
-
-
 def remove_unused_run_dir(run_dir: Path, job_name: str) -> None:
     """Delete ``run_dir`` if it holds only what Hydra writes at job start: ``.hydra/`` and ``<job_name>.log``."""
-    _remove_if_only(run_dir, {".hydra", f"{job_name}.log"})
+    remove_if_only(run_dir, {".hydra", f"{job_name}.log"})
 
 
 def command_line_error(err: ConfigCompositionException | OverrideParseException) -> str:
@@ -221,7 +214,7 @@ def main(cfg: DictConfig) -> float | None:
         for run_dir in {hydra_cfg.runtime.output_dir, *([output_dir] if isinstance(output_dir, str) else [])}:
             remove_unused_run_dir(Path(run_dir), hydra_cfg.job.name)
         if hydra_cfg.mode == RunMode.MULTIRUN:  # the error ends the whole sweep: drop its directory if nothing ran
-            _remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+            remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
         remove_created_output_dirs()  # outputs/<task>/ and the like, where this run created them and they are empty
         exit_with(err)
     return summary["metric"] if summary is not None else None

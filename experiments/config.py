@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -186,10 +187,10 @@ class MakeOutputDir(Callback):
     Hydra creates ``hydra.run.dir`` (``hydra.sweep.dir`` in a sweep) outside the task function,
     where a path in ``/proc`` or under a regular file ended in a traceback. This runs before
     Hydra writes anything; a run directory that holds an earlier run is refused here too, unless
-    ``ckpt_path`` resumes a run (:func:`check_no_earlier_run`), and a ``ckpt_path`` that does not
-    load is refused before Hydra writes over the run's ``.hydra/`` (which is kept, to be written back
-    by :func:`restore_earlier_hydra_files` if the run stops on a later check); a sweep's job
-    directories are checked by ``CheckedLauncher`` (``hydra_plugins/xconv_launcher/``). Hydra turns
+    ``ckpt_path`` resumes a run (:func:`check_no_earlier_run`); the ``.hydra/`` files of a run
+    resumed into its directory are kept, to be written back by :func:`restore_earlier_hydra_files`
+    if the run stops on a later check (a ``ckpt_path`` that does not load or fit, a bad value); a
+    sweep's job directories are checked by ``CheckedLauncher`` (``hydra_plugins/xconv_launcher/``). Hydra turns
     a callback's exceptions into warnings and carries on, so the error exits here, as ``run.py``
     exits on any :class:`ConfigError` (:func:`exit_with`).
     Registered in ``configs/hydra/default.yaml`` (``hydra.callbacks``).
@@ -198,8 +199,6 @@ class MakeOutputDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:  # before Hydra writes .hydra/ over an earlier run's
             check_no_earlier_run("hydra.run.dir", config.hydra.run.dir, config.get("ckpt_path"))
-            if config.get("ckpt_path") is not None:  # resuming into its own directory: check it first
-                check_checkpoint(config.ckpt_path)
         except ConfigError as err:
             exit_with(err)
         self._make("hydra.run.dir", config.hydra.run.dir)
@@ -242,6 +241,12 @@ def restore_earlier_hydra_files() -> None:
             (hydra_dir / name).write_bytes(content)
         if not files and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
             hydra_dir.rmdir()
+
+
+def remove_if_only(directory: Path, names: set[str]) -> None:
+    """Delete ``directory`` if every entry in it is one of ``names`` (what Hydra writes before a job runs)."""
+    if directory.is_dir() and {p.name for p in directory.iterdir()} <= names:
+        shutil.rmtree(directory)
 
 
 def remove_created_output_dirs() -> None:

@@ -347,16 +347,18 @@ def activation_bytes(model: nn.Module, source: Source, samples: int) -> int:
     return saved_tensor_bytes(lambda: source.loss(model, source.batch(0, samples)), model=model).total_bytes
 
 
-def largest_batch(model: nn.Module, source: Source, budget: int, cap: int) -> int:
+def largest_batch(model: nn.Module, source: Source, budget: int, cap: int) -> tuple[int, int]:
     """The largest batch size up to ``cap`` whose :func:`activation_bytes` fit ``budget`` (at least 2:
-    BatchNorm needs two samples where a map shrinks to 1x1): bytes grow linearly with the batch,
-    so the size is read off batches 2 and 4, then checked."""
+    BatchNorm needs two samples where a map shrinks to 1x1), and those bytes: bytes grow linearly
+    with the batch, so the size is read off batches 2 and 4, then checked."""
     two, four = activation_bytes(model, source, 2), activation_bytes(model, source, 4)
     per_sample = max((four - two) // 2, 1)
     size = max(2, min(cap, (budget - (two - 2 * per_sample)) // per_sample))
-    while size > 2 and activation_bytes(model, source, size) > budget:
+    kept = activation_bytes(model, source, size)
+    while size > 2 and kept > budget:
         size -= 1
-    return size
+        kept = activation_bytes(model, source, size)
+    return size, kept
 
 
 def equal_memory_methods(args) -> list[tuple[str, dict | None]]:
@@ -377,9 +379,11 @@ def equal_memory_table(args, source: Source) -> list[dict]:
     print("|---|---|---|---|---|")
     rows = []
     for label, options in equal_memory_methods(args):
-        model = source.model if options is None else xconv.convert(copy.deepcopy(source.model), **options)
-        size = args.equal_memory if options is None else largest_batch(model, source, budget, 16 * args.equal_memory)
-        kept = activation_bytes(model, source, size)
+        if options is None:
+            model, size, kept = source.model, args.equal_memory, budget
+        else:
+            model = xconv.convert(copy.deepcopy(source.model), **options)
+            size, kept = largest_batch(model, source, budget, 16 * args.equal_memory)
         batches = [source.batch(1 + m, size) for m in range(args.age)]
         exact = torch.stack([full_gradient(source.model, b, source.loss) for b in batches]).mean(0)
         age = average_gradient_error(model, batches, source.loss, exact)

@@ -244,8 +244,8 @@ def test_largest_batch_is_the_largest_that_fits(monkeypatch):
     source = gradient_quality.crop_source("resnet18", 2, 32, "cpu", "noise")
     model = xconv.convert(copy.deepcopy(source.model), probes=4)
     budget = gradient_quality.activation_bytes(source.model, source, 3)
-    size = gradient_quality.largest_batch(model, source, budget, cap=64)
-    assert gradient_quality.activation_bytes(model, source, size) <= budget
+    size, kept = gradient_quality.largest_batch(model, source, budget, cap=64)
+    assert kept == gradient_quality.activation_bytes(model, source, size) <= budget
     assert gradient_quality.activation_bytes(model, source, size + 1) > budget
 
 

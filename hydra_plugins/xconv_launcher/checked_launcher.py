@@ -12,7 +12,7 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn
 from omegaconf import open_dict
 
-from experiments.config import ConfigError, check_creatable, exit_with, remove_created_output_dirs
+from experiments.config import ConfigError, check_creatable, exit_with, remove_created_output_dirs, remove_if_only
 
 
 class CheckedLauncher(BasicLauncher):
@@ -33,9 +33,8 @@ class CheckedLauncher(BasicLauncher):
                 config.hydra.job.id = config.hydra.job.num = idx
             try:
                 check_creatable("hydra.sweep.subdir", Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir))
-            except ConfigError as err:
-                sweep_dir = Path(self.config.hydra.sweep.dir)
-                (sweep_dir / "multirun.yaml").unlink(missing_ok=True)  # written by the sweeper before launching
+            except ConfigError as err:  # as run.py after a bad value: drop the sweep directory if nothing ran
+                remove_if_only(Path(self.config.hydra.sweep.dir), {"multirun.yaml"})
                 remove_created_output_dirs()
                 exit_with(err)
         return super().launch(job_overrides, initial_job_idx)
