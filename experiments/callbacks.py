@@ -16,6 +16,10 @@ class TrainThroughput(L.Callback):
     ``samples / step_time_s`` is the training throughput XConv changes. The counts are saved
     in checkpoints, so a resumed run (``ckpt_path=``) continues them: like ``train_time_s``
     (Lightning's ``Timer``, also saved), they cover the first run and every resumption.
+
+    Not Lightning's ``ThroughputMonitor``: it times from one batch end to the next, data loading
+    included, asks the module for FLOPs, logs a rolling window rather than a run total, and
+    does not save its counts in checkpoints.
     """
 
     def __init__(self):

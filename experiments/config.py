@@ -352,7 +352,7 @@ def check_xconv_options(options: dict) -> None:
 def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:
     """``cfg.checkpointing`` as a list of module-name patterns for ``xconv.checkpoint_modules``, or None (off).
 
-    Whether they match the network's modules is checked when it is built (``run.build``).
+    Whether they match the network's modules is checked when it is built (``experiments.build.build``).
     """
     value = cfg.get("checkpointing")
     if value is None:

@@ -12,21 +12,15 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import Precision
-from omegaconf import DictConfig, OmegaConf
 
 import xconv
+from xconv.lightning import XConvCallback
 from xconv.memory import cuda_peak_memory_bytes, saved_tensor_bytes
 
 from .callbacks import TrainThroughput
-from .config import checkpointing_patterns
 from .tasks.base import XConvTask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def summary_callbacks() -> list[L.Callback]:
-    """The callbacks :func:`build_summary` reads; attach them to the Trainer of every run."""
-    return [Timer(), TrainThroughput()]
 
 
 def _callback(trainer: L.Trainer, cls: type) -> L.Callback:
@@ -66,40 +60,85 @@ def activation_memory(task: XConvTask, batch, device: torch.device, precision: P
     return {"activation_bytes": activation, "activation_bytes_exact": exact, "peak_memory_bytes": peak}
 
 
-def build_summary(
-    cfg: DictConfig, trainer: L.Trainer, task: XConvTask, datamodule: L.LightningDataModule, metrics: dict,
-    commit: str | None,
-) -> dict:
-    """Everything a run records.
+class RunSummary(L.Callback):
+    """Writes a run's ``summary.json`` on global rank 0: after ``fit`` (timing, throughput, activation
+    bytes converted vs plain torch, peak memory, git commit, the run config, which it also logs as
+    hyperparameters when fit starts), then again after each
+    later ``trainer.validate`` / ``trainer.test`` with the metrics they score (the final weights').
 
-    ``metrics`` are the final metrics (``trainer.validate``, and ``trainer.test`` where there is
-    a test split); ``commit`` the :func:`git_commit` taken when the run started, since the
-    checkout may move on while a long run trains.
+    Reads Lightning's :class:`~lightning.pytorch.callbacks.Timer`, :class:`TrainThroughput` and, where
+    present, :class:`xconv.lightning.XConvCallback` from the Trainer: :func:`summary_callbacks` gives all
+    but the last. ``config`` is the run's resolved config (``task_name``, ``seed``, ``xconv`` are read);
+    the git commit is taken here, when the run starts, since the checkout may move on while it trains.
     """
-    timer, throughput = _callback(trainer, Timer), _callback(trainer, TrainThroughput)
-    device = trainer.strategy.root_device
-    memory = activation_memory(task, next(iter(datamodule.train_dataloader())), device, trainer.precision_plugin)
-    return {
-        "task": cfg.task_name,
-        **OmegaConf.to_container(cfg.xconv, resolve=True),  # every xconv option, at top level
-        "checkpointing": checkpointing_patterns(cfg),
-        "checkpointed_modules": len(xconv.checkpointed_module_names(task.net)),
-        "storage_plan": plan.to_dict() if (plan := getattr(task, "storage_plan", None)) else None,
-        "metric_name": task.metric_name,
-        "metric": metrics.get(task.metric_name),
-        "metrics": {**metrics, **task.summary_metrics()},
-        **memory,
-        "train_time_s": timer.time_elapsed("train"),
-        "samples_per_s": throughput.samples_per_s,
-        "epochs": trainer.current_epoch,
-        "steps": trainer.global_step,
-        "device": str(device),
-        "precision": trainer.precision,
-        "world_size": trainer.world_size,
-        "seed": cfg.seed,
-        "git_commit": commit,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+
+    def __init__(self, path: str | Path, config: dict):
+        self.path, self.config, self.commit = Path(path), config, git_commit()
+        self.summary: dict | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: XConvTask, stage: str) -> None:
+        if stage == "fit":
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.config)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: XConvTask) -> None:
+        if not trainer.is_global_zero:
+            return
+        timer, throughput = _callback(trainer, Timer), _callback(trainer, TrainThroughput)
+        converter = next((cb for cb in trainer.callbacks if isinstance(cb, XConvCallback)), None)
+        plan = converter.storage_plan if converter is not None else None
+        device = trainer.strategy.root_device
+        batch = next(iter(trainer.datamodule.train_dataloader()))
+        self.summary = {
+            "task": self.config["task_name"],
+            **self.config["xconv"],  # every xconv option, at top level
+            "checkpointing": converter.checkpointing if converter is not None else None,
+            "checkpointed_modules": len(xconv.checkpointed_module_names(pl_module.net)),
+            "storage_plan": plan.to_dict() if plan is not None else None,
+            "metric_name": pl_module.metric_name,
+            "metric": None,
+            "metrics": pl_module.summary_metrics(),
+            **activation_memory(pl_module, batch, device, trainer.precision_plugin),
+            "train_time_s": timer.time_elapsed("train"),
+            "samples_per_s": throughput.samples_per_s,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "device": str(device),
+            "precision": trainer.precision,
+            "world_size": trainer.world_size,
+            "seed": self.config["seed"],
+            "git_commit": self.commit,
+            "config": self.config,
+        }
+        self._write(trainer)
+
+    def _scored(self, trainer: L.Trainer, pl_module: XConvTask) -> None:
+        """Add what a ``validate`` or ``test`` run after ``fit`` logged (Lightning returns the same numbers)."""
+        if self.summary is None or not trainer.is_global_zero:
+            return
+        metrics = self.summary["metrics"]
+        metrics |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.partition("/")[0] in ("val", "test")}
+        metrics |= pl_module.summary_metrics()
+        self.summary["metric"] = metrics.get(pl_module.metric_name)
+        self._write(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: XConvTask) -> None:
+        if trainer.state.fn == "validate":  # not the validation inside fit
+            self._scored(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: XConvTask) -> None:
+        self._scored(trainer, pl_module)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        write_summary(self.summary, self.path)
+        scalars = {k: v for k, v in self.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for logger in trainer.loggers:
+            logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
+
+
+def summary_callbacks(path: str | Path, config: dict) -> list[L.Callback]:
+    """The callbacks that measure and write a run's ``summary.json`` at ``path`` (see :class:`RunSummary`)."""
+    return [Timer(), TrainThroughput(), RunSummary(path, config)]
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:

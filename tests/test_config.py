@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 import xconv
 from experiments.config import ConfigError, xconv_options
 from experiments.tasks import XConvTask
-import run as run_module
-from run import build, remove_unused_run_dir
+import experiments.build
+from experiments.cli import remove_unused_run_dir
+from run import build
 
 # The task each data set and model config is for; every config of the two groups must be listed here.
 DATA_TASK = {
@@ -163,7 +164,7 @@ def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
     "override", ["xconv.probes=-1", "xconv.mode=bogus", "xconv.min_pixels=-1", "+xconv.bogus=1"]
 )
 def test_xconv_options_are_checked_before_data_and_model_are_built(override, monkeypatch, tmp_path):
-    monkeypatch.setattr(run_module, "_build", lambda cfg, key: pytest.fail(f"built {key} first"))
+    monkeypatch.setattr(experiments.build, "_build", lambda cfg, key, **_: pytest.fail(f"built {key} first"))
     with pytest.raises(ConfigError, match=r"^xconv\."):
         build(compose_config(override, output_dir=tmp_path))
 

@@ -8,6 +8,7 @@ from test_gan import TINY_GAN
 
 from experiments.config import ConfigError
 from experiments.summary import activation_memory
+from xconv.lightning import XConvCallback
 from run import build, run
 
 TINY = {
@@ -24,8 +25,8 @@ STORAGE = ["xconv.batchnorm_bits=4", "xconv.maxpool=true"]
 def test_planned_network_keeps_its_budget(task, tmp_path):
     extra = [f"task.fid_cache_dir={tmp_path}"] if task == "gan" else []
     cfg = compose_config(*TINY[task], *STORAGE, "xconv.budget=0.5", *extra, output_dir=tmp_path)
-    datamodule, net_task, _ = build(cfg)
-    plan = net_task.storage_plan
+    datamodule, net_task, trainer = build(cfg)
+    plan = next(cb for cb in trainer.callbacks if isinstance(cb, XConvCallback)).storage_plan
     assert plan.layers and plan.total_bytes <= 0.5 * plan.plain_bytes
     # What the run summary measures, on another batch of the same shapes.
     memory = activation_memory(net_task, next(iter(datamodule.train_dataloader())), torch.device("cpu"))

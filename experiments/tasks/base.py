@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import partial
 
 import lightning as L
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 import xconv
+from xconv.lightning import XConvCallback
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -24,6 +28,11 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
+def _is_config(value) -> bool:
+    """Whether ``value`` is a Hydra config of an object (a mapping with ``_target_``) rather than the object."""
+    return isinstance(value, Mapping) or OmegaConf.is_dict(value)
+
+
 class XConvTask(L.LightningModule):
     """A LightningModule whose network ``net`` is the module ``run.py`` converts with ``xconv.convert``.
 
@@ -33,13 +42,27 @@ class XConvTask(L.LightningModule):
     given, a partially-applied ``torch.optim.lr_scheduler`` class that receives the optimizer and
     steps once per epoch (e.g. ``CosineAnnealingLR`` with ``T_max`` = the number of epochs).
     Subclasses whose batches only one data module makes name it in :attr:`datamodule_type`.
+
+    ``net``, ``optimizer`` and ``scheduler`` may also be given as their Hydra configs (mappings
+    with ``_target_``, as ``run.py`` does): they are built here, and kept as plain data in the
+    hyperparameters (``save_hyperparameters``), so that ``Task.load_from_checkpoint(path)``
+    rebuilds the task, its XConv layers included (:meth:`on_load_checkpoint`). Arguments given
+    as objects are left out of the hyperparameters: pass them again to ``load_from_checkpoint``.
     """
 
     metric_name: str
     datamodule_type: type | None = None
 
-    def __init__(self, net: nn.Module, optimizer: partial, scheduler: partial | None = None):
+    def __init__(self, net: nn.Module | Mapping, optimizer: partial | Mapping, scheduler: partial | Mapping | None = None):
         super().__init__()
+        built = {"net": net, "optimizer": optimizer, "scheduler": scheduler}
+        # The subclasses' arguments too (Lightning collects every __init__ frame of this object).
+        self.save_hyperparameters(ignore=[k for k, v in built.items() if v is not None and not _is_config(v)],
+                                  logger=False)  # run.py logs the whole run config
+        for key, value in self.hparams.items():  # plain data: checkpoints load with torch.load(weights_only=True)
+            if OmegaConf.is_config(value):
+                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
+        net, optimizer, scheduler = (instantiate(v) if _is_config(v) else v for v in built.values())
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -59,20 +82,9 @@ class XConvTask(L.LightningModule):
         """
         raise NotImplementedError
 
-    def plan_storage(self, datamodule: L.LightningDataModule, budget: float) -> xconv.StoragePlan:
-        """Plan the storage of the (converted) network's XConv layers on the first training batch so
-        that a training step keeps at most ``budget`` of plain torch's activation bytes
-        (:func:`xconv.plan_storage`), apply it, and keep it as ``self.storage_plan`` for the summary.
-
-        Raises:
-            ValueError: the budget cannot be met (see :func:`xconv.plan_storage`).
-        """
-        datamodule.setup("fit")
-        batch = next(iter(datamodule.train_dataloader()))
-        with torch.enable_grad():
-            self.storage_plan = xconv.plan_storage(self.net, lambda net, b: self.loss(b, net=net), batch, budget=budget)
-        self.storage_plan.apply(self.net)
-        return self.storage_plan
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Convert :attr:`net` as the run that saved ``checkpoint`` did, before its weights load."""
+        XConvCallback.restore(self, checkpoint)
 
     def summary_metrics(self) -> dict:
         """Final metrics that ``self.log`` cannot carry (e.g. strings); the run summary adds them to its ``metrics``."""

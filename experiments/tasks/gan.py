@@ -76,6 +76,7 @@ class GANTask(XConvTask):
         fid_classifier_steps: int = 500,
     ):
         super().__init__(net, optimizer)
+        net = self.net
         missing = {"generator", "discriminator"} - set(net.keys() if isinstance(net, nn.ModuleDict) else ())
         if missing:
             raise ValueError(

@@ -81,7 +81,8 @@ class ImagePriorTask(XConvTask):
         self.input_jitter = input_jitter
         self.val_metrics = _metrics()
         self.baseline_metrics = nn.ModuleDict({name: _metrics(f"_{name}") for name in self.baseline_names})
-        # In buffers, so a resumed run (ckpt_path=) remembers its best validation.
+        # In buffers, so a resumed run (ckpt_path=) remembers its best validation. Not torchmetrics'
+        # MaxMetric: the SSIM, step and output image at the best PSNR go with it.
         self.register_buffer("best_psnr", torch.tensor(float("-inf")))
         self.register_buffer("best_ssim", torch.tensor(float("nan")))
         self.register_buffer("best_step", torch.tensor(-1))

@@ -1,0 +1,145 @@
+"""Build a run's data module, task and Trainer from its config, or stop with a one-line ConfigError."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from omegaconf import DictConfig, OmegaConf
+
+from xconv.lightning import XConvCallback
+
+from .config import (
+    ConfigError, check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns,
+    xconv_options,
+)
+from .summary import summary_callbacks
+
+
+def _user_key(cfg: DictConfig, full_key: str) -> str:
+    """The config key a user would write for node ``full_key``: ``task.net`` filled by ``${model}`` is ``model``."""
+    parent_key, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    raw = OmegaConf.to_container(parent, resolve=False).get(leaf) if isinstance(parent, DictConfig) else None
+    source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return source[1] if source else full_key
+
+
+def _build(cfg: DictConfig, key: str, **kwargs):
+    """``instantiate(cfg[key])``; a constructor's complaint about an argument becomes a ConfigError.
+
+    Constructors here start such messages with the argument name, so prefixing the config node
+    gives the full key (``data.root: ...``). For an object built inside another (the model, built by
+    the task from its config), Hydra names the failing node (``full_key: task.net``), and the key it
+    was filled from (``${model}``) is the one the user sets: ``model.channels: ...``.
+    """
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except InstantiationException as err:
+        nested = isinstance(err.__cause__, InstantiationException)
+        while isinstance(err.__cause__, InstantiationException):  # the innermost object names the argument
+            err = err.__cause__
+        node = re.search(r"full_key: (\S+)", str(err))
+        # Built by the task from its own config: Hydra's key is relative to the task's node.
+        where = _user_key(cfg, f"{key}.{node[1]}" if nested else node[1]) if node else key
+        if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
+            # Lightning's Trainer writes sentences ("Precision 'fp8' is invalid..."), not "<argument>: ...".
+            separator = ": " if key == "trainer" else "."
+            raise ConfigError(f"{where}{separator}{err.__cause__}") from err.__cause__
+        if isinstance(err.__cause__, MisconfigurationException):  # Lightning's, e.g. trainer.max_epochs=-3
+            raise ConfigError(f"{where}: {err.__cause__}") from err.__cause__
+        if isinstance(err.__cause__, KeyError):  # e.g. smp's unknown encoder name
+            raise ConfigError(f"{where}: {err.__cause__.args[0]}") from err.__cause__
+        raise
+
+
+@contextmanager
+def _held_back(*names: str) -> Iterator[None]:
+    """Hold back what the loggers ``names`` log in the block, and log it once the block ends without an error.
+
+    A config error found after ``xconv.convert`` (a checkpoint that does not fit, ``checkpointing``
+    patterns, ``xconv.budget``) is then the only line a refused run prints, not the last after
+    "xconv.convert: N convs converted".
+    """
+    loggers, held = [logging.getLogger(name) for name in names], []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+    for record in held:  # not reached on an error: those records are dropped
+        logging.getLogger(record.name).handle(record)
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data module, converted task and Trainer, built after ``seed_everything(cfg.seed)``, or a ConfigError
+    before anything trains."""
+    with _held_back("xconv.convert", "xconv.planner"):
+        return _assemble(cfg)
+
+
+def _converter(cfg: DictConfig) -> XConvCallback:
+    options, checkpointing = xconv_options(cfg), checkpointing_patterns(cfg)
+    try:
+        return XConvCallback("net", budget=options.pop("budget"), checkpointing=checkpointing, **options)
+    except ValueError as err:
+        raise ConfigError(f"xconv.{err}") from err
+
+
+def _convert(converter: XConvCallback, task: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """The callback's conversion, now rather than in ``setup``: a pattern or budget that does not fit the
+    network then stops the run before the Trainer and its loggers write anything."""
+    try:
+        converter.apply(task, datamodule)
+    except ValueError as err:  # options are checked already; what is left names the network's modules or the budget
+        message = str(err)
+        if message.startswith("include: no module matches"):  # from xconv.checkpoint_modules
+            raise ConfigError(f"checkpointing: {message.partition(': ')[2]}") from err
+        raise ConfigError(f"xconv.{message}") from err
+
+
+def _assemble(cfg: DictConfig):
+    check_run_config(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    checkpoint_shapes = check_checkpoint(ckpt_path) if ckpt_path is not None else None
+    converter = _converter(cfg)
+    # Before anything random is built; quietly, so that a config error is the only line printed
+    # (the seed is in the run's config and summary).
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = _build(cfg, "data")
+    # The task builds its network and optimizer from their configs, and keeps those as its hyperparameters.
+    task = _build(cfg, "task", _recursive_=False)
+    try:
+        task.check_data(datamodule)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _convert(converter, task, datamodule)
+    if checkpoint_shapes is not None:  # the network as it is trained: converted, with its checkpointed segments
+        check_checkpoint_fits(ckpt_path, checkpoint_shapes, task)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [converter, *summary_callbacks(f"{cfg.output_dir}/summary.json", config)]
+    trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+    check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN, task=task)
+    return datamodule, task, trainer
+
+
+def has_test_stage(task: L.LightningModule, datamodule: L.LightningDataModule) -> bool:
+    """Whether the data has a held-out test split (a ``test_set``, after setup) and the task scores it."""
+    return is_overridden("test_step", task) and getattr(datamodule, "test_set", None) is not None

@@ -1,0 +1,62 @@
+"""What ``run.py`` does around a run: quiet Lightning's notices, and end a refused run in one line,
+leaving nothing behind."""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, exit_with, remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files
+
+
+def _no_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Drop what every run printed and no user of ``run.py`` can act on: Lightning 2.6 still calls
+    torch's deprecated ``LeafSpec``, and every Trainer advertises Lightning's cloud services.
+    Called once per run; repeated calls add nothing."""
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tip)
+
+
+def remove_unused_run_dir(run_dir: Path, job_name: str) -> None:
+    """Delete ``run_dir`` if it holds only what Hydra writes at job start: ``.hydra/`` and ``<job_name>.log``."""
+    remove_if_only(run_dir, {".hydra", f"{job_name}.log"})
+
+
+@contextmanager
+def refused_runs_end_in_one_line(cfg: DictConfig) -> Iterator[None]:
+    """Turn a :class:`ConfigError` raised in the block into ``error: <message>`` and exit status 2, after
+    undoing what the refused run left: Hydra's run directory (and sweep directory) where nothing ran,
+    the directories created for it, and the earlier ``.hydra/`` files of a run resumed into its directory."""
+    try:
+        yield
+    except ConfigError as err:
+        hydra_cfg = HydraConfig.get()
+        restore_earlier_hydra_files()
+        # output_dir=... may point elsewhere than Hydra's run directory (or not resolve: then the error is about it).
+        output_dir = OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)
+        for run_dir in {hydra_cfg.runtime.output_dir, *([output_dir] if isinstance(output_dir, str) else [])}:
+            remove_unused_run_dir(Path(run_dir), hydra_cfg.job.name)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the error ends the whole sweep: drop its directory if nothing ran
+            remove_if_only(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+        remove_created_output_dirs()  # outputs/<task>/ and the like, where this run created them and they are empty
+        exit_with(err)
+
+
+def command_line_error(err: ConfigCompositionException | OverrideParseException) -> str:
+    """One line for a command line that does not parse or compose, e.g. an unknown ``task=`` choice."""
+    if isinstance(err, MissingConfigException) and err.options:
+        group, _, choice = err.missing_cfg_file.rpartition("/")
+        return f"{group} must be one of {sorted(err.options)}, got {choice!r}"
+    message = " ".join(str(err).split())
+    return f"{err.override}: {message}" if isinstance(err, OverrideParseException) else message

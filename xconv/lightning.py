@@ -1,0 +1,133 @@
+"""XConv inside the Lightning lifecycle: one callback converts a LightningModule's network.
+
+Needs ``lightning`` (``import xconv`` alone does not import this module or Lightning)::
+
+    trainer = L.Trainer(callbacks=[XConvCallback(probes=8)])   # or storage="quantized", bits=4
+    trainer.fit(MyModule(), datamodule)
+
+To reload a trained, converted module with its XConv layers, restore them in the module's
+``on_load_checkpoint``: ``def on_load_checkpoint(self, checkpoint): XConvCallback.restore(self, checkpoint)``.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import lightning as L
+from torch import nn
+
+from .checkpointing import checkpoint_modules
+from .convert import convert
+from .nn import _XConvMixin
+from .planner import LayerPlan, StoragePlan, plan_storage
+
+# Top-level key of the Lightning checkpoint that records the conversion, so that a reloaded module
+# (LightningModule.load_from_checkpoint) gets the same layers without the callback.
+CHECKPOINT_KEY = "xconv"
+
+
+class XConvCallback(L.Callback):
+    """Convert the LightningModule's convs (and ReLUs, BatchNorms, max-pools as the options say)
+    with :func:`xconv.convert` in ``setup``, before the optimizers are built.
+
+    Args:
+        modules: names of the submodules to convert (``"net"``, ``"generator"``); ``None``: the
+            whole LightningModule.
+        budget: a fraction in (0, 1] of plain-torch activation bytes: plan each XConv layer's
+            storage on the first training batch (:func:`xconv.plan_storage`); needs ``loss``.
+        loss: ``loss(net, batch) -> scalar`` of one training step through ``net`` (one of ``modules``,
+            the only one); used by ``budget``. ``None``: the LightningModule's ``loss(batch, net=net)``.
+        checkpointing: module-name patterns (fnmatch) of segments to run with activation
+            checkpointing (:func:`xconv.checkpoint_modules`), applied after conversion.
+        **options: keyword arguments of :func:`xconv.convert` (``probes``, ``storage``, ``bits``, ...).
+
+    The options are logged as hyperparameters (``xconv/<name>``) and stored in every checkpoint
+    under :data:`CHECKPOINT_KEY` with the storage plan. Converting is idempotent: a module
+    already converted by this callback (:meth:`apply`) is left as it is.
+
+    Raises:
+        ValueError: a ``budget`` outside (0, 1]; in :meth:`apply` (``setup``): the errors of
+            :func:`xconv.convert` and :func:`xconv.plan_storage`, or ``modules`` that are not submodules.
+    """
+
+    def __init__(self, modules: Sequence[str] | str | None = None, budget: float | None = None,
+                 loss: Callable | None = None, checkpointing: Sequence[str] | None = None, **options):
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget <= 1):
+            raise ValueError(f"budget must be None or a fraction in (0, 1] of plain-torch activation bytes, got {budget!r}")
+        self.modules = [modules] if isinstance(modules, str) else None if modules is None else list(modules)
+        self.budget, self.loss, self.options = budget, loss, options
+        self.checkpointing = None if checkpointing is None else list(checkpointing)
+        self.storage_plan: StoragePlan | None = None
+        self._logged = False
+
+    def _targets(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+        if self.modules is None:
+            return [("", pl_module)]
+        names = dict(pl_module.named_modules())
+        missing = [name for name in self.modules if name not in names]
+        if missing:
+            raise ValueError(f"modules: {missing} are not submodules of {type(pl_module).__name__}")
+        return [(name, names[name]) for name in self.modules]
+
+    def apply(self, pl_module: nn.Module, datamodule: L.LightningDataModule | None = None) -> None:
+        """Convert ``pl_module`` now (``setup`` calls this; a script may call it earlier to fail before any
+        work), plan the storage on ``datamodule``'s first training batch where ``budget`` is set."""
+        if getattr(pl_module, "_xconv_applied", False):
+            return
+        targets = self._targets(pl_module)
+        for _, module in targets:
+            convert(module, **self.options)
+        if self.budget is not None:
+            self.storage_plan = self._plan(pl_module, targets, datamodule)
+        if self.checkpointing is not None:
+            for _, module in targets:
+                checkpoint_modules(module, self.checkpointing)
+        pl_module._xconv_applied = True
+
+    def _plan(self, pl_module, targets, datamodule) -> StoragePlan:
+        if len(targets) != 1 or datamodule is None:
+            raise ValueError("budget: plans one network (modules=[one name]) on the datamodule's first training batch")
+        net = targets[0][1]
+        loss = self.loss or (lambda n, b: pl_module.loss(b, net=n))
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        plan = plan_storage(net, loss, batch, budget=self.budget)
+        plan.apply(net)
+        return plan
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.apply(pl_module, trainer.datamodule)
+        if self._logged:  # setup runs again for each later validate / test
+            return
+        self._logged = True
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"xconv/{k}": v for k, v in self.record().items() if k != "storage_plan"})
+
+    def record(self) -> dict:
+        """What the checkpoint keeps to rebuild the converted layers (JSON-ready)."""
+        return {"modules": self.modules, "options": copy.deepcopy(self.options), "checkpointing": self.checkpointing,
+                "storage_plan": None if self.storage_plan is None else self.storage_plan.to_dict()}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.record()
+
+    @staticmethod
+    def restore(pl_module: nn.Module, checkpoint: dict) -> None:
+        """Convert ``pl_module`` as the run that wrote ``checkpoint`` did (options, storage plan,
+        checkpointed segments); nothing where the checkpoint has no XConv record or ``pl_module`` holds
+        XConv layers already (resuming a run whose callback converted it in ``setup``)."""
+        record = checkpoint.get(CHECKPOINT_KEY)
+        if record is None or any(isinstance(m, _XConvMixin) for m in pl_module.modules()):
+            return
+        callback = XConvCallback(record["modules"], checkpointing=record["checkpointing"], **record["options"])
+        targets = callback._targets(pl_module)
+        for _, module in targets:
+            convert(module, **callback.options)
+        if (plan := record["storage_plan"]) is not None:
+            layers = [LayerPlan(**{**layer, "input_shape": tuple(layer["input_shape"])}) for layer in plan["layers"]]
+            StoragePlan(plan["budget_bytes"], plan["plain_bytes"], plan["other_bytes"], layers).apply(targets[0][1])
+        if callback.checkpointing is not None:
+            for _, module in targets:
+                checkpoint_modules(module, callback.checkpointing)
+        pl_module._xconv_applied = True
