@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from experiments.build import build, has_test_stage
 from experiments.cli import command_line_error, quiet_lightning, refused_runs_end_in_one_line
-from experiments.config import exit_with
+from experiments.errors import exit_with
 from experiments.summary import RunSummary
 
 log = logging.getLogger("run")

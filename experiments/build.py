@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from xconv.lightning import XConvCallback
 
 from .config import (
-    ConfigError, check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns,
+    check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, register_resolvers,
     xconv_options,
 )
+from .errors import ConfigError
 from .summary import summary_callbacks
 
 
@@ -89,6 +90,7 @@ def _held_back(*names: str) -> Iterator[None]:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data module, converted task and Trainer, built after ``seed_everything(cfg.seed)``, or a ConfigError
     before anything trains."""
+    register_resolvers()
     with _held_back("xconv.convert", "xconv.planner"):
         return _assemble(cfg)
 

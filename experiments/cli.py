@@ -13,7 +13,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, exit_with, remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files
+from .config import remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files
+from .errors import ConfigError, exit_with
 
 
 def _no_tip(record: logging.LogRecord) -> bool:
@@ -22,9 +23,13 @@ def _no_tip(record: logging.LogRecord) -> bool:
 
 def quiet_lightning() -> None:
     """Drop what every run printed and no user of ``run.py`` can act on: Lightning 2.6 still calls
-    torch's deprecated ``LeafSpec``, and every Trainer advertises Lightning's cloud services.
+    torch's deprecated ``LeafSpec``, every Trainer advertises Lightning's cloud services, and step
+    checkpoints of manually optimized tasks are warned about.
     Called once per run; repeated calls add nothing."""
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # A step checkpoint (callbacks.step_checkpoint) of the GAN's manually optimized task is saved after
+    # its optimizer steps, which Lightning warns about; after the step is the state a resume must start from.
+    warnings.filterwarnings("ignore", "Using ModelCheckpoint with manual optimization", UserWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tip)
 
 

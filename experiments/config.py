@@ -4,9 +4,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import lightning as L
 import torch
@@ -15,20 +13,16 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
-# Private to Lightning, but the launcher is what decides how the other processes start.
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 from torch import nn
 
 import xconv
 
+from .errors import ConfigError, exit_with
+
 # xconv.relu in the config -> the ``relu`` flag of ``xconv.convert``.
 RELU_CHOICES = {"bit": True, "exact": False}
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the config key and the allowed values."""
 
 
 def sweep_dir() -> str | None:
@@ -43,7 +37,12 @@ def sweep_dir() -> str | None:
     return HydraConfig.get().sweep.dir
 
 
-OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
+def register_resolvers() -> None:
+    """Register ``${sweep_dir:}`` with OmegaConf (once; later calls change nothing). Called by
+    :func:`experiments.build.build` before the config is resolved, not on import; call it before
+    resolving a config composed elsewhere (a script, a notebook) that uses the W&B logger."""
+    if not OmegaConf.has_resolver("sweep_dir"):
+        OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -263,10 +262,22 @@ def remove_created_output_dirs() -> None:
             directory.rmdir()
 
 
-def exit_with(err: ConfigError | str) -> NoReturn:
-    """End the program as on every bad config value: ``error: <message>`` on stderr, exit status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+def launcher_kind(strategy) -> str | None:
+    """How ``strategy`` starts its other processes: ``"multiprocessing"`` (``torch.multiprocessing``:
+    ddp_spawn, ddp_fork, ddp_notebook), ``"script"`` (running the command line again, unless the
+    cluster starts every process: ddp) or None (one process, or processes started by the cluster).
+
+    Lightning says this only through private launcher classes; they are imported here alone, so
+    a Lightning release that renames them breaks this function and its test, nothing else.
+    """
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+    launcher = strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        return "multiprocessing"
+    if isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally:
+        return "script"
+    return None
 
 
 def check_launcher(trainer: L.Trainer, multirun: bool, task: L.LightningModule | None = None) -> None:
@@ -286,16 +297,14 @@ def check_launcher(trainer: L.Trainer, multirun: bool, task: L.LightningModule |
       discriminator update: ``ddp_unused_parameters = True``) fails in DDP's reducer after
       its first step unless DDP looks for unused parameters.
     """
-    launcher = trainer.strategy.launcher
-    name = type(trainer.strategy).__name__
-    if isinstance(launcher, _MultiProcessingLauncher):
+    kind, name = launcher_kind(trainer.strategy), type(trainer.strategy).__name__
+    if kind == "multiprocessing":
         raise ConfigError(
             f"trainer.strategy: a {name} whose processes torch.multiprocessing starts (ddp_spawn, ddp_fork, "
             "ddp_notebook) does not work in run.py: what the run summary reads stays in those processes; "
             "use trainer.strategy=ddp"
         )
-    if (multirun and isinstance(launcher, _SubprocessScriptLauncher)
-            and not launcher.cluster_environment.creates_processes_externally):
+    if multirun and kind == "script":
         raise ConfigError(
             f"trainer.strategy: {name} starts its other processes by re-running the command line, which in a "
             "sweep (-m) would run the whole sweep again in each; sweep DDP jobs with hydra/launcher=slurm "

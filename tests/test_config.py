@@ -13,7 +13,8 @@ from hydra_helpers import CONFIG_DIR, REPO_ROOT, TINY_TRAINER, compose_config, c
 from omegaconf import OmegaConf
 
 import xconv
-from experiments.config import ConfigError, xconv_options
+from experiments.errors import ConfigError
+from experiments.config import xconv_options
 from experiments.tasks import XConvTask
 import experiments.build
 from experiments.cli import remove_unused_run_dir

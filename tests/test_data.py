@@ -18,7 +18,7 @@ from experiments.data import (
     MNISTDataModule,
     OxfordPetDataModule,
 )
-from experiments.config import ConfigError
+from experiments.errors import ConfigError
 from experiments.data.base import ResizePair
 from experiments.data.digit_scenes import compose_scene, load_texture
 from run import build

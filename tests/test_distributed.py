@@ -12,7 +12,8 @@ import torch
 from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, TINY_TRAINER, compose_config
 from test_run import check_summary
 
-from experiments.config import ConfigError, check_launcher
+from experiments.errors import ConfigError
+from experiments.config import check_launcher, launcher_kind
 from experiments.tasks.base import rank_seed
 from run import build
 
@@ -84,6 +85,15 @@ def test_ddp_in_a_sweep_is_allowed_where_slurm_starts_the_processes(monkeypatch)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False)
     assert trainer.strategy.cluster_environment.creates_processes_externally
     check_launcher(trainer, multirun=True)
+
+
+@pytest.mark.parametrize("strategy, devices, kind", [
+    ("ddp_spawn", 2, "multiprocessing"), ("ddp_fork", 2, "multiprocessing"), ("ddp", 2, "script"), ("auto", 1, None),
+])
+def test_launcher_kind_reads_how_lightning_starts_the_processes(strategy, devices, kind):
+    """The one place that reads Lightning's private launcher classes: a release renaming them fails here."""
+    trainer = L.Trainer(accelerator="cpu", strategy=strategy, devices=devices, logger=False)
+    assert launcher_kind(trainer.strategy) == kind
 
 
 def test_sweep_jobs_are_separate_wandb_runs_in_one_group(tmp_path):

@@ -16,8 +16,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 import xconv
-from experiments import fid
-from experiments.config import ConfigError
+from experiments.tasks import fid
+from experiments.errors import ConfigError
 from experiments.data import DigitsDataModule
 from experiments.models import dcgan
 from experiments.tasks import GANTask

@@ -17,14 +17,14 @@ from skimage.metrics import peak_signal_noise_ratio
 from test_run import SUMMARY_FIELDS
 
 import xconv
-from experiments.config import ConfigError
+from experiments.errors import ConfigError
 from experiments.data.single_image import (
     InpaintingDataModule,
     SuperResolutionDataModule,
-    downsample,
     random_mask,
     text_mask,
 )
+from experiments.degradations import downsample
 from experiments.models import SkipNet
 from experiments.tasks import InpaintingTask, SuperResolutionTask
 from run import build, run

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
 
-from experiments.config import ConfigError
+from experiments.errors import ConfigError
 from experiments.summary import activation_memory
 from experiments.tasks import SegmentationTask
 from run import build, run
@@ -233,3 +233,20 @@ def test_classification_tests_on_the_held_out_split(tmp_path):
     datamodule, task, trainer = build(cfg)
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
     assert set(metrics) == {"test/acc", "test/loss"} and 0 <= metrics["test/acc"] <= 1
+
+
+def test_importing_the_framework_changes_no_global_state():
+    """No resolver, warning filter or log filter is installed by importing run.py and experiments/:
+    build() and run.py's main do that, when a run starts."""
+    code = """
+import logging, warnings
+import hydra, lightning, torch, torchvision, torchmetrics, segmentation_models_pytorch, wandb
+from omegaconf import OmegaConf
+filters = list(warnings.filters)
+handlers = {name: list(logging.getLogger(name).filters) for name in ("lightning.pytorch.utilities.rank_zero", "xconv")}
+import run, experiments.build, experiments.tasks, experiments.data, experiments.models, experiments.cli
+assert warnings.filters == filters, "warning filters added"
+assert not OmegaConf.has_resolver("sweep_dir"), "resolver registered"
+assert handlers == {name: list(logging.getLogger(name).filters) for name in handlers}, "log filters added"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

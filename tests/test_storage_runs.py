@@ -6,7 +6,7 @@ import torch
 from hydra_helpers import TINY_CLASSIFICATION, TINY_IMAGE, TINY_SEGMENTATION, compose_config
 from test_gan import TINY_GAN
 
-from experiments.config import ConfigError
+from experiments.errors import ConfigError
 from experiments.summary import activation_memory
 from xconv.lightning import XConvCallback
 from run import build, run

@@ -8,7 +8,7 @@ from torch.utils.data import random_split
 from torchvision.datasets import CIFAR10, MNIST, VisionDataset
 from torchvision.transforms import v2
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import ClassificationDataModule
 
 

@@ -12,7 +12,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-import xconv
 from xconv.lightning import XConvCallback
 
 
@@ -34,7 +33,7 @@ def _is_config(value) -> bool:
 
 
 class XConvTask(L.LightningModule):
-    """A LightningModule whose network ``net`` is the module ``run.py`` converts with ``xconv.convert``.
+    """A LightningModule whose network ``net`` is what :class:`xconv.lightning.XConvCallback` converts (``modules="net"``).
 
     Subclasses set :attr:`metric_name` (a key they log during validation, the run's headline
     number) and implement :meth:`loss`. ``optimizer`` is a partially-applied optimizer

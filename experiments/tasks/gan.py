@@ -1,7 +1,6 @@
 """Image generation with a GAN, scored by the Fréchet distance (FID) of generated to real images."""
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -11,12 +10,8 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_logits
 from torchvision.utils import make_grid, save_image
 
-from ..fid import check_fid_options, default_cache_dir, fid_metric
+from .fid import check_fid_options, default_cache_dir, fid_metric
 from .base import XConvTask
-
-# Lightning warns when a step checkpoint (callbacks.step_checkpoint) saves a manually optimized
-# module after its optimizer steps; after the step is the state a resumed run must start from.
-warnings.filterwarnings("ignore", "Using ModelCheckpoint with manual optimization", UserWarning)
 
 # The fixed latent codes of the sample grid come from this seed, so grids of different epochs
 # (and runs) show the same codes.
@@ -36,7 +31,7 @@ class GANTask(XConvTask):
     and real images coincide): the FID between the validation images and as many generated
     ones, from latent codes fixed per validation batch, so that epochs differ only by the
     generator. The features are Inception-v3's or a classifier's trained on the training data
-    (see :mod:`experiments.fid`; ``fid_feature``), set up when training starts;
+    (see :mod:`experiments.tasks.fid`; ``fid_feature``), set up when training starts;
     :attr:`fid_feature` says which. Each validation epoch also saves an 8x8 grid of samples
     (fixed codes) to ``<trainer.default_root_dir>/samples/step<global step>.png`` and logs it
     to W&B under ``val/samples`` when a ``WandbLogger`` is attached.

@@ -17,7 +17,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import save_image
 
-from ..data.single_image import InpaintingDataModule, SuperResolutionDataModule, downsample
+from ..data.single_image import InpaintingDataModule, SuperResolutionDataModule
+from ..degradations import downsample
 from .base import XConvTask
 
 # ITU-R BT.601 luma with studio swing (Y in [16, 235] of 255), as MATLAB's rgb2ycbcr and

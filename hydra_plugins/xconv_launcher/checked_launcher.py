@@ -12,7 +12,8 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn
 from omegaconf import open_dict
 
-from experiments.config import ConfigError, check_creatable, exit_with, remove_created_output_dirs, remove_if_only
+from experiments.config import check_creatable, remove_created_output_dirs, remove_if_only
+from experiments.errors import ConfigError, exit_with
 
 
 class CheckedLauncher(BasicLauncher):

@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from .config import ConfigError
-from .data.base import ClassificationDataModule
-from .models import SmallCNN
+from ..data.base import ClassificationDataModule
+from ..errors import ConfigError
+from ..models import SmallCNN
 
 log = logging.getLogger(__name__)
 
