@@ -22,7 +22,7 @@ from run import build
 
 # The task each data set and model config is for; every config of the two groups must be listed here.
 DATA_TASK = {
-    "digit_scenes": "segmentation", "folder": "segmentation", "oxford_pet": "segmentation",
+    "digit_scenes": "segmentation", "folder": "segmentation", "glas": "segmentation", "oxford_pet": "segmentation",
     "digits": "classification", "mnist": "classification", "cifar10": "classification",
     "superres_image": "superres", "inpainting_image": "inpainting",
 }
