@@ -72,7 +72,7 @@ from skimage import data as skdata
 from torch import nn
 
 import xconv
-from xconv.functional import deflation_basis
+from xconv._sketch import deflation_basis
 from xconv.memory import saved_tensor_bytes
 from xconv.quantize import stored_bytes
 from benchlib import write_csv

@@ -8,8 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest
 import torch
 
+import xconv._layer
 import xconv.batchnorm
-import xconv.nn
 
 # The estimator tests run thousands of tiny convolutions, where threads only add overhead
 # (and CI has 2 cores shared with other work).
@@ -23,6 +23,6 @@ def fixed_seeds(monkeypatch):
     (xconv.rng.draw_seed), so only fixed seeds compare the two."""
     counter = [itertools.count(17)]
     seed = lambda: torch.tensor(next(counter[0]), dtype=torch.int64)
-    monkeypatch.setattr(xconv.nn, "draw_seed", seed)
+    monkeypatch.setattr(xconv._layer, "draw_seed", seed)
     monkeypatch.setattr(xconv.batchnorm, "draw_seed", seed)
     return lambda: counter.__setitem__(0, itertools.count(17))

@@ -13,7 +13,7 @@ from torch import nn
 
 import xconv
 from xconv.memory import saved_tensor_bytes
-from xconv.nn import _XConvMixin
+from xconv._layer import _XConvMixin
 
 
 def _models():

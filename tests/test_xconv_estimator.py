@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 import xconv
-from xconv.functional import FLIP_MIN_PIXELS
+import xconv._cost
+from xconv._cost import FLIP_MIN_PIXELS
+from xconv._geometry import ConvGeometry
 from stats import bias_statistic, total_variance
 
 TORCH = {
@@ -221,7 +223,7 @@ def test_probe_blocks_do_not_change_the_estimate(geometry, per_sample, monkeypat
     grad_y = torch.randn_like(ref(x))
     grads = []
     for blocks in [(x.shape[0], 10**6), (x.shape[0], 1), (1, 1), (2, 3)]:  # whole first
-        monkeypatch.setattr(xconv.functional, "_probe_blocks", lambda *args, blocks=blocks: blocks)
+        monkeypatch.setattr(xconv._cost, "probe_blocks", lambda *args, blocks=blocks: blocks)
         torch.manual_seed(1)
         grads.append(torch.autograd.grad(layer(x), layer.weight, grad_y)[0])
     for got in grads[1:]:
@@ -247,10 +249,10 @@ def test_auto_contraction_picks_the_measured_faster_order(shape, order):
     batch, c_in, c_out, k, stride, size = shape
     pad = k // 2
     out = (size + 2 * pad - k) // stride + 1
-    geom = xconv.functional.ConvGeometry((stride, stride), (pad, pad), (1, 1), 1)
-    cfg = xconv.functional.SketchConfig(probes=8)
-    got = xconv.functional.choose_contraction(cfg, (batch, c_in, size, size), (batch, c_out, out, out),
-                                              (c_out, c_in, k, k), geom)
+    geom = ConvGeometry((stride, stride), (pad, pad), (1, 1), 1)
+    cfg = xconv.SketchConfig(probes=8)
+    got = xconv._cost.choose_contraction(cfg, (batch, c_in, size, size), (batch, c_out, out, out),
+                                        (c_out, c_in, k, k), geom)
     assert got == order
 
 
@@ -259,16 +261,15 @@ def test_contraction_cost_counts_the_blocks_backward_builds(transposed, monkeypa
     """The cost model must see the pixels of D that the probes order contracts over (a transposed
     conv's output pixels, not its input pixels)."""
     calls = []
-    blocks = xconv.functional._probe_blocks
-    monkeypatch.setattr(xconv.functional, "_probe_blocks", lambda *args: calls.append(args[1:]) or blocks(*args))
+    blocks = xconv._cost.probe_blocks
+    monkeypatch.setattr(xconv._cost, "probe_blocks", lambda *args: calls.append(args[1:]) or blocks(*args))
     make = xconv.XConvTranspose2d if transposed else xconv.XConv2d
     layer = make(16, 8, 4, stride=2, padding=1, probes=8, contraction="probes")
     x = torch.randn(4, 16, 6, 6)
     y = layer(x)
     torch.autograd.grad(y, layer.weight, torch.randn_like(y))
-    geom = xconv.functional.ConvGeometry((2, 2), (1, 1), (1, 1), 1, transposed, (0, 0))
-    xconv.functional.choose_contraction(xconv.functional.SketchConfig(probes=8), x.shape, y.shape,
-                                        layer.weight.shape, geom)
+    geom = ConvGeometry((2, 2), (1, 1), (1, 1), 1, transposed, (0, 0))
+    xconv._cost.choose_contraction(xconv.SketchConfig(probes=8), x.shape, y.shape, layer.weight.shape, geom)
     assert len(calls) == 2 and calls[0] == calls[1]
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import xconv
+import xconv._bits
 from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
 from stats import bias_statistic
 
@@ -323,7 +324,7 @@ def test_set_probes_validates():
 @pytest.mark.parametrize("chunk", [None, 400], ids=["one-chunk", "chunks-of-samples"])
 def test_bit_activation_matches_torch(make, inplace, chunk, monkeypatch):
     if chunk is not None:  # 400 elements: one 315-element sample at a time
-        monkeypatch.setattr(xconv.functional, "SIGN_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(xconv._bits, "SIGN_CHUNK_ELEMENTS", chunk)
     ref, bit = make(inplace)
     base = torch.randn(3, 5, 7, 9)
     base[0, 0, 0, :3] = 0.0  # the kink: both must take the x <= 0 branch
@@ -382,13 +383,13 @@ def test_bit_relu_keeps_one_bit_per_element():
 
 def test_pack_bits_roundtrip_odd_length():
     mask = torch.rand(3, 7, 5) > 0.5
-    packed = xconv.functional.pack_bits(mask)
+    packed = xconv._bits.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-    assert torch.equal(xconv.functional.unpack_bits(packed, mask.shape), mask)
+    assert torch.equal(xconv._bits.unpack_bits(packed, mask.shape), mask)
     # any window, in any dtype: the backward unpacks a few samples at a time into the gradient's
     flat = mask.flatten()
     for start, count in [(0, 8), (3, 17), (13, 5), (100, 5)]:
-        window = xconv.functional.unpack_bits(packed, (count,), torch.bfloat16, start=start)
+        window = xconv._bits.unpack_bits(packed, (count,), torch.bfloat16, start=start)
         assert window.dtype == torch.bfloat16
         assert torch.equal(window, flat[start : start + count].to(torch.bfloat16))
 

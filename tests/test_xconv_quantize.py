@@ -7,7 +7,8 @@ from torch import nn
 
 import xconv
 from xconv.memory import saved_tensor_bytes
-from xconv.quantize import GROUP_SIZE, dequantize, pack_codes, quantize, stored_bytes, unpack_codes
+from xconv._bits import pack_codes, unpack_codes
+from xconv.quantize import GROUP_SIZE, dequantize, quantize, stored_bytes
 from stats import bias_statistic, total_variance
 
 

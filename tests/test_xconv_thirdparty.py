@@ -15,7 +15,8 @@ from torch import nn
 
 import xconv
 from xconv.memory import saved_tensor_bytes
-from xconv.nn import XCONV_CLASSES, _XConvMixin
+from xconv._layer import _XConvMixin
+from xconv.nn import XCONV_CLASSES
 
 tv = torchvision.models
 

@@ -3,7 +3,8 @@
 Thatipelli, Sam, Louboutin, Siahkoohi, Wang, Herrmann, "XConv: Low-memory stochastic
 backpropagation for convolutional layers" (arXiv 2106.06998, TMLR 2026).
 """
-from . import memory, quantize
+from . import functional, memory, quantize
+from ._options import SketchConfig
 from .batchnorm import XBatchNorm1d, XBatchNorm2d, XBatchNorm3d
 from .checkpointing import checkpoint_modules, checkpointed_module_names, remove_checkpointing
 from .convert import convert, revert, set_probes
@@ -21,9 +22,9 @@ from .nn import (
 )
 
 __all__ = [
-    "BitLeakyReLU", "BitReLU", "StoragePlan", "XBatchNorm1d", "XBatchNorm2d", "XBatchNorm3d", "XConv1d",
+    "BitLeakyReLU", "BitReLU", "SketchConfig", "StoragePlan", "XBatchNorm1d", "XBatchNorm2d", "XBatchNorm3d", "XConv1d",
     "XConv2d", "XConv3d", "XConvTranspose1d", "XConvTranspose2d", "XConvTranspose3d", "XMaxPool1d",
-    "XMaxPool2d", "XMaxPool3d", "checkpoint_modules", "checkpointed_module_names", "convert", "memory",
+    "XMaxPool2d", "XMaxPool3d", "checkpoint_modules", "checkpointed_module_names", "convert", "functional", "memory",
     "plan_storage", "quantize", "remove_checkpointing", "revert", "set_probes",
 ]
 __version__ = "0.1.0"

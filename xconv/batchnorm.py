@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import rng
-from .functional import layer_label, refuse_double_backward
+from ._autograd import layer_label, refuse_double_backward
 from .rng import draw_seed
 from .quantize import check_bits, dequantize, quantize
 

@@ -17,8 +17,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .batchnorm import BATCHNORM_CLASSES
-from .functional import validate_sketch_config
-from .nn import XCONV_CLASSES, BitLeakyReLU, BitReLU, _XConvMixin
+from ._layer import _XConvMixin
+from ._options import validate_sketch_config
+from .nn import XCONV_CLASSES, BitLeakyReLU, BitReLU
 from .pooling import MAXPOOL_CLASSES
 from .quantize import check_bits
 

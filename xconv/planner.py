@@ -30,7 +30,7 @@ from torch import nn
 
 from .convert import revert
 from .memory import saved_tensor_bytes
-from .nn import _XConvMixin
+from ._layer import _XConvMixin
 from .quantize import rounding_variance, stored_bytes
 
 log = logging.getLogger(__name__)

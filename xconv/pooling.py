@@ -2,7 +2,7 @@
 
 torch's ``max_pool*d_with_indices`` keeps the whole input and int64 indices (8 bytes per output
 element). Backward needs only which window position won: ``ceil(log2(prod(kernel_size)))`` bits,
-stored as 2, 4 or 8 bits per output element, packed (:func:`xconv.quantize.pack_codes`).
+stored as 2, 4 or 8 bits per output element, packed (:func:`xconv._bits.pack_codes`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
-from .functional import layer_label, refuse_double_backward
-from .quantize import pack_codes, unpack_codes
+from ._autograd import layer_label, refuse_double_backward
+from ._bits import pack_codes, unpack_codes
 
 #: Largest window (positions) whose offsets fit the 8-bit codes; larger ones run the torch layer.
 MAX_WINDOW = 256

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
+from ._bits import pack_codes, unpack_codes
 
 #: Bits per stored element that :func:`quantize` accepts.
 BITS = (2, 4, 8, 16)
@@ -43,39 +44,6 @@ def check_bits(name: str, bits, allowed=BITS, none_ok: bool = True) -> None:
         allowed_text = ("None, " if none_ok else "") + ", ".join(map(str, allowed))
         error = ValueError if isinstance(bits, int) and not isinstance(bits, bool) else TypeError
         raise error(f"{name} must be one of {allowed_text}; got {bits!r}")
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``uint8`` codes below ``2**bits`` (``bits`` in 2, 4, 8) into ``uint8 [numel * bits / 8]``.
-
-    Element ``i`` goes to bits ``(i % (8 / bits)) * bits ..`` of byte ``i // (8 / bits)``;
-    ``codes`` must be contiguous with ``numel`` a multiple of ``8 / bits``.
-    """
-    per = 8 // bits
-    if per == 1:
-        return codes
-    # The codes of one byte read as one little-endian int16 (4 bits) or int32 (2 bits) word: shifting
-    # the word right moves code j from bit 8 j to bit j * bits of the low byte, which the cast keeps.
-    word = codes.view(torch.int16 if per == 2 else torch.int32)
-    packed = word.clone()
-    for j in range(1, per):
-        packed |= word >> (j * (8 - bits))
-    return packed.to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``uint8 [packed.numel() * 8 / bits]``."""
-    per = 8 // bits
-    if per == 1:
-        return packed
-    # The reverse of pack_codes' shifts: each byte widened to a word, code j shifted left to bit 8 j
-    # and masked there, the word read back as its per little-endian bytes.
-    word = packed.to(torch.int16 if per == 2 else torch.int32)
-    codes = word.clone()
-    for j in range(1, per):
-        codes |= word << (j * (8 - bits))
-    codes &= sum(((1 << bits) - 1) << (8 * j) for j in range(per))
-    return codes.view(torch.uint8)
 
 
 def _rows(shape) -> tuple[int, int]:
