@@ -78,8 +78,10 @@ class XConvCallback(L.Callback):
         targets = self._targets(pl_module)
         for _, module in targets:
             convert(module, **self.options)
-        if self.budget is not None:
+        if self.budget is not None and self.storage_plan is None:
             self.storage_plan = self._plan(pl_module, targets, datamodule)
+        if self.storage_plan is not None:
+            self.storage_plan.apply(targets[0][1])
         if self.checkpointing is not None:
             for _, module in targets:
                 checkpoint_modules(module, self.checkpointing)
@@ -92,9 +94,7 @@ class XConvCallback(L.Callback):
         loss = self.loss or (lambda n, b: pl_module.loss(b, net=n))
         datamodule.setup("fit")
         batch = next(iter(datamodule.train_dataloader()))
-        plan = plan_storage(net, loss, batch, budget=self.budget)
-        plan.apply(net)
-        return plan
+        return plan_storage(net, loss, batch, budget=self.budget)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.apply(pl_module, trainer.datamodule)
@@ -121,13 +121,7 @@ class XConvCallback(L.Callback):
         if record is None or any(isinstance(m, _XConvMixin) for m in pl_module.modules()):
             return
         callback = XConvCallback(record["modules"], checkpointing=record["checkpointing"], **record["options"])
-        targets = callback._targets(pl_module)
-        for _, module in targets:
-            convert(module, **callback.options)
-        if (plan := record["storage_plan"]) is not None:
+        if (plan := record["storage_plan"]) is not None:  # as planned in training, not planned again
             layers = [LayerPlan(**{**layer, "input_shape": tuple(layer["input_shape"])}) for layer in plan["layers"]]
-            StoragePlan(plan["budget_bytes"], plan["plain_bytes"], plan["other_bytes"], layers).apply(targets[0][1])
-        if callback.checkpointing is not None:
-            for _, module in targets:
-                checkpoint_modules(module, callback.checkpointing)
-        pl_module._xconv_applied = True
+            callback.storage_plan = StoragePlan(plan["budget_bytes"], plan["plain_bytes"], plan["other_bytes"], layers)
+        callback.apply(pl_module)
