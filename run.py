@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from experiments.build import build, has_test_stage
 from experiments.cli import command_line_error, quiet_lightning, refused_runs_end_in_one_line
 from experiments.errors import exit_with
+from experiments.registry import register
 from experiments.summary import RunSummary
 
 log = logging.getLogger("run")
@@ -61,6 +62,7 @@ if __name__ == "__main__":
     # 1; with HYDRA_FULL_ERROR it raises instead, so the error reads and exits like the others here
     # (other exceptions then show Python's full traceback instead of Hydra's shortened one).
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    register()
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as err:

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from xconv.lightning import XConvCallback
 
 from .config import (
-    check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, register_resolvers,
-    xconv_options,
+    check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, xconv_config,
 )
 from .errors import ConfigError
+from .registry import register
 from .summary import summary_callbacks
 
 
@@ -34,7 +34,7 @@ def _user_key(cfg: DictConfig, full_key: str) -> str:
     return source[1] if source else full_key
 
 
-def _build(cfg: DictConfig, key: str, **kwargs):
+def instantiate_node(cfg: DictConfig, key: str, **kwargs):
     """``instantiate(cfg[key])``; a constructor's complaint about an argument becomes a ConfigError.
 
     Constructors here start such messages with the argument name, so prefixing the config node
@@ -90,17 +90,14 @@ def _held_back(*names: str) -> Iterator[None]:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data module, converted task and Trainer, built after ``seed_everything(cfg.seed)``, or a ConfigError
     before anything trains."""
-    register_resolvers()
+    register()  # ${sweep_dir:}, for a config composed elsewhere (a script, a notebook)
     with _held_back("xconv.convert", "xconv.planner"):
         return _assemble(cfg)
 
 
 def _converter(cfg: DictConfig) -> XConvCallback:
-    options, checkpointing = xconv_options(cfg), checkpointing_patterns(cfg)
-    try:
-        return XConvCallback("net", budget=options.pop("budget"), checkpointing=checkpointing, **options)
-    except ValueError as err:
-        raise ConfigError(f"xconv.{err}") from err
+    options = xconv_config(cfg)
+    return XConvCallback(options, modules="net", budget=options.budget, checkpointing=checkpointing_patterns(cfg))
 
 
 def _convert(converter: XConvCallback, task: L.LightningModule, datamodule: L.LightningDataModule) -> None:
@@ -123,9 +120,9 @@ def _assemble(cfg: DictConfig):
     # Before anything random is built; quietly, so that a config error is the only line printed
     # (the seed is in the run's config and summary).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = _build(cfg, "data")
+    datamodule = instantiate_node(cfg, "data")
     # The task builds its network and optimizer from their configs, and keeps those as its hyperparameters.
-    task = _build(cfg, "task", _recursive_=False)
+    task = instantiate_node(cfg, "task", _recursive_=False)
     try:
         task.check_data(datamodule)
     except ValueError as err:
@@ -134,10 +131,10 @@ def _assemble(cfg: DictConfig):
     if checkpoint_shapes is not None:  # the network as it is trained: converted, with its checkpointed segments
         check_checkpoint_fits(ckpt_path, checkpoint_shapes, task)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += [converter, *summary_callbacks(f"{cfg.output_dir}/summary.json", config)]
-    trainer = _build(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate_node(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
     check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN, task=task)
     return datamodule, task, trainer
 

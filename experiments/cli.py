@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files
 from .errors import ConfigError, exit_with
@@ -59,9 +60,13 @@ def refused_runs_end_in_one_line(cfg: DictConfig) -> Iterator[None]:
 
 
 def command_line_error(err: ConfigCompositionException | OverrideParseException) -> str:
-    """One line for a command line that does not parse or compose, e.g. an unknown ``task=`` choice."""
+    """One line for a command line that does not parse or compose, e.g. an unknown ``task=`` choice, or
+    a value a structured config's schema refuses (``xconv.mode=bogus``: OmegaConf's message, with its key)."""
     if isinstance(err, MissingConfigException) and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         return f"{group} must be one of {sorted(err.options)}, got {choice!r}"
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
     message = " ".join(str(err).split())
     return f"{err.override}: {message}" if isinstance(err, OverrideParseException) else message

@@ -1,48 +1,22 @@
 """Run-configuration checks that must fail before any training starts."""
 from __future__ import annotations
 
-import logging
+import dataclasses
 import pickle
 import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
-from torch import nn
 
-import xconv
+from xconv import ConvertOptions
 
 from .errors import ConfigError, exit_with
-
-# xconv.relu in the config -> the ``relu`` flag of ``xconv.convert``.
-RELU_CHOICES = {"bit": True, "exact": False}
-
-
-def sweep_dir() -> str | None:
-    """The sweep directory of a Hydra sweep (``-m``) job; None in a single run or outside a Hydra app.
-
-    Registered as the ``${sweep_dir:}`` resolver, for the W&B logger's ``group``: the jobs of one
-    sweep share it, a single run gets none. Unlike ``${hydra:sweep.dir}``, it also resolves
-    where no Hydra app runs (configs composed in tests and scripts).
-    """
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return HydraConfig.get().sweep.dir
-
-
-def register_resolvers() -> None:
-    """Register ``${sweep_dir:}`` with OmegaConf (once; later calls change nothing). Called by
-    :func:`experiments.build.build` before the config is resolved, not on import; call it before
-    resolving a config composed elsewhere (a script, a notebook) that uses the W&B logger."""
-    if not OmegaConf.has_resolver("sweep_dir"):
-        OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -319,43 +293,20 @@ def check_launcher(trainer: L.Trainer, multirun: bool, task: L.LightningModule |
         )
 
 
-def xconv_options(cfg: DictConfig) -> dict:
-    """Keyword arguments for ``xconv.convert`` from ``cfg.xconv``, checked before anything is built.
+def xconv_config(cfg: DictConfig) -> ConvertOptions:
+    """``cfg.xconv`` as the dataclass of its schema (``experiments.registry.XConvConfig``: the options of
+    ``xconv.convert`` and ``budget``), or a :class:`ConfigError` naming the key of a value it refuses.
 
-    Only ``relu`` is translated here (``bit`` -> 1-bit ReLU, ``exact`` -> torch ReLU) and ``budget``
-    (for ``xconv.plan_storage``, not ``convert``) checked. Every other key goes to ``xconv.convert``
-    as it is, and ``xconv``, which owns the allowed values, checks them all (see
-    :func:`check_xconv_options`).
+    OmegaConf has checked the types and choices when the config was composed; the dataclass checks
+    the rest (ranges, combinations) before anything is built.
     """
-    options = OmegaConf.to_container(cfg.xconv, resolve=True)
-    relu = options.get("relu", "bit")
-    if relu not in RELU_CHOICES:
-        raise ConfigError(f"xconv.relu must be one of {sorted(RELU_CHOICES)}, got {relu!r}")
-    options["relu"] = RELU_CHOICES[relu]
-    budget = options.get("budget")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1):
-        raise ConfigError(f"xconv.budget must be null or a fraction in (0, 1] of plain-torch activation bytes, got {budget!r}")
-    check_xconv_options({k: v for k, v in options.items() if k != "budget"})
-    return options
-
-
-def check_xconv_options(options: dict) -> None:
-    """Raise :class:`ConfigError` unless ``xconv.convert`` accepts ``options``.
-
-    Converting a one-conv network runs every check the real conversion runs, for every key,
-    including keys added to ``xconv`` later, in milliseconds rather than after data and model
-    are built. ``include``/``exclude`` name modules of the real network and would leave this
-    one unconverted, so they are left out here.
-    """
-    convert_log = logging.getLogger("xconv.convert")
-    level = convert_log.level
-    convert_log.setLevel(logging.WARNING)  # its "1 convs converted" would read as news about the real network
+    options = [f.name for f in dataclasses.fields(OmegaConf.get_type(cfg.xconv))]
+    if unknown := sorted(set(cfg.xconv) - set(options)):  # added with +xconv.<key>=..., which the schema lets through
+        raise ConfigError(f"xconv.{unknown[0]}: no such option; the options: {', '.join(options)}")
     try:
-        xconv.convert(nn.Conv2d(1, 1, 1), **{**options, "include": None, "exclude": None})
+        return OmegaConf.to_object(cfg.xconv)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"xconv.{err}") from err
-    finally:
-        convert_log.setLevel(level)
 
 
 def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:

@@ -83,8 +83,8 @@ def variants(probes_list):
     """``(label, convert options, planner budget)`` of every row."""
     yield "exact", None, None
     for r in probes_list:
-        yield f"xconv r={r}", dict(probes=r, relu=False), None
-        yield f"xconv r={r} + BitReLU", dict(probes=r, relu=True), None
+        yield f"xconv r={r}", dict(probes=r, relu="exact"), None
+        yield f"xconv r={r} + BitReLU", dict(probes=r, relu="bit"), None
     for bits in STORAGE_BITS:
         yield (f"SR {bits}-bit convs + BN, pool offsets, BitReLU",
                dict(storage="quantized", bits=bits, batchnorm_bits=bits, maxpool=True), None)

@@ -136,7 +136,7 @@ def step_timers(make, shape, variant, device, backend=None, mode=None):
     and its compile report."""
     model = make().to(device).train()
     if variant:
-        xconv.convert(model, relu=True, **convert_options(variant))
+        xconv.convert(model, relu="bit", **convert_options(variant))
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     x = torch.randn(shape, device=device)
     model, report = compiled(model, backend, lambda m: m(x).float().square().mean().backward(), mode)

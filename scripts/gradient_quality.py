@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,13 +64,15 @@ import segmentation_models_pytorch as smp
 import torch
 import torchvision
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
-from hydra.utils import instantiate
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from skimage import data as skdata
 from torch import nn
 
 import xconv
+from experiments.build import instantiate_node
+from experiments.errors import ConfigError
+from experiments.registry import register
 from xconv._sketch import deflation_basis
 from xconv.memory import saved_tensor_bytes
 from xconv.quantize import stored_bytes
@@ -151,14 +152,16 @@ def task_source(task: str, overrides: list[str], device: str) -> Source:
 
     Raises:
         hydra.errors.ConfigCompositionException: an unknown task or override.
+        experiments.errors.ConfigError: a value the data module or task refuses, naming its key.
     """
+    register()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         # output_dir normally comes from Hydra's run directory; nothing is written here.
         cfg = compose("config", overrides=[f"task={task}", *overrides, "output_dir=."])
     torch.manual_seed(cfg.seed)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_node(cfg, "data")
     datamodule.setup("fit")
-    module = instantiate(cfg.task)
+    module = instantiate_node(cfg, "task", _recursive_=False)
 
     def make_batch(seed: int):
         torch.manual_seed(seed)  # the training loader shuffles with torch's global generator
@@ -226,7 +229,7 @@ def layer_options(options: dict, probes: int) -> dict:
 def draw_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.Tensor, options, draws: int):
     """Mean relative error and cosine of ``draws`` estimates, and the fraction of ``||X||^2``
     a deflated sketch keeps exactly (None without deflation); None where XConv is skipped."""
-    layer = xconv.convert(copy.deepcopy(conv), relu=False, **options)
+    layer = xconv.convert(copy.deepcopy(conv), relu="exact", **options)
     if not layer.uses_estimator(x.requires_grad_(False)):
         return None
     errors, cosines = [], []
@@ -279,7 +282,7 @@ def half_errors(conv: nn.Module, x: torch.Tensor, d: torch.Tensor, exact: torch.
                 dtype: torch.dtype):
     """Mean relative errors of ``draws`` estimates under autocast in ``dtype``: against the fp32
     exact gradient and against the fp32 estimate with the same probes; None where XConv is skipped."""
-    layer = xconv.convert(copy.deepcopy(conv), relu=False, **options)
+    layer = xconv.convert(copy.deepcopy(conv), relu="exact", **options)
     if not layer.uses_estimator(x.requires_grad_(False)):
         return None
     to_exact, to_fp32 = [], []
@@ -335,7 +338,7 @@ def age_table(args, source: Source) -> dict[tuple[str, int], float]:
     ratios = {}
     for label, options in selected_estimators(args):
         for r in args.probes:
-            converted = xconv.convert(copy.deepcopy(model), relu=False, **layer_options(options, r))
+            converted = xconv.convert(copy.deepcopy(model), relu="exact", **layer_options(options, r))
             age = average_gradient_error(converted, batches, loss, exact)
             ratios[label, r] = age / sgd
             print(f"| {label} | {r} | {age:.4g} | {age / sgd:.2f} |", flush=True)
@@ -472,9 +475,8 @@ def main(argv=None):
                   else crop_source(args.model, args.batch, args.size, args.device, args.inputs))
     except (ConfigCompositionException, OverrideParseException) as err:
         parser.error(f"Hydra overrides {overrides}: {str(err).splitlines()[0]}")
-    except InstantiationException as err:  # a bad value, named by the constructor (run.py shows the same)
-        node = re.search(r"full_key: (\S+)", str(err))
-        parser.error(f"{node[1] if node else 'config'}.{err.__cause__}")
+    except ConfigError as err:  # a bad value, named as run.py names it
+        parser.error(str(err))
     source.model.train()
     pretrain(source, args.train_steps)
     layers = capture_layers(source.model, source.batch(0), source.loss)

@@ -47,8 +47,8 @@ from benchlib import write_csv
 MIB = 2**20
 # What separates tables, and within a table, rows.
 TABLE_KEYS = ("task", "data", "model", "settings", "batch_size", "precision", "processes", "metric_name")
-ROW_KEYS = ("probes", "mode", "distribution", "deflation", "deflation_rank", "relu", "include", "exclude", "min_pixels",
-            "storage", "bits", "max_compression", "batchnorm_bits", "maxpool", "budget", "checkpointing")
+ROW_KEYS = ("probes", "mode", "distribution", "per_sample", "contraction", "deflation", "deflation_rank", "relu",
+            "include", "exclude", "min_pixels", "storage", "bits", "max_compression", "batchnorm_bits", "maxpool", "budget", "checkpointing")
 # Config values that may differ between the runs of one row: seeds, where a run wrote its
 # files, how it logged; the XConv options and what TABLE_KEYS already name are compared there.
 NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "checkpointing", "trainer.default_root_dir", "task_name",
@@ -110,6 +110,9 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "probes": summary["probes"] if sketch else 0,
                 "mode": xconv["mode"] if sketch else "exact",
                 "distribution": xconv["distribution"] if sketch else "",
+                # Options recorded since the xconv config group became xconv.ConvertOptions' schema.
+                "per_sample": bool(xconv.get("per_sample")) if sketch else False,
+                "contraction": xconv.get("contraction", "auto") if sketch else "",
                 "deflation": (xconv.get("deflation") or "") if sketch else "",
                 "deflation_rank": (xconv.get("deflation_rank") or "") if sketch else "",
                 "relu": xconv.get("relu", "bit"),
@@ -189,7 +192,7 @@ def is_exact(row: dict) -> bool:
 
 def _row_order(row: dict) -> tuple:
     return (not is_exact(row), row["storage"], str(row["budget"]), str(row["bits"]), row["probes"], row["mode"],
-            row["distribution"], row["deflation"],
+            row["distribution"], row["per_sample"], row["contraction"], row["deflation"],
             str(row["deflation_rank"]), row["relu"] != "exact", row["include"], row["exclude"], str(row["min_pixels"]),
             str(row["max_compression"]), str(row["batchnorm_bits"]), row["maxpool"], row["checkpointing"])
 
@@ -244,6 +247,10 @@ def settings_label(row: dict) -> str:
     label = f" deflation={row['deflation']} k={row.get('deflation_rank') or 1}" if row.get("deflation") else ""
     if row.get("relu", "bit") != "bit":
         label += f" relu={row['relu']}"
+    if row.get("per_sample") not in (None, "", False, "False"):
+        label += " per_sample"
+    if row.get("contraction") not in (None, "", "auto"):
+        label += f" contraction={row['contraction']}"
     for key in ("include", "exclude", "min_pixels", "max_compression"):
         if row.get(key) not in ("", None):
             label += f" {key}={row[key]}"

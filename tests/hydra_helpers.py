@@ -6,7 +6,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from experiments.config import register_resolvers
+from experiments.registry import register
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -50,7 +50,7 @@ TINY_IMAGE = ["data.resize=32", "data.crop=32", "data.steps_per_epoch=2", "model
 
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     """``configs/config.yaml`` composed with ``overrides``; ``output_dir`` replaces Hydra's run directory."""
-    register_resolvers()  # as run.py's build does before it resolves anything
+    register()  # as run.py does before Hydra composes
     extra = [f"output_dir={output_dir}"] if output_dir is not None else []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[*overrides, *extra])

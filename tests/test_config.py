@@ -8,13 +8,15 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from hydra_helpers import CONFIG_DIR, REPO_ROOT, TINY_TRAINER, compose_config, config_names
 from omegaconf import OmegaConf
 
 import xconv
 from experiments.errors import ConfigError
-from experiments.config import xconv_options
+from experiments.config import xconv_config
+from experiments.registry import register
 from experiments.tasks import XConvTask
 import experiments.build
 from experiments.cli import remove_unused_run_dir
@@ -78,7 +80,8 @@ def test_defaults():
     cfg = compose_config()
     assert cfg.task_name == "segmentation" and cfg.seed == 0
     assert dict(cfg.xconv) == {
-        "probes": 8, "mode": "independent", "distribution": "gaussian", "deflation": None, "deflation_rank": None,
+        "probes": 8, "mode": "independent", "distribution": "gaussian", "per_sample": False, "contraction": "auto",
+        "deflation": None, "deflation_rank": None,
         "relu": "bit", "min_pixels": None, "include": None, "exclude": None, "storage": "sketch", "bits": None,
         "max_compression": None, "batchnorm_bits": None, "maxpool": False, "budget": None,
     }
@@ -100,6 +103,7 @@ def test_wandb_logger_starts_without_deprecation_warnings(monkeypatch, tmp_path,
 @pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
 def test_slurm_launchers_compose_and_follow_the_trainer(launcher):
     overrides = [f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu", "trainer.devices=4", "trainer.num_nodes=2"]
+    register()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     options = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
@@ -109,9 +113,38 @@ def test_slurm_launchers_compose_and_follow_the_trainer(launcher):
         assert options["submitit_folder"].startswith(f"multirun/{cfg.task_name}/")
 
 
-def test_relu_choice_maps_to_convert_flag():
-    assert xconv_options(compose_config("xconv.relu=exact"))["relu"] is False
-    assert xconv_options(compose_config("xconv.relu=bit"))["relu"] is True
+def test_xconv_group_is_the_convert_options_schema_in_one_vocabulary():
+    """configs/xconv/ lists every option of xconv.convert, in the API's own words (relu: bit | exact)."""
+    options = xconv_config(compose_config("xconv.relu=exact", "xconv.mode=gaussian", "xconv.contraction=probes"))
+    assert isinstance(options, xconv.ConvertOptions)
+    assert set(compose_config().xconv) == {*xconv.ConvertOptions().to_dict(), "budget"}
+    assert (options.relu, options.mode, options.contraction) == ("exact", "multi", "probes")
+    assert xconv_config(compose_config()).to_dict() == xconv.ConvertOptions().to_dict()
+
+
+@pytest.mark.parametrize(
+    "override, key, message",
+    [
+        ("xconv.probes=1.5", "xconv.probes", "could not be converted to Integer"),
+        ("xconv.probes=abc", "xconv.probes", "could not be converted to Integer"),
+        ("xconv.mode=bogus", "xconv.mode", "Invalid value 'bogus', expected one of [independent, multi, orthogonal"),
+        ("xconv.distribution=uniform", "xconv.distribution", "expected one of [gaussian, rademacher]"),
+        ("xconv.relu=maybe", "xconv.relu", "expected one of [bit, exact]"),
+        ("xconv.relu=true", "xconv.relu", "expected one of [bit, exact]"),
+        ("xconv.deflation=bogus", "xconv.deflation", "expected one of [dct, pca]"),
+        ("xconv.contraction=fast", "xconv.contraction", "expected one of [auto, probes, decompress]"),
+        ("xconv.maxpool=sometimes", "xconv.maxpool", "is not a valid bool"),
+        ("xconv.storage=packed", "xconv.storage", "expected one of [sketch, quantized]"),
+        ("xconv.budget=half", "xconv.budget", "could not be converted to Float"),
+        ("xconv.include=encoder.*", "xconv.include", "is not a ListConfig"),
+        ("xconv.bogus=1", "xconv.bogus", "Key 'bogus' not in 'XConvConfig'"),
+    ],
+)
+def test_bad_xconv_types_and_choices_fail_at_compose_time_naming_the_key(override, key, message):
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose_config(override)
+    assert raised.value.__cause__.full_key == key
+    assert message in str(raised.value.__cause__)
 
 
 def test_exclude_patterns_reach_convert(tmp_path):
@@ -124,12 +157,7 @@ def test_exclude_patterns_reach_convert(tmp_path):
     "override, key",
     [
         ("xconv.probes=-1", "xconv.probes"),
-        ("xconv.probes=1.5", "xconv.probes"),
-        ("xconv.mode=bogus", "xconv.mode"),
-        ("xconv.distribution=uniform", "xconv.distribution"),
-        ("xconv.relu=maybe", "xconv.relu"),
         ("xconv.min_pixels=-1", "xconv.min_pixels"),
-        ("xconv.deflation=bogus", "xconv.deflation"),
         ("data=folder", "data.root"),
         ("data=folder data.root=/nonexistent/xconv-data", "data.root"),
         ("data=oxford_pet data.download=false data.data_dir=/nonexistent/xconv-data", "data.data_dir"),
@@ -143,6 +171,9 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("task=superres model.channels=[]", "model.channels: need at least one scale"),
         ("task=gan model.image_size=33", "model.image_size: DCGAN needs a power of two"),
         ("xconv.deflation_rank=2", "xconv.deflation_rank=2 needs deflation="),
+        ("xconv.bits=3", "xconv.bits"),
+        ("xconv.budget=2", "xconv.budget"),
+        ("+xconv.bogus=1", "xconv.bogus: no such option"),
         ("task=classification data=digit_scenes", "model.in_channels: Interpolation key 'data.in_channels' not found"),
         ("trainer.max_epochs=-3", "trainer: `max_epochs` must be a non-negative integer"),
         ("trainer.strategy=ddp_spawn trainer.devices=2", "trainer.strategy: a DDPStrategy whose processes"),
@@ -162,10 +193,10 @@ def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["xconv.probes=-1", "xconv.mode=bogus", "xconv.min_pixels=-1", "+xconv.bogus=1"]
+    "override", ["xconv.probes=-1", "xconv.min_pixels=-1", "xconv.storage=quantized", "+xconv.bogus=1"]
 )
 def test_xconv_options_are_checked_before_data_and_model_are_built(override, monkeypatch, tmp_path):
-    monkeypatch.setattr(experiments.build, "_build", lambda cfg, key, **_: pytest.fail(f"built {key} first"))
+    monkeypatch.setattr(experiments.build, "instantiate_node", lambda cfg, key, **_: pytest.fail(f"built {key} first"))
     with pytest.raises(ConfigError, match=r"^xconv\."):
         build(compose_config(override, output_dir=tmp_path))
 
@@ -174,6 +205,7 @@ def test_xconv_options_are_checked_before_data_and_model_are_built(override, mon
     "override, message",
     [
         ("xconv.probes=-3", "error: xconv.probes must be >= 0"),
+        ("xconv.mode=bogus", "error: xconv.mode: Invalid value 'bogus', expected one of [independent, multi, orthogonal"),
         ("task=nonexistent", f"error: task must be one of {config_names('task')}, got 'nonexistent'"),
     ],
 )

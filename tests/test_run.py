@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
 
+import xconv
 from experiments.errors import ConfigError
 from experiments.summary import activation_memory
 from experiments.tasks import SegmentationTask
@@ -35,6 +36,10 @@ def check_summary(summary: dict, task: str, probes: int, steps: int) -> None:
     assert SUMMARY_FIELDS <= set(summary)
     assert summary["task"] == task and summary["probes"] == probes
     assert summary["config"]["xconv"]["probes"] == probes
+    # Every xconv option at top level, in the words of the config and of xconv.ConvertOptions.
+    assert {**xconv.ConvertOptions().to_dict(), "budget": None}.keys() <= summary.keys()
+    assert {key: summary[key] for key in summary["config"]["xconv"]} == summary["config"]["xconv"]
+    assert summary["relu"] in ("bit", "exact") and summary["contraction"] == "auto"
     assert summary["metric_name"] == metric_name
     assert summary["metric"] == summary["metrics"][metric_name] and 0 <= summary["metric"] <= 1
     assert other_metrics <= set(summary["metrics"])
@@ -236,15 +241,18 @@ def test_classification_tests_on_the_held_out_split(tmp_path):
 
 
 def test_importing_the_framework_changes_no_global_state():
-    """No resolver, warning filter or log filter is installed by importing run.py and experiments/:
-    build() and run.py's main do that, when a run starts."""
+    """No resolver, config schema, warning filter or log filter is installed by importing run.py and
+    experiments/: run.py (before Hydra composes), build() and main do that, when a run starts."""
     code = """
 import logging, warnings
 import hydra, lightning, torch, torchvision, torchmetrics, segmentation_models_pytorch, wandb
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 filters = list(warnings.filters)
 handlers = {name: list(logging.getLogger(name).filters) for name in ("lightning.pytorch.utilities.rank_zero", "xconv")}
 import run, experiments.build, experiments.tasks, experiments.data, experiments.models, experiments.cli
+import experiments.registry
+assert "xconv" not in ConfigStore.instance().repo, "config schema stored"
 assert warnings.filters == filters, "warning filters added"
 assert not OmegaConf.has_resolver("sweep_dir"), "resolver registered"
 assert handlers == {name: list(logging.getLogger(name).filters) for name in handlers}, "log filters added"

@@ -256,6 +256,7 @@ def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
     write_run(tmp_path, "r8_plain_relu", 8, 0, 0.3, 3 * MIB, 100.0, relu="exact")
     write_run(tmp_path, "r8_part", 8, 0, 0.45, 1.5 * MIB, 100.0, include=["features.*"], exclude="features.0")
     write_run(tmp_path, "ddp", 8, 0, 0.7, MIB, 100.0, world_size=2)
+    write_run(tmp_path, "r8_per_sample", 8, 0, 0.42, MIB, 100.0, per_sample=True, contraction="probes")
     result = make_tables(tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -265,6 +266,7 @@ def test_relu_conversion_and_processes_separate_rows_and_tables(tmp_path):
     assert "| r=8 independent gaussian | 0.400 | 1 | 1.0 | 0.50 |" in result.stdout
     assert "| r=8 independent gaussian relu=exact | 0.300 | 1 | 3.0 | 0.75 |" in result.stdout
     assert "| r=8 independent gaussian include=features.* exclude=features.0 | 0.450 | 1 | 1.5 | 0.75 |" in result.stdout
+    assert "| r=8 independent gaussian per_sample contraction=probes | 0.420 | 1 | 1.0 | 0.50 |" in result.stdout
     assert "### classification: SmallCNN on DigitsDataModule, batch 32, 2 processes" in lines
 
 

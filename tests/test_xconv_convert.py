@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import OrderedDict
 
 import pytest
@@ -113,7 +114,7 @@ def test_errors_and_warnings_name_the_converted_layer():
 
 def test_include_exclude_relu_flag_and_set_probes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.LeakyReLU(0.1))
-    xconv.convert(model, probes=4, relu=False, exclude=["2"])
+    xconv.convert(model, probes=4, relu="exact", exclude=["2"])
     assert isinstance(model[0], xconv.XConv2d) and type(model[2]) is nn.Conv2d
     assert type(model[1]) is nn.ReLU
     xconv.convert(model, probes=4, include=["1", "3"])
@@ -125,12 +126,86 @@ def test_include_exclude_relu_flag_and_set_probes():
     assert model[0].probes == 2 and model[0].sketch_config.mode == "orthogonal"
 
 
+def _block():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3))
+
+
+def test_convert_sets_every_option_and_reconvert_keeps_what_it_does_not_name():
+    """Every field of ConvertOptions reaches the layers (contraction and per_sample included); converting
+    again changes only what the call names; an options object applies all of its values."""
+    first = dict(probes=5, mode="independent", distribution="rademacher", per_sample=True, contraction="probes",
+                 deflation="dct", deflation_rank=2, bits=8, max_compression=64, min_pixels=4, batchnorm_bits=4,
+                 maxpool=True)
+    model = xconv.convert(_block(), **first)
+    expected = xconv.SketchConfig(**{k: v for k, v in first.items() if k not in ("min_pixels", "batchnorm_bits", "maxpool")})
+    for conv in (model[0], model[4]):
+        assert conv.sketch_config == expected and conv.min_pixels == 4
+    assert (type(model[1]), model[1].bits, type(model[2]), type(model[3])) == (
+        xconv.XBatchNorm2d, 4, xconv.BitReLU, xconv.XMaxPool2d)
+
+    xconv.convert(model, probes=7)
+    assert model[0].sketch_config == dataclasses.replace(expected, probes=7) and model[0].min_pixels == 4
+    assert (type(model[1]), model[1].bits, type(model[3])) == (xconv.XBatchNorm2d, 4, xconv.XMaxPool2d)
+
+    xconv.convert(model, xconv.ConvertOptions(probes=3))  # an object: its defaults apply too
+    assert model[0].sketch_config == xconv.SketchConfig(3) and model[0].min_pixels is None
+    assert (type(model[1]), type(model[3])) == (nn.BatchNorm2d, nn.MaxPool2d)
+
+
+def test_options_are_one_typed_object_from_layer_to_convert():
+    options = xconv.ConvertOptions(probes=4, mode="gaussian", contraction="decompress", include="0")
+    assert (options.mode, options.include) == ("multi", ["0"])  # the alias and one pattern, made canonical
+    assert options.sketch == xconv.SketchConfig(4, mode="multi", contraction="decompress")
+    assert xconv.ConvertOptions(**options.to_dict()) == options
+    layer = xconv.XConv2d(3, 4, 3, sketch=options.sketch, distribution="rademacher")  # names replace fields
+    assert layer.sketch_config == dataclasses.replace(options.sketch, distribution="rademacher")
+    assert xconv.XConv2d(3, 4, 3).sketch_config == xconv.SketchConfig(8)
+    model = xconv.convert(_block(), options)
+    assert isinstance(model[0], xconv.XConv2d) and type(model[4]) is nn.Conv2d
+    assert model[0].sketch_config == options.sketch
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(relu=True), ValueError, r"^relu must be one of \('bit', 'exact'\), got True$"),
+    (dict(mode="bogus"), ValueError, r"^mode must be one of \('independent', 'multi', 'orthogonal', 'gaussian'\)"),
+    (dict(contraction="fast"), ValueError, r"^contraction must be one of \('auto', 'probes', 'decompress'\)"),
+    (dict(include=[""]), ValueError, r"^include must be None, a module-name pattern or a list of them"),
+    (dict(batchnorm_bits=3), ValueError, r"^batchnorm_bits must be"),
+    (dict(maxpool="yes"), TypeError, r"^maxpool must be a bool"),
+    (dict(min_pixels=-1), ValueError, r"^min_pixels must be None or an int >= 0"),
+    (dict(probes=-1), ValueError, r"^probes must be >= 0"),
+    (dict(storage="quantized"), TypeError, r"^bits must be one of 2, 4, 8, 16; got None"),
+])
+def test_bad_options_are_refused_in_one_line_naming_the_option(kwargs, error, message):
+    with pytest.raises(error, match=message) as raised:
+        xconv.ConvertOptions(**kwargs)
+    assert "\n" not in str(raised.value)
+    model = _block()
+    with pytest.raises(error, match=message):
+        xconv.convert(model, **kwargs)
+    assert type(model[0]) is nn.Conv2d  # refused before anything was replaced
+
+
+def test_unknown_options_and_a_positional_probe_count_are_refused():
+    with pytest.raises(TypeError, match=r"^prbes: no such option of xconv.convert; the options: probes, mode"):
+        xconv.convert(_block(), prbes=4)
+    with pytest.raises(TypeError, match=r"^options must be a ConvertOptions or None, got 8"):
+        xconv.convert(_block(), 8)
+
+
+def test_reconverting_into_an_impossible_combination_names_the_kept_option():
+    model = xconv.convert(_block(), per_sample=True)
+    with pytest.raises(ValueError, match=r"per_sample=True needs mode='independent'.*keeps from an earlier convert"):
+        xconv.convert(model, mode="multi")
+    assert model[0].sketch_config.mode == "independent" and model[4].sketch_config.mode == "independent"
+
+
 def test_include_that_selects_nothing_raises_before_replacing():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(ValueError, match=r"include: no conv or ReLU matches \['conv\*'\]; the model's convs: 0"):
         xconv.convert(model, include="conv*")
     with pytest.raises(ValueError, match=r"include: no conv matches \['1'\]"):
-        xconv.convert(model, include="1", relu=False)
+        xconv.convert(model, include="1", relu="exact")
     with pytest.raises(ValueError, match=r"exclude: no module matches \['head'\]; the model's convs: 0"):
         xconv.convert(model, exclude=["0", "head"])
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU
@@ -150,9 +225,9 @@ def test_convert_rejects_bad_options_before_touching_the_model():
 
 def test_include_exclude_accept_one_pattern_as_a_string():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
-    xconv.convert(model, include="0", relu=False)
+    xconv.convert(model, include="0", relu="exact")
     assert isinstance(model[0], xconv.XConv2d) and type(model[1]) is nn.Conv2d
-    xconv.convert(model, exclude="0", relu=False)
+    xconv.convert(model, exclude="0", relu="exact")
     assert isinstance(model[1], xconv.XConv2d)
 
 

@@ -59,7 +59,7 @@ def test_own_lightning_module_gains_xconv_through_the_callback_alone(tmp_path):
     assert all(not torch.equal(b, p) for b, p in zip(before, module.parameters()))  # it trained
     trainer.save_checkpoint(tmp_path / "own.ckpt")
     checkpoint = torch.load(tmp_path / "own.ckpt", weights_only=True)
-    assert checkpoint[CHECKPOINT_KEY]["options"] == {"probes": 4}
+    assert checkpoint[CHECKPOINT_KEY]["options"] == xconv.ConvertOptions(probes=4).to_dict()
 
     reloaded = TinyRegression.load_from_checkpoint(tmp_path / "own.ckpt")
     assert [type(m) for m in reloaded.net] == [type(m) for m in module.net]

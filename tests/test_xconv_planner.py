@@ -61,7 +61,7 @@ def test_more_budget_never_predicts_more_error():
     (("sketch", 8), 0.3, 3.0),  # predicted from 4 draws of errors correlated across entries: wide scatter
 ])
 def test_predicted_errors_match_draws(candidate, low, high):
-    net = xconv.convert(small_net(), relu=True)
+    net = xconv.convert(small_net(), relu="bit")
     plan = xconv.plan_storage(net, loss_fn, BATCH, budget=1.0, candidates=(candidate,))
     planned = plan.apply(copy.deepcopy(net))
     exact_net = xconv.revert(copy.deepcopy(net))
@@ -85,9 +85,9 @@ def test_plan_table_and_dict_name_every_layer():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(budget=0.0), "budget must be a fraction in"),
-    (dict(budget=1.5), "budget must be a fraction in"),
-    (dict(budget=True), "budget must be a fraction in"),
+    (dict(budget=0.0), "budget must be None or a fraction in"),
+    (dict(budget=1.5), "budget must be None or a fraction in"),
+    (dict(budget=True), "budget must be None or a fraction in"),
     (dict(), "give exactly one of"),
     (dict(budget=0.5, budget_bytes=100), "give exactly one of"),
     (dict(budget_bytes=-1), "budget_bytes must be an int > 0"),

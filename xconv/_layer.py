@@ -13,7 +13,7 @@ import torch
 
 from . import rng
 from ._autograd import layer_label
-from ._options import SketchConfig, layer_probes, sketch_numel_per_sample
+from ._options import SKETCH_FIELDS, SketchConfig, layer_probes, sketch_numel_per_sample
 from .rng import draw_seed
 
 # xconv.rng.backward_count() at the last repeated-seed warning.
@@ -107,17 +107,13 @@ class _XConvMixin:
 
 
 class _XConvLayer(_XConvMixin):
-    """The constructor shared by the XConv classes: the torch layer's arguments, then the estimator options."""
+    """The constructor shared by the XConv classes: the torch layer's arguments, then the estimator
+    options, as one :class:`SketchConfig` (``sketch=``) or by name (``probes=8, mode="multi"``, which
+    replace the fields of ``sketch``; ``probes`` is 8 where neither gives it)."""
 
-    def __init__(
-        self, *args, probes: int = 8, mode: str = "independent", distribution: str = "gaussian",
-        per_sample: bool = False, contraction: str = "auto", deflation: str | None = None,
-        deflation_rank: int | None = None, storage: str = "sketch", bits: int | None = None,
-        max_compression: int | None = None, min_pixels: int | None = None, **kwargs,
-    ):
+    def __init__(self, *args, sketch: SketchConfig | None = None, min_pixels: int | None = None, **kwargs):
+        options = {name: kwargs.pop(name) for name in SKETCH_FIELDS if name in kwargs}
         super().__init__(*args, **kwargs)
-        self._init_xconv(
-            min_pixels, probes=probes, mode=mode, distribution=distribution, per_sample=per_sample,
-            contraction=contraction, deflation=deflation, deflation_rank=deflation_rank,
-            storage=storage, bits=bits, max_compression=max_compression,
-        )
+        if sketch is not None and not isinstance(sketch, SketchConfig):
+            raise TypeError(f"sketch must be a SketchConfig or None, got {sketch!r}")
+        self._init_xconv(min_pixels, **{**dataclasses.asdict(sketch or SketchConfig(8)), **options})

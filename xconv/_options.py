@@ -5,6 +5,7 @@ holds a valid one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -77,6 +78,10 @@ class SketchConfig:
         if self.deflation is None:
             return 0
         return 1 if self.deflation_rank is None else self.deflation_rank
+
+
+# The option names of SketchConfig, which layers and xconv.convert also take one by one.
+SKETCH_FIELDS = tuple(f.name for f in dataclasses.fields(SketchConfig))
 
 
 def validate_sketch_config(

@@ -2,7 +2,7 @@
 
 Needs ``lightning`` (``import xconv`` alone does not import this module or Lightning)::
 
-    trainer = L.Trainer(callbacks=[XConvCallback(probes=8)])   # or storage="quantized", bits=4
+    trainer = L.Trainer(callbacks=[XConvCallback(probes=8)])   # or ConvertOptions(storage="quantized", bits=4)
     trainer.fit(MyModule(), datamodule)
 
 To reload a trained, converted module with its XConv layers, restore them in the module's
@@ -10,7 +10,6 @@ To reload a trained, converted module with its XConv layers, restore them in the
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -19,7 +18,9 @@ from torch import nn
 from .checkpointing import checkpoint_modules
 from .convert import convert
 from .nn import _XConvMixin
-from .planner import LayerPlan, StoragePlan, plan_storage
+from .options import ConvertOptions
+from .planner import plan_storage
+from .storage_plan import LayerPlan, StoragePlan, check_budget
 
 # Top-level key of the Lightning checkpoint that records the conversion, so that a reloaded module
 # (LightningModule.load_from_checkpoint) gets the same layers without the callback.
@@ -31,6 +32,7 @@ class XConvCallback(L.Callback):
     with :func:`xconv.convert` in ``setup``, before the optimizers are built.
 
     Args:
+        options: a :class:`xconv.ConvertOptions` (``None``: its defaults); ``**overrides`` replace its fields.
         modules: names of the submodules to convert (``"net"``, ``"generator"``); ``None``: the
             whole LightningModule.
         budget: a fraction in (0, 1] of plain-torch activation bytes: plan each XConv layer's
@@ -39,24 +41,27 @@ class XConvCallback(L.Callback):
             the only one); used by ``budget``. ``None``: the LightningModule's ``loss(batch, net=net)``.
         checkpointing: module-name patterns (fnmatch) of segments to run with activation
             checkpointing (:func:`xconv.checkpoint_modules`), applied after conversion.
-        **options: keyword arguments of :func:`xconv.convert` (``probes``, ``storage``, ``bits``, ...).
+        **overrides: fields of :class:`xconv.ConvertOptions` (``probes=8``, ``storage="quantized"``, ...).
 
     The options are logged as hyperparameters (``xconv/<name>``) and stored in every checkpoint
     under :data:`CHECKPOINT_KEY` with the storage plan. Converting is idempotent: a module
     already converted by this callback (:meth:`apply`) is left as it is.
 
     Raises:
-        ValueError: a ``budget`` outside (0, 1]; in :meth:`apply` (``setup``): the errors of
+        TypeError, ValueError: an invalid option or a ``budget`` outside (0, 1]; in :meth:`apply` (``setup``): the errors of
             :func:`xconv.convert` and :func:`xconv.plan_storage`, or ``modules`` that are not submodules.
     """
 
-    def __init__(self, modules: Sequence[str] | str | None = None, budget: float | None = None,
-                 loss: Callable | None = None, checkpointing: Sequence[str] | None = None, **options):
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not 0 < budget <= 1):
-            raise ValueError(f"budget must be None or a fraction in (0, 1] of plain-torch activation bytes, got {budget!r}")
+    def __init__(self, options: ConvertOptions | None = None, *, modules: Sequence[str] | str | None = None,
+                 budget: float | None = None, loss: Callable | None = None, checkpointing: Sequence[str] | None = None,
+                 **overrides):
+        check_budget(budget)
+        if options is not None and not isinstance(options, ConvertOptions):
+            raise TypeError(f"options must be a ConvertOptions or None, got {options!r}")
+        # A subclass (a config schema with more keys) is kept as the plain options it holds.
+        self.options = ConvertOptions(**{**(options or ConvertOptions()).to_dict(), **overrides})
         self.modules = [modules] if isinstance(modules, str) else None if modules is None else list(modules)
-        self.budget, self.loss, self.options = budget, loss, options
+        self.budget, self.loss = budget, loss
         self.checkpointing = None if checkpointing is None else list(checkpointing)
         self.storage_plan: StoragePlan | None = None
         self._logged = False
@@ -77,7 +82,7 @@ class XConvCallback(L.Callback):
             return
         targets = self._targets(pl_module)
         for _, module in targets:
-            convert(module, **self.options)
+            convert(module, self.options)
         if self.budget is not None and self.storage_plan is None:
             self.storage_plan = self._plan(pl_module, targets, datamodule)
         if self.storage_plan is not None:
@@ -106,7 +111,7 @@ class XConvCallback(L.Callback):
 
     def record(self) -> dict:
         """What the checkpoint keeps to rebuild the converted layers (JSON-ready)."""
-        return {"modules": self.modules, "options": copy.deepcopy(self.options), "checkpointing": self.checkpointing,
+        return {"modules": self.modules, "options": self.options.to_dict(), "checkpointing": self.checkpointing,
                 "storage_plan": None if self.storage_plan is None else self.storage_plan.to_dict()}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -120,7 +125,8 @@ class XConvCallback(L.Callback):
         record = checkpoint.get(CHECKPOINT_KEY)
         if record is None or any(isinstance(m, _XConvMixin) for m in pl_module.modules()):
             return
-        callback = XConvCallback(record["modules"], checkpointing=record["checkpointing"], **record["options"])
+        callback = XConvCallback(ConvertOptions(**record["options"]), modules=record["modules"],
+                                 checkpointing=record["checkpointing"])
         if (plan := record["storage_plan"]) is not None:  # as planned in training, not planned again
             layers = [LayerPlan(**{**layer, "input_shape": tuple(layer["input_shape"])}) for layer in plan["layers"]]
             callback.storage_plan = StoragePlan(plan["budget_bytes"], plan["plain_bytes"], plan["other_bytes"], layers)

@@ -62,7 +62,10 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
     Same arguments, parameters and ``state_dict`` as ``torch.nn.{torch_name}``, plus:
 
     Args:
-        probes: number of probing vectors r; 0 gives the exact gradient (plain layer).
+        sketch: a :class:`xconv.SketchConfig` holding the options below (the object
+            ``xconv.functional`` takes); options given by name replace its fields.
+        probes: number of probing vectors r; 0 gives the exact gradient (plain layer); 8
+            where neither ``probes`` nor ``sketch`` gives it.
         mode: ``"independent"`` keeps a per-channel sketch ``[B, C_in, r]``; ``"multi"``
             (alias ``"gaussian"``, the paper's name) keeps ``[B, r]``; ``"orthogonal"`` keeps
             ``[B, r]`` with per-channel orthonormal probe blocks.

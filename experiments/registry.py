@@ -1,0 +1,53 @@
+"""What this project registers with Hydra and OmegaConf before a config is composed: the schema of the
+``xconv`` group and the ``${sweep_dir:}`` resolver. Registered by :func:`register`, never on import."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from xconv.options import ConvertOptions
+from xconv.storage_plan import check_budget
+
+
+@dataclass
+class XConvConfig(ConvertOptions):
+    """The ``xconv`` config group (``configs/xconv/``): the options of ``xconv.convert``
+    (:class:`xconv.ConvertOptions`, whose field types OmegaConf checks when the config is composed)
+    and ``budget``, the byte budget of ``xconv.lightning.XConvCallback``: a fraction in (0, 1] of
+    plain-torch activation bytes, or None (no planning).
+
+    Raises:
+        TypeError, ValueError: on construction (``OmegaConf.to_object(cfg.xconv)``), a value the
+            types let through but the options refuse (``probes=-3``, ``bits=3``, ``budget=2``).
+    """
+
+    budget: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_budget(self.budget)
+
+
+def sweep_dir() -> str | None:
+    """The sweep directory of a Hydra sweep (``-m``) job; None in a single run or outside a Hydra app.
+
+    Registered as the ``${sweep_dir:}`` resolver, for the W&B logger's ``group``: the jobs of one
+    sweep share it, a single run gets none. Unlike ``${hydra:sweep.dir}``, it also resolves
+    where no Hydra app runs (configs composed in tests and scripts).
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().sweep.dir
+
+
+def register() -> None:
+    """Store :class:`XConvConfig` as ``xconv/schema`` in Hydra's ConfigStore (``configs/xconv/default.yaml``
+    extends it) and register ``${sweep_dir:}`` with OmegaConf. Call it before composing ``configs/``
+    (``run.py`` does, as do the tests and scripts that compose it); later calls change nothing."""
+    ConfigStore.instance().store(group="xconv", name="schema", node=XConvConfig)
+    if not OmegaConf.has_resolver("sweep_dir"):
+        OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
