@@ -1,4 +1,7 @@
-"""Compose the real configs (configs/) for tests, with small overrides instead of test-only configs."""
+"""Compose the real configs (configs/) for tests, with small overrides instead of test-only configs.
+
+Every run here uses ``debug=tiny`` (configs/debug/tiny.yaml: two training steps, one validation and one
+test batch, CPU, CSV logs); the lists below add the small data (and network) sizes of each task."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,18 +14,6 @@ from experiments.registry import register
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
-# Two training steps, one validation and one test batch, CSV logs only: for any task and data set.
-TINY_TRAINER = [
-    "trainer.accelerator=cpu",
-    "trainer.max_steps=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=csv",
-]
-
 # A segmentation run small enough for a test: a few 32x32 digit-texture scenes.
 TINY_SEGMENTATION = [
     "task=segmentation",
@@ -31,7 +22,7 @@ TINY_SEGMENTATION = [
     "data.train_scenes=8",
     "data.val_scenes=4",
     "data.batch_size=4",
-    *TINY_TRAINER,
+    "debug=tiny",
 ]
 
 # A classification run small enough for a test: the digits at 16x16, in batches of 4.
@@ -39,13 +30,13 @@ TINY_CLASSIFICATION = [
     "task=classification",
     "data.image_size=16",
     "data.batch_size=4",
-    *TINY_TRAINER,
+    "debug=tiny",
 ]
 
 
 # A deep-image-prior run (task=superres or inpainting) small enough for a test: a 32x32 image
 # and a two-scale network of 8 channels; a few steps take seconds.
-TINY_IMAGE = ["data.resize=32", "data.crop=32", "data.steps_per_epoch=2", "model.channels=[8,8]", *TINY_TRAINER]
+TINY_IMAGE = ["data.resize=32", "data.crop=32", "data.steps_per_epoch=2", "model.channels=[8,8]", "debug=tiny"]
 
 
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:

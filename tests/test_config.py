@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
-from hydra_helpers import CONFIG_DIR, REPO_ROOT, TINY_TRAINER, compose_config, config_names
+from hydra_helpers import CONFIG_DIR, REPO_ROOT, compose_config, config_names
 from omegaconf import OmegaConf
 
 import xconv
@@ -148,7 +148,7 @@ def test_bad_xconv_types_and_choices_fail_at_compose_time_naming_the_key(overrid
 
 
 def test_exclude_patterns_reach_convert(tmp_path):
-    _, task, _ = build(compose_config(*TINY_TRAINER, "xconv.exclude=[encoder.conv1]", output_dir=tmp_path))
+    _, task, _ = build(compose_config("debug=tiny", "xconv.exclude=[encoder.conv1]", output_dir=tmp_path))
     assert type(task.net.encoder.conv1) is torch.nn.Conv2d
     assert isinstance(task.net.encoder.layer1[0].conv1, xconv.XConv2d)
 
@@ -187,7 +187,7 @@ def test_exclude_patterns_reach_convert(tmp_path):
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override, key, tmp_path):
-    cfg = compose_config(*TINY_TRAINER, *override.split(), output_dir=tmp_path)
+    cfg = compose_config("debug=tiny", *override.split(), output_dir=tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build(cfg)
 
@@ -212,7 +212,7 @@ def test_xconv_options_are_checked_before_data_and_model_are_built(override, mon
 def test_bad_command_line_exits_2_with_one_line_and_leaves_no_run_dir(override, message, tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, override, f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(REPO_ROOT / "run.py"), "debug=tiny", override, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
@@ -229,7 +229,7 @@ def test_a_new_run_into_an_earlier_run_s_dir_exits_2_and_changes_nothing(tmp_pat
         (run_dir / name).write_text(content)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(REPO_ROOT / "run.py"), "debug=tiny", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
@@ -262,7 +262,7 @@ def test_resuming_into_its_run_dir_and_stopping_changes_nothing_there(case, extr
         torch.save({"state_dict": {"net.weight": torch.zeros(3)}, "global_step": 2}, ckpt)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *TINY_TRAINER, f"hydra.run.dir={run_dir}", f"ckpt_path={ckpt}", *extra],
+        [sys.executable, str(REPO_ROOT / "run.py"), "debug=tiny", f"hydra.run.dir={run_dir}", f"ckpt_path={ckpt}", *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
@@ -281,7 +281,7 @@ def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_noth
     for blocker in ("file", "s2"):
         (tmp_path / blocker).write_text("not a directory")
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, "seed=1,2", f"hydra.sweep.dir={tmp_path}/multirun/sweep",
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", "debug=tiny", "seed=1,2", f"hydra.sweep.dir={tmp_path}/multirun/sweep",
          f"hydra.sweep.subdir={tmp_path}/{subdir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
@@ -294,7 +294,7 @@ def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_noth
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):
     sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), "-m", *TINY_TRAINER, "xconv.probes=-1,8", f"hydra.sweep.dir={sweep_dir}"],
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", "debug=tiny", "xconv.probes=-1,8", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2

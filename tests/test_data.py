@@ -7,7 +7,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from hydra_helpers import TINY_TRAINER, compose_config
+from hydra_helpers import compose_config
 from PIL import Image
 from torchvision.datasets import MNIST
 
@@ -116,7 +116,7 @@ def test_folder_mask_labels_beyond_num_classes_fail_at_build_naming_the_file(tmp
     with pytest.raises(ValueError, match=r"^num_classes: mask '.*im1\.png' holds label 3"):
         FolderDataModule(str(tmp_path), num_classes=3)
     FolderDataModule(str(tmp_path), num_classes=2, binary=True)  # binary masks: any non-zero label is foreground
-    cfg = compose_config(*TINY_TRAINER, "data=folder", f"data.root={tmp_path}", "data.num_classes=3", output_dir=tmp_path)
+    cfg = compose_config("debug=tiny", "data=folder", f"data.root={tmp_path}", "data.num_classes=3", output_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"^data\.num_classes: mask .*im1\.png"):
         build(cfg)
 
@@ -153,7 +153,7 @@ def test_folder_unreadable_file_fails_at_build_naming_the_file_and_the_key(tmp_p
     with pytest.raises(ValueError, match=r"^root: '.*train/images/im1\.jpg' is no image PIL can read"):
         FolderDataModule(str(tmp_path / "train"), num_classes=2)
     (tmp_path / "test" / "masks" / "im0.png").write_bytes(b"")
-    cfg = compose_config(*TINY_TRAINER, "data=folder", f"data.root={tmp_path / 'test'}", output_dir=tmp_path / "run")
+    cfg = compose_config("debug=tiny", "data=folder", f"data.root={tmp_path / 'test'}", output_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=r"^data\.root: '.*test/masks/im0\.png' is no image PIL can read"):
         build(cfg)
     write_folder(tmp_path / "valid", 2)
@@ -172,7 +172,7 @@ def test_folder_too_few_pairs_to_train_on_fails_naming_val_fraction(tmp_path):
         FolderDataModule(str(tmp_path), num_classes=2, val_fraction=0.9)
     one = tmp_path / "one"
     write_folder(one, 1)
-    cfg = compose_config(*TINY_TRAINER, "data=folder", f"data.root={one}", output_dir=tmp_path / "run")
+    cfg = compose_config("debug=tiny", "data=folder", f"data.root={one}", output_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=r"^data\.val_fraction: 0\.2 of 1 pair in .* leaves no pair"):
         build(cfg)
 

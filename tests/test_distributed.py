@@ -9,7 +9,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, TINY_TRAINER, compose_config
+from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
 from test_run import check_summary
 
 from experiments.errors import ConfigError
@@ -32,7 +32,7 @@ def run_py(*overrides: str, cwd) -> subprocess.CompletedProcess:
 
 
 def with_logger(overrides: list[str], logger: str) -> list[str]:
-    return [o for o in overrides if not o.startswith("logger=")] + [f"logger={logger}"]
+    return [*overrides, f"logger={logger}"]  # after debug=tiny's csv: the command line wins
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_submitit_local_sweep_runs_every_job(tmp_path):
 @pytest.mark.parametrize("strategy, error", [("ddp", True), ("ddp_find_unused_parameters_true", False)])
 def test_gan_needs_ddp_to_find_unused_parameters(strategy, error, tmp_path):
     # D's update leaves G without gradients; plain DDP would fail after the first step.
-    cfg = compose_config("task=gan", "data.image_size=16", *TINY_TRAINER, f"trainer.strategy={strategy}",
+    cfg = compose_config("task=gan", "data.image_size=16", "debug=tiny", f"trainer.strategy={strategy}",
                          "trainer.devices=2", output_dir=tmp_path)
     if error:
         with pytest.raises(ConfigError, match="trainer.strategy: GANTask .* use trainer.strategy=ddp_find_unused_parameters_true"):

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 from hydra.utils import instantiate
-from hydra_helpers import TINY_TRAINER, compose_config
+from hydra_helpers import compose_config
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from test_run import SUMMARY_FIELDS
@@ -33,7 +33,7 @@ TINY_GAN = [
     "model.discriminator_width=8",
     "task.fid_feature=classifier",
     "task.fid_classifier_steps=20",
-    *TINY_TRAINER,
+    "debug=tiny",
 ]
 
 
@@ -71,8 +71,7 @@ def test_two_step_run_writes_summary_with_fid_and_samples(probes, relu, logger, 
     if logger == "wandb":
         monkeypatch.setenv("WANDB_MODE", "disabled")
         monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None: logged.append((key, images)))
-    overrides = [o for o in TINY_GAN if not o.startswith("logger=")] + [f"logger={logger}"]
-    cfg = compose_config(*overrides, f"task.fid_cache_dir={cache_dir}", f"xconv.probes={probes}",
+    cfg = compose_config(*TINY_GAN, f"logger={logger}", f"task.fid_cache_dir={cache_dir}", f"xconv.probes={probes}",
                          f"xconv.relu={relu}", output_dir=tmp_path)
     returned = run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 import torch
 from hydra.utils import instantiate
-from hydra_helpers import TINY_IMAGE, TINY_TRAINER, compose_config
+from hydra_helpers import TINY_IMAGE, compose_config
 from PIL import Image
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio
@@ -195,7 +195,7 @@ def test_folder_image_is_read_by_name_or_stem(tmp_path):
 )
 def test_bad_values_raise_config_errors_naming_the_key(task, override, error, tmp_path):
     with pytest.raises(ConfigError, match=error):
-        build(compose_config(f"task={task}", *TINY_TRAINER, *override.split(), output_dir=tmp_path))
+        build(compose_config(f"task={task}", "debug=tiny", *override.split(), output_dir=tmp_path))
 
 
 def test_mask_file_that_is_not_an_image_is_named(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from hydra_helpers import TINY_TRAINER, compose_config, config_names
+from hydra_helpers import compose_config, config_names
 from test_data import write_folder
 
 from run import build, run
@@ -17,7 +17,7 @@ SMALL_DATA = {"paper_segmentation_cpu": ["data.train_scenes=8", "data.val_scenes
 
 @pytest.mark.parametrize("preset", CPU_PRESETS)
 def test_cpu_preset_trains_offline(preset, tmp_path):
-    cfg = compose_config(f"experiment={preset}", *TINY_TRAINER, *SMALL_DATA.get(preset, []), output_dir=tmp_path)
+    cfg = compose_config(f"experiment={preset}", "debug=tiny", *SMALL_DATA.get(preset, []), output_dir=tmp_path)
     summary = run(cfg)
     assert summary["steps"] == 2 and summary["metric"] is not None
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["task_name"] == cfg.task_name
@@ -40,7 +40,7 @@ def test_paper_segmentation_runs_on_a_folder_with_a_test_split(tmp_path):
     write_folder(tmp_path / "test", 2)
     cfg = compose_config(
         "experiment=paper_segmentation", f"data.root={tmp_path / 'train'}", f"data.test_root={tmp_path / 'test'}",
-        "data.image_size=64", "data.batch_size=2", "data.num_workers=0", *TINY_TRAINER, "trainer.max_steps=-1",
+        "data.image_size=64", "data.batch_size=2", "data.num_workers=0", "debug=tiny", "trainer.max_steps=-1",
         "trainer.max_epochs=2", "trainer.log_every_n_steps=1", output_dir=tmp_path / "run",
     )
     datamodule, task, trainer = build(cfg)
