@@ -177,7 +177,7 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("task=classification data=digit_scenes", "model.in_channels: Interpolation key 'data.in_channels' not found"),
         ("trainer.max_epochs=-3", "trainer: `max_epochs` must be a non-negative integer"),
         ("trainer.strategy=ddp_spawn trainer.devices=2", "trainer.strategy: a DDPStrategy whose processes"),
-        ("trainer.precision=fp8", "trainer: Precision 'fp8' is invalid"),
+        ("+trainer.precision=fp8", "trainer: Precision 'fp8' is invalid"),
         ("xconv.include=[nonexistent.*]", "xconv.include: no conv or ReLU matches"),
         ("xconv.exclude=[nonexistent]", r"xconv.exclude: no module matches \['nonexistent'\]"),
         ("data.batch_size=0", "data.batch_size: must be an int >= 1, got 0"),
