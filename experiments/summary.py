@@ -96,6 +96,7 @@ class RunSummary(L.Callback):
             "checkpointed_modules": len(xconv.checkpointed_module_names(pl_module.net)),
             "storage_plan": plan.to_dict() if plan is not None else None,
             "metric_name": pl_module.metric_name,
+            "metric_mode": pl_module.metric_mode,  # "max" or "min": which way make_tables.py ranks runs
             "metric": None,
             "metrics": pl_module.summary_metrics(),
             **activation_memory(pl_module, batch, device, trainer.precision_plugin),

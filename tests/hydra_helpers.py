@@ -38,6 +38,28 @@ TINY_CLASSIFICATION = [
 # and a two-scale network of 8 channels; a few steps take seconds.
 TINY_IMAGE = ["data.resize=32", "data.crop=32", "data.steps_per_epoch=2", "model.channels=[8,8]", "debug=tiny"]
 
+# A GAN run small enough for a test: 16x16 digits, narrow networks, a briefly trained feature classifier.
+TINY_GAN = [
+    "task=gan",
+    "data.image_size=16",
+    "data.batch_size=8",
+    "model.latent_dim=16",
+    "model.generator_width=8",
+    "model.discriminator_width=8",
+    "task.fid_feature=classifier",
+    "task.fid_classifier_steps=20",
+    "debug=tiny",
+]
+
+# Every task's tiny run (a GAN run also wants task.fid_cache_dir, where its feature classifier is cached).
+TINY = {
+    "segmentation": TINY_SEGMENTATION,
+    "classification": TINY_CLASSIFICATION,
+    "gan": TINY_GAN,
+    "superres": ["task=superres", *TINY_IMAGE],
+    "inpainting": ["task=inpainting", *TINY_IMAGE],
+}
+
 
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     """``configs/config.yaml`` composed with ``overrides``; ``output_dir`` replaces Hydra's run directory."""

@@ -42,6 +42,9 @@ def test_every_task_composes_and_builds(task, tmp_path):
     module = instantiate(cfg.task)
     assert isinstance(module, XConvTask)
     assert module.metric_name
+    # The config names the class's own metric, so a task built in Python (no metric) scores the same.
+    assert (module.metric_name, module.metric_mode) == (cfg.task.metric.name, cfg.task.metric.mode)
+    assert (type(module).metric_name, type(module).metric_mode) == (cfg.task.metric.name, cfg.task.metric.mode)
 
 
 @pytest.mark.parametrize("data", config_names("data"))
@@ -178,6 +181,8 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("trainer.max_epochs=-3", "trainer: `max_epochs` must be a non-negative integer"),
         ("trainer.strategy=ddp_spawn trainer.devices=2", "trainer.strategy: a DDPStrategy whose processes"),
         ("+trainer.precision=fp8", "trainer: Precision 'fp8' is invalid"),
+        ("task.metric.mode=up", "task.metric.mode: must be 'min' or 'max'"),
+        ("~task.metric.mode", "task.metric: needs exactly the keys name and mode"),
         ("xconv.include=[nonexistent.*]", "xconv.include: no conv or ReLU matches"),
         ("xconv.exclude=[nonexistent]", r"xconv.exclude: no module matches \['nonexistent'\]"),
         ("data.batch_size=0", "data.batch_size: must be an int >= 1, got 0"),

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 from hydra.utils import instantiate
-from hydra_helpers import compose_config
+from hydra_helpers import TINY_GAN, compose_config
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from test_run import SUMMARY_FIELDS
@@ -22,20 +22,6 @@ from experiments.data import DigitsDataModule
 from experiments.models import dcgan
 from experiments.tasks import GANTask
 from run import build, run
-
-# A GAN run small enough for a test: 16x16 digits, narrow networks, a briefly trained feature classifier.
-TINY_GAN = [
-    "task=gan",
-    "data.image_size=16",
-    "data.batch_size=8",
-    "model.latent_dim=16",
-    "model.generator_width=8",
-    "model.discriminator_width=8",
-    "task.fid_feature=classifier",
-    "task.fid_classifier_steps=20",
-    "debug=tiny",
-]
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
@@ -79,6 +65,7 @@ def test_two_step_run_writes_summary_with_fid_and_samples(probes, relu, logger, 
     assert SUMMARY_FIELDS <= set(summary)
     assert summary["task"] == "gan" and summary["probes"] == probes
     assert summary["metric_name"] == "val/fid" and summary["metric"] == summary["metrics"]["val/fid"]
+    assert summary["metric_mode"] == "min"  # FID: lower is better
     assert math.isfinite(summary["metric"]) and summary["metric"] > 0  # an untrained generator is no digit writer
     assert summary["metrics"]["fid_feature"] == "classifier"
     assert summary["steps"] == 2  # one batch: one discriminator and one generator step

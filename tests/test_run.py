@@ -6,20 +6,22 @@ import json
 import math
 import subprocess
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from hydra_helpers import REPO_ROOT, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config
+from hydra_helpers import REPO_ROOT, TINY, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config, config_names
 
 import xconv
 from experiments.errors import ConfigError
 from experiments.summary import activation_memory
-from experiments.tasks import SegmentationTask
+from experiments.tasks import ClassificationTask, SegmentationTask
 from run import build, run
 
 SUMMARY_FIELDS = {
-    "task", "probes", "mode", "distribution", "metric_name", "metric", "metrics", "activation_bytes",
+    "task", "probes", "mode", "distribution", "metric_name", "metric_mode", "metric", "metrics", "activation_bytes",
     "activation_bytes_exact", "peak_memory_bytes", "train_time_s", "samples_per_s", "epochs", "steps",
     "device", "precision", "world_size", "seed", "git_commit", "config", "checkpointing", "checkpointed_modules",
 }
@@ -40,7 +42,7 @@ def check_summary(summary: dict, task: str, probes: int, steps: int) -> None:
     assert {**xconv.ConvertOptions().to_dict(), "budget": None}.keys() <= summary.keys()
     assert {key: summary[key] for key in summary["config"]["xconv"]} == summary["config"]["xconv"]
     assert summary["relu"] in ("bit", "exact") and summary["contraction"] == "auto"
-    assert summary["metric_name"] == metric_name
+    assert summary["metric_name"] == metric_name and summary["metric_mode"] == "max"  # accuracy, mIoU
     assert summary["metric"] == summary["metrics"][metric_name] and 0 <= summary["metric"] <= 1
     assert other_metrics <= set(summary["metrics"])
     assert summary["steps"] == steps
@@ -66,6 +68,31 @@ def test_two_step_run_writes_summary(task, probes, relu, tmp_path):
         assert summary["activation_bytes"] < summary["activation_bytes_exact"]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("task", config_names("task"))
+def test_debug_tiny_runs_every_task_in_seconds(task, tmp_path):
+    """``debug=tiny`` with a task's small data sizes (``TINY``): two training steps, scored by the config's metric."""
+    fid_cache = [f"task.fid_cache_dir={tmp_path / 'fid'}"] if task == "gan" else []
+    cfg = compose_config(*TINY[task], *fid_cache, output_dir=tmp_path)
+    start = time.perf_counter()
+    summary = run(cfg)
+    seconds = time.perf_counter() - start
+    assert summary["steps"] == 2 and summary["device"] == "cpu"  # the GAN's one batch: a D and a G step
+    assert (summary["metric_name"], summary["metric_mode"]) == (cfg.task.metric.name, cfg.task.metric.mode)
+    assert math.isfinite(summary["metric"])
+    assert seconds < 30, f"{task}: {seconds:.1f} s"  # about 2 s at most on 2 shared CPU cores
+
+
+def test_the_configs_metric_is_the_summarys_and_reloads_with_the_task(tmp_path):
+    cfg = compose_config(*TINY_CLASSIFICATION, "task.metric.name=val/loss", "task.metric.mode=min", output_dir=tmp_path)
+    summary = run(cfg)
+    assert (summary["metric_name"], summary["metric_mode"]) == ("val/loss", "min")
+    assert summary["metric"] == summary["metrics"]["val/loss"]
+    reloaded = ClassificationTask.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert (reloaded.metric_name, reloaded.metric_mode) == ("val/loss", "min")
+    built_in_python = ClassificationTask(reloaded.net, num_classes=10, optimizer=partial(torch.optim.Adam))  # no metric
+    assert (built_in_python.metric_name, built_in_python.metric_mode) == ("val/acc", "max")
 
 
 def test_run_without_validation_batches_has_no_headline_metric(tmp_path):

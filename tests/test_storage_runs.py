@@ -3,21 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra_helpers import TINY_CLASSIFICATION, TINY_IMAGE, TINY_SEGMENTATION, compose_config
-from test_gan import TINY_GAN
+from hydra_helpers import TINY, TINY_SEGMENTATION, compose_config
 
 from experiments.errors import ConfigError
 from experiments.summary import activation_memory
 from xconv.lightning import XConvCallback
 from run import build, run
 
-TINY = {
-    "segmentation": TINY_SEGMENTATION,
-    "classification": TINY_CLASSIFICATION,
-    "gan": TINY_GAN,
-    "superres": ["task=superres", *TINY_IMAGE],
-    "inpainting": ["task=inpainting", *TINY_IMAGE],
-}
 STORAGE = ["xconv.batchnorm_bits=4", "xconv.maxpool=true"]
 
 

@@ -32,11 +32,26 @@ def _is_config(value) -> bool:
     return isinstance(value, Mapping) or OmegaConf.is_dict(value)
 
 
+def _check_metric(metric: Mapping) -> tuple[str, str]:
+    """``metric``'s name and mode; ValueError naming the key (``metric.mode: ...``) where one is missing or bad."""
+    if set(metric) != {"name", "mode"}:
+        raise ValueError(f"metric: needs exactly the keys name and mode, got {sorted(metric)}")
+    name, mode = metric["name"], metric["mode"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"metric.name: must be a logged metric's key, e.g. val/acc, got {name!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"metric.mode: must be 'min' or 'max' (lower or higher is better), got {mode!r}")
+    return name, mode
+
+
 class XConvTask(L.LightningModule):
     """A LightningModule whose network ``net`` is what :class:`xconv.lightning.XConvCallback` converts (``modules="net"``).
 
     Subclasses set :attr:`metric_name` (a key they log during validation, the run's headline
-    number) and implement :meth:`loss`. ``optimizer`` is a partially-applied optimizer
+    number) and, where lower is better, :attr:`metric_mode` (``"min"``; default ``"max"``), and
+    implement :meth:`loss`. ``metric`` (``{"name": ..., "mode": ...}``, the task config's
+    ``task.metric``) replaces both for one task (ValueError where a key is missing or bad); without
+    it (a task built in Python) the class's own apply. ``optimizer`` is a partially-applied optimizer
     constructor (Hydra's ``_partial_: true``) that receives the parameters; ``scheduler``, if
     given, a partially-applied ``torch.optim.lr_scheduler`` class that receives the optimizer and
     steps once per epoch (e.g. ``CosineAnnealingLR`` with ``T_max`` = the number of epochs).
@@ -50,10 +65,14 @@ class XConvTask(L.LightningModule):
     """
 
     metric_name: str
+    metric_mode: str = "max"
     datamodule_type: type | None = None
 
-    def __init__(self, net: nn.Module | Mapping, optimizer: partial | Mapping, scheduler: partial | Mapping | None = None):
+    def __init__(self, net: nn.Module | Mapping, optimizer: partial | Mapping,
+                 scheduler: partial | Mapping | None = None, metric: Mapping | None = None):
         super().__init__()
+        if metric is not None:  # kept in the hyperparameters (below), so load_from_checkpoint restores it
+            self.metric_name, self.metric_mode = _check_metric(metric)
         built = {"net": net, "optimizer": optimizer, "scheduler": scheduler}
         # The subclasses' arguments too (Lightning collects every __init__ frame of this object).
         self.save_hyperparameters(ignore=[k for k, v in built.items() if v is not None and not _is_config(v)],

@@ -1,6 +1,7 @@
 """Image classification scored by top-1 accuracy."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -26,8 +27,9 @@ class ClassificationTask(XConvTask):
 
     metric_name = "val/acc"
 
-    def __init__(self, net: nn.Module, num_classes: int, optimizer: partial, scheduler: partial | None = None):
-        super().__init__(net, optimizer, scheduler)
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: partial, scheduler: partial | None = None,
+                 metric: Mapping | None = None):
+        super().__init__(net, optimizer, scheduler, metric)
         self.cross_entropy = nn.CrossEntropyLoss()
         # One metric per stage: Lightning computes and resets each at the end of its loop.
         self.accuracy = nn.ModuleDict(

@@ -1,6 +1,7 @@
 """Image generation with a GAN, scored by the Fréchet distance (FID) of generated to real images."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class GANTask(XConvTask):
         fid_cache_dir: where the feature classifier is cached; None: ``~/.cache/xconv``
             (``$XDG_CACHE_HOME/xconv``).
         fid_classifier_steps: training batches of the feature classifier.
+        metric: the headline metric's name and mode; None: ``val/fid``, lower is better (see :class:`XConvTask`).
 
     Raises:
         ValueError: ``net`` lacks a ``generator`` or ``discriminator`` or its generator has no
@@ -57,6 +59,7 @@ class GANTask(XConvTask):
     """
 
     metric_name = "val/fid"
+    metric_mode = "min"
     # D's update backpropagates through D only (G's output is detached), so under DDP the
     # generator's parameters get no gradient in that pass: run.py asks for
     # trainer.strategy=ddp_find_unused_parameters_true.
@@ -69,8 +72,9 @@ class GANTask(XConvTask):
         fid_feature: str = "auto",
         fid_cache_dir: str | None = None,
         fid_classifier_steps: int = 500,
+        metric: Mapping | None = None,
     ):
-        super().__init__(net, optimizer)
+        super().__init__(net, optimizer, metric=metric)
         net = self.net
         missing = {"generator", "discriminator"} - set(net.keys() if isinstance(net, nn.ModuleDict) else ())
         if missing:

@@ -7,6 +7,7 @@ masking. Validation scores the output against the clean image.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class ImagePriorTask(XConvTask):
         net: the generator, e.g. :class:`experiments.models.SkipNet`.
         optimizer, scheduler: partial optimizer and (optional) scheduler constructors, see :class:`XConvTask`.
         input_jitter: standard deviation of the per-step perturbation of the noise input; 0 for none.
+        metric: the headline metric's name and mode; None: ``val/psnr``, higher is better (see :class:`XConvTask`).
 
     Raises:
         ValueError: ``input_jitter`` < 0.
@@ -74,9 +76,10 @@ class ImagePriorTask(XConvTask):
     baseline_names: tuple[str, ...] = ("baseline",)
 
     def __init__(
-        self, net: nn.Module, optimizer: partial, scheduler: partial | None = None, input_jitter: float = 0.0
+        self, net: nn.Module, optimizer: partial, scheduler: partial | None = None, input_jitter: float = 0.0,
+        metric: Mapping | None = None,
     ):
-        super().__init__(net, optimizer, scheduler)
+        super().__init__(net, optimizer, scheduler, metric)
         if input_jitter < 0:
             raise ValueError(f"input_jitter: must be >= 0, got {input_jitter}")
         self.input_jitter = input_jitter
@@ -179,10 +182,11 @@ class SuperResolutionTask(ImagePriorTask):
         scale: int,
         scheduler: partial | None = None,
         input_jitter: float = 0.0,
+        metric: Mapping | None = None,
     ):
         if scale < 1:
             raise ValueError(f"scale: must be >= 1, got {scale}")
-        super().__init__(net, optimizer, scheduler, input_jitter)
+        super().__init__(net, optimizer, scheduler, input_jitter, metric)
         self.scale = scale
 
     def degrade(self, images: torch.Tensor, batch: dict) -> torch.Tensor:

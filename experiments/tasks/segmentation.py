@@ -1,6 +1,7 @@
 """Semantic segmentation: per-pixel classification scored by IoU and Dice."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import segmentation_models_pytorch as smp
@@ -39,8 +40,9 @@ class SegmentationTask(XConvTask):
         optimizer: partial,
         class_names: list[str] | None = None,
         scheduler: partial | None = None,
+        metric: Mapping | None = None,
     ):
-        super().__init__(net, optimizer, scheduler)
+        super().__init__(net, optimizer, scheduler, metric)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
