@@ -17,7 +17,12 @@ callbacks may differ between the runs of a row. Per row:
   exact row of the same table (``probes=0``, no SR storage, no planner);
 - peak memory in MiB (CUDA runs only; blank on CPU);
 - time per training step in seconds (batch size / ``samples_per_s``, which counts the training
-  steps' forward, backward and update only) and its ratio to the exact row.
+  steps' forward, backward and update only) and its ratio to the exact row;
+- **best** on the row (rows, if tied) of the table with the best metric mean: the highest or the
+  lowest by the metric's direction, which the column's heading names. The direction is each run's
+  ``metric_mode`` (its task config's ``task.metric.mode``: ``max``, or ``min`` for the GAN's FID);
+  summaries written before it was recorded take their task config's; ``--metric-mode`` gives it for
+  all runs, as for a ``--metric`` of the other direction (``--metric val/loss --metric-mode min``).
 
 With ``--batch-rows`` the batch size separates rows instead of tables, for the paper's
 equal-memory comparison (exact at batch B against XConv at batch 2B in one table; ratios are
@@ -28,23 +33,27 @@ have noisy times; say so when publishing.
 
 Usage:
     python scripts/make_tables.py multirun/classification/2026-11-30_10-00-00 [more dirs ...]
-                                  [--metric test/acc] [--batch-rows] [--out results/paper_mnist_table_cpu]
+                                  [--metric test/acc] [--metric-mode max] [--batch-rows]
+                                  [--out results/paper_mnist_table_cpu]
 
 Writes ``tables.md`` and ``tables.csv`` into ``--out`` (created), or prints the markdown when
 ``--out`` is not given. Exits with status 2 and one line on stderr when no ``summary.json`` is
-found or a run lacks the requested metric.
+found, a run lacks the requested metric, or the runs of one table disagree on the direction.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 from pathlib import Path
 
+import yaml
 from benchlib import write_csv
 
 MIB = 2**20
+TASK_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
 # What separates tables, and within a table, rows.
 TABLE_KEYS = ("task", "data", "model", "settings", "batch_size", "precision", "processes", "metric_name")
 ROW_KEYS = ("probes", "mode", "distribution", "per_sample", "contraction", "deflation", "deflation_rank", "relu",
@@ -53,7 +62,8 @@ ROW_KEYS = ("probes", "mode", "distribution", "per_sample", "contraction", "defl
 # files, how it logged; the XConv options and what TABLE_KEYS already name are compared there.
 NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "checkpointing", "trainer.default_root_dir", "task_name",
                 "data._target_", "data.image", "data.batch_size", "model._target_", "model.encoder_name",
-                "task._target_", "trainer.precision", "trainer.devices", "trainer.num_nodes"}
+                "task._target_", "trainer.precision", "trainer.devices", "trainer.num_nodes",
+                "task.metric.name", "task.metric.mode"}  # what is scored, not how it trains: metric_name, metric_mode
 NOT_SETTINGS_PREFIXES = ("xconv.", "callbacks.", "logger.", "hydra.", "task.net.")  # task.net is ${model}
 
 
@@ -69,13 +79,30 @@ def _patterns(value) -> str:
     return value if isinstance(value, str) else ",".join(value)
 
 
-def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
-    """One flat record per ``summary.json`` below ``directories``, with the fields the tables need.
+@functools.cache
+def task_metric_mode(task: str) -> str:
+    """The direction of ``task``'s headline metric, ``task.metric.mode`` of ``configs/task/<task>.yaml``:
+    for summaries written before they recorded their ``metric_mode``.
+
+    Raises:
+        KeyError: there is no such task config (a task since renamed).
+    """
+    path = TASK_CONFIGS / f"{task}.yaml"
+    if not path.is_file():
+        raise KeyError(f"--metric-mode: runs of task {task!r} record no metric_mode, and there is no {path} "
+                       "to read it from")
+    return yaml.safe_load(path.read_text())["task"]["metric"]["mode"]
+
+
+def load_runs(directories: list[Path], metric: str | None, metric_mode: str | None = None) -> list[dict]:
+    """One flat record per ``summary.json`` below ``directories``, with the fields the tables need;
+    ``metric_mode`` (``"max"`` or ``"min"``) replaces each run's own.
 
     Raises:
         FileNotFoundError: a directory does not exist.
         KeyError: a run has no ``metric`` among its final metrics (without ``metric``, a run
-            lacking its own headline metric, as one that validated nothing, counts with none).
+            lacking its own headline metric, as one that validated nothing, counts with none);
+            an older run's task has no config to take the direction from (without ``metric_mode``).
     """
     runs = []
     for directory in directories:
@@ -107,6 +134,7 @@ def load_runs(directories: list[Path], metric: str | None) -> list[dict]:
                 "processes": summary.get("world_size", 1),
                 "metric_name": name,
                 "metric": summary["metrics"].get(name),
+                "metric_mode": metric_mode or summary.get("metric_mode") or task_metric_mode(summary["task"]),
                 "probes": summary["probes"] if sketch else 0,
                 "mode": xconv["mode"] if sketch else "exact",
                 "distribution": xconv["distribution"] if sketch else "",
@@ -207,6 +235,7 @@ def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
 
     Ratios are None where the table has no exact (``probes=0``) runs. With ``batch_rows`` the
     batch size is part of the estimator (a row) and the exact row is the one of smallest batch.
+    Each table's best row is marked (:func:`_mark_best`; ValueError where its runs disagree on the direction).
     """
     tables = table_keys(batch_rows)
     keys = TABLE_KEYS + ROW_KEYS
@@ -228,7 +257,30 @@ def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
         for field in ("activation_mib", "step_s"):
             base = exact and exact[f"{field}_mean"]
             row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
+    _mark_best(rows, runs, tables)
     return sorted(rows, key=lambda r: (tuple(_sortable(r[k]) for k in tables), _row_order(r), _sortable(r["batch_size"])))
+
+
+def _mark_best(rows: list[dict], runs: list[dict], tables: tuple[str, ...]) -> None:
+    """Set each row's ``metric_mode`` (its table's) and ``best``: whether its metric mean is the best of its
+    table's (ties: each), the highest for ``max``, the lowest for ``min``; False where it has none.
+
+    Raises:
+        ValueError: the runs of one table disagree on the direction (give ``--metric-mode``).
+    """
+    modes: dict[tuple, set[str]] = {}
+    for run in runs:
+        modes.setdefault(tuple(run[k] for k in tables), set()).add(run["metric_mode"])
+    for table, found in modes.items():
+        if len(found) > 1:
+            raise ValueError(f"--metric-mode: the runs of table {' '.join(map(str, table))} disagree on metric_mode "
+                             f"({', '.join(sorted(found))}); give --metric-mode")
+        (mode,) = found
+        members = [r for r in rows if tuple(r[k] for k in tables) == table]
+        means = [r["metric_mean"] for r in members if r["metric_mean"] is not None]
+        best = (max if mode == "max" else min)(means, default=None)
+        for row in members:
+            row["metric_mode"], row["best"] = mode, best is not None and row["metric_mean"] == best
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -284,7 +336,7 @@ def row_label(row: dict, batch_rows: bool) -> str:
 
 def markdown(rows: list[dict], batch_rows: bool = False) -> str:
     """The tables in markdown, one section per (task, data, model, settings, batch size unless ``batch_rows``,
-    precision, processes, metric)."""
+    precision, processes, metric); the last column marks each table's best row by its metric's direction."""
     tables = table_keys(batch_rows)
     out = []
     for key in dict.fromkeys(tuple(r[k] for k in tables) for r in rows):
@@ -293,14 +345,17 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
         setup = setup_suffix(named["precision"], named["processes"])
         task, data, model, metric = named["task"], named["data"], named["model"], named["metric_name"]
         settings = f", {named['settings']}" if named["settings"] else ""
+        members = [r for r in rows if tuple(r[k] for k in tables) == key]
+        better = "higher" if members[0]["metric_mode"] == "max" else "lower"
         out += [f"### {task}: {model} on {data}{settings}{batch}{setup}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
-                "| s/step | vs exact |", "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if tuple(r[k] for k in tables) == key):
+                f"| s/step | vs exact | best ({better} is better) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in members:
             out.append(
                 f"| {row_label(r, batch_rows)} | {_spread(r['metric_mean'], r['metric_std'])} | {r['runs']} "
                 f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
-                f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} |"
+                f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} "
+                f"| {'**best**' if r['best'] else ''} |"
             )
         out.append("")
     return "\n".join(out)
@@ -310,19 +365,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--metric", default=None, help="final metric to tabulate (default: each run's metric_name)")
+    parser.add_argument("--metric-mode", choices=("max", "min"), default=None,
+                        help="whether higher (max) or lower (min) --metric is better (default: each run's metric_mode)")
     parser.add_argument("--out", type=Path, default=None, help="folder for tables.md and tables.csv")
     parser.add_argument("--batch-rows", action="store_true",
                         help="batch sizes as rows of one table (equal-memory comparison), not separate tables")
     args = parser.parse_args(argv)
     try:
-        runs = load_runs(args.run_dirs, args.metric)
+        runs = load_runs(args.run_dirs, args.metric, args.metric_mode)
     except (FileNotFoundError, KeyError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     if not runs:
         print(f"error: RUN_DIR: no summary.json below {' '.join(map(str, args.run_dirs))}", file=sys.stderr)
         return 2
-    rows = summarize(runs, args.batch_rows)
+    try:
+        rows = summarize(runs, args.batch_rows)
+    except ValueError as err:  # the runs of one table disagree on the metric's direction
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
     for row in rows:
         seeds = row["seeds"].split()
         if len(set(seeds)) < len(seeds):

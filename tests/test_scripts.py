@@ -22,17 +22,19 @@ MIB = 2**20
 
 
 def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s, deflation=None, batch=32, image=None,
-              precision=None, world_size=None, data_options=(), checkpointing=None, **xconv_options):
+              precision=None, world_size=None, data_options=(), checkpointing=None, task="classification",
+              metric_name="val/acc", metric_mode=None, **xconv_options):
     """A run directory with the summary.json fields the table script reads (``batch=None``: no
-    ``data.batch_size``, as in the deep image prior's data modules)."""
+    ``data.batch_size``, as in the deep image prior's data modules; ``metric_mode=None``: none recorded,
+    as in summaries written before it was)."""
     run = root / name
     run.mkdir(parents=True)
     data = {"_target_": "experiments.data.DigitsDataModule", "image": image, "seed": seed, **dict(data_options)}
     if batch is not None:
         data["batch_size"] = batch
     summary = {
-        "task": "classification", "probes": probes, "seed": seed, "metric_name": "val/acc",
-        "metrics": {"val/acc": metric, "test/acc": metric - 0.01}, "activation_bytes": activation_bytes,
+        "task": task, "probes": probes, "seed": seed, "metric_name": metric_name,
+        "metrics": {metric_name: metric, "test/acc": metric - 0.01}, "activation_bytes": activation_bytes,
         "peak_memory_bytes": None, "samples_per_s": samples_per_s,
         "config": {
             "seed": seed, "output_dir": str(run),
@@ -46,6 +48,8 @@ def write_run(root, name, probes, seed, metric, activation_bytes, samples_per_s,
         summary["precision"] = precision
     if world_size is not None:  # likewise: one process
         summary["world_size"] = world_size
+    if metric_mode is not None:
+        summary["metric_mode"] = metric_mode
     if checkpointing is not None:  # older summaries lack it: no checkpointing
         summary["checkpointing"] = summary["config"]["checkpointing"] = checkpointing
     (run / "summary.json").write_text(json.dumps(summary))
@@ -104,6 +108,42 @@ def test_tables_of_another_metric_and_errors(sweep):
         assert len(result.stderr.splitlines()) == 1
     (root / "empty").mkdir()
     assert "no summary.json" in make_tables(root / "empty").stderr
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_tables_mark_each_tables_best_row_by_the_metrics_direction(recorded, tmp_path):
+    """FID: lower is better; accuracy: higher. Summaries from before ``metric_mode`` was recorded take the task config's."""
+    for name, probes, fid in [("exact", 0, 40.0), ("r8", 8, 35.0), ("r16", 16, 50.0)]:
+        write_run(tmp_path / "gan", name, probes, 0, fid, MIB, 100.0, task="gan", metric_name="val/fid",
+                  metric_mode="min" if recorded else None)
+    for name, probes, acc in [("exact", 0, 0.9), ("r8", 8, 0.8)]:
+        write_run(tmp_path / "classification", name, probes, 0, acc, MIB, 100.0, metric_mode="max" if recorded else None)
+    result = make_tables(tmp_path / "gan", tmp_path / "classification", "--out", tmp_path / "tables")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "tables" / "tables.csv", newline="") as f:
+        rows = {(r["task"], r["probes"]): r for r in csv.DictReader(f)}
+    assert {key for key, r in rows.items() if r["best"] == "True"} == {("gan", "8"), ("classification", "0")}
+    assert rows[("gan", "0")]["metric_mode"] == "min" and rows[("classification", "8")]["metric_mode"] == "max"
+    text = (tmp_path / "tables" / "tables.md").read_text()
+    assert "| val/fid (mean ± std) | runs | activation MiB | vs exact | peak MiB | s/step | vs exact | best (lower is better) |" in text
+    assert "| r=8 independent gaussian | 35.000 | 1 | 1.0 | 1.00 |  | 0.3200 | 1.00 | **best** |" in text
+    assert "| exact | 40.000 | 1 | 1.0 | 1.00 |  | 0.3200 | 1.00 |  |" in text
+    assert "| best (higher is better) |" in text and "| exact | 0.900 | 1 | 1.0 | 1.00 |  | 0.3200 | 1.00 | **best** |" in text
+
+
+def test_tables_of_a_metric_of_the_other_direction_take_metric_mode(sweep):
+    root, accuracy = sweep
+    result = make_tables(root / "sweep", "--metric", "test/acc", "--metric-mode", "min")
+    assert result.returncode == 0, result.stderr
+    lowest = f"{statistics.fmean(accuracy[8]) - 0.01:.3f}"  # r=8 without deflation
+    assert "| best (lower is better) |" in result.stdout
+    assert [line.split(" | ")[1].split(" ")[0] for line in result.stdout.splitlines() if "**best**" in line] == [lowest]
+    # Runs of one table that disagree on the direction: no best to mark.
+    write_run(root / "sweep", "minimizing", 16, 0, 0.5, MIB, 100.0, metric_mode="min")
+    result = make_tables(root / "sweep")
+    assert result.returncode == 2 and result.stderr.startswith("error: --metric-mode: the runs of table classification")
+    assert len(result.stderr.splitlines()) == 1 and "disagree on metric_mode (max, min)" in result.stderr
+    assert make_tables(root / "sweep", "--metric-mode", "max").returncode == 0
 
 
 def test_tables_leave_the_metric_blank_for_runs_that_validated_nothing(tmp_path):
