@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,35 +29,39 @@ def _user_key(cfg: DictConfig, full_key: str) -> str:
     parent_key, _, leaf = full_key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     raw = OmegaConf.to_container(parent, resolve=False).get(leaf) if isinstance(parent, DictConfig) else None
-    source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
-    return source[1] if source else full_key
+    whole_node = isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and raw.count("${") == 1
+    return raw[2:-1] if whole_node else full_key
+
+
+def _named(cfg: DictConfig, key: str, message: str) -> str:
+    """``message`` of node ``key``'s constructor, which starts with its argument's name, prefixed with
+    the key a user sets: ``data.root: ...``, or ``model.channels: ...`` for the task's ``net.channels: ...``
+    (an argument the task builds from ``${model}``, see ``XConvTask``)."""
+    argument = message.split(":", 1)[0].split(".", 1)[0].split(" ", 1)[0]
+    source = _user_key(cfg, f"{key}.{argument}") if argument in cfg[key] else f"{key}.{argument}"
+    if source != f"{key}.{argument}":
+        return source + message[len(argument):]
+    return f"{key}.{message}"
 
 
 def instantiate_node(cfg: DictConfig, key: str, **kwargs):
     """``instantiate(cfg[key])``; a constructor's complaint about an argument becomes a ConfigError.
 
     Constructors here start such messages with the argument name, so prefixing the config node
-    gives the full key (``data.root: ...``). For an object built inside another (the model, built by
-    the task from its config), Hydra names the failing node (``full_key: task.net``), and the key it
-    was filled from (``${model}``) is the one the user sets: ``model.channels: ...``.
+    gives the full key (``data.root: ...``); the objects a task builds from its arguments' configs
+    (the model, from ``${model}``) are named by the key the user sets: ``model.channels: ...``.
     """
     try:
         return instantiate(cfg[key], **kwargs)
     except InstantiationException as err:
-        nested = isinstance(err.__cause__, InstantiationException)
-        while isinstance(err.__cause__, InstantiationException):  # the innermost object names the argument
-            err = err.__cause__
-        node = re.search(r"full_key: (\S+)", str(err))
-        # Built by the task from its own config: Hydra's key is relative to the task's node.
-        where = _user_key(cfg, f"{key}.{node[1]}" if nested else node[1]) if node else key
-        if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
+        cause = err.__cause__
+        if key == "trainer" and isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             # Lightning's Trainer writes sentences ("Precision 'fp8' is invalid..."), not "<argument>: ...".
-            separator = ": " if key == "trainer" else "."
-            raise ConfigError(f"{where}{separator}{err.__cause__}") from err.__cause__
-        if isinstance(err.__cause__, MisconfigurationException):  # Lightning's, e.g. trainer.max_epochs=-3
-            raise ConfigError(f"{where}: {err.__cause__}") from err.__cause__
-        if isinstance(err.__cause__, KeyError):  # e.g. smp's unknown encoder name
-            raise ConfigError(f"{where}: {err.__cause__.args[0]}") from err.__cause__
+            raise ConfigError(f"trainer: {cause}") from cause
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+            raise ConfigError(_named(cfg, key, str(cause))) from cause
+        if isinstance(cause, KeyError):  # e.g. smp's unknown encoder name
+            raise ConfigError(f"{key}: {cause.args[0]}") from cause
         raise
 
 

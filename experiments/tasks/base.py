@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -42,6 +43,24 @@ def _check_metric(metric: Mapping) -> tuple[str, str]:
     if mode not in ("min", "max"):
         raise ValueError(f"metric.mode: must be 'min' or 'max' (lower or higher is better), got {mode!r}")
     return name, mode
+
+
+def _build(argument: str, config: Mapping):
+    """``instantiate(config)``; a constructor's complaint becomes one naming ``argument`` first
+    (``net.channels: ...``, ``net: Wrong encoder name ...``), as ``experiments.build`` names config keys.
+
+    Raises:
+        ValueError: the constructor's ValueError, TypeError, FileNotFoundError or KeyError, reworded so.
+    """
+    try:
+        return instantiate(config)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, KeyError):  # e.g. smp's unknown encoder name
+            raise ValueError(f"{argument}: {cause.args[0]}") from cause
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+            raise ValueError(f"{argument}.{cause}") from cause
+        raise
 
 
 class XConvTask(L.LightningModule):
@@ -80,7 +99,7 @@ class XConvTask(L.LightningModule):
         for key, value in self.hparams.items():  # plain data: checkpoints load with torch.load(weights_only=True)
             if OmegaConf.is_config(value):
                 self.hparams[key] = OmegaConf.to_container(value, resolve=True)
-        net, optimizer, scheduler = (instantiate(v) if _is_config(v) else v for v in built.values())
+        net, optimizer, scheduler = (_build(k, v) if _is_config(v) else v for k, v in built.items())
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
