@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from experiments.build import build, has_test_stage
-from experiments.cli import command_line_error, quiet_lightning, refused_runs_end_in_one_line
+from experiments.cli import command_line_error, quiet_lightning, refused_runs_end_in_one_line, remove_refused_sweep_dir
 from experiments.errors import exit_with
 from experiments.registry import register
 from experiments.summary import RunSummary
@@ -66,4 +66,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as err:
+        remove_refused_sweep_dir()
         exit_with(command_line_error(err))

@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ValidationError
 
-from .config import remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files
+from .config import CREATED_OUTPUT_DIRS, remove_created_output_dirs, remove_if_only, restore_earlier_hydra_files
 from .errors import ConfigError, exit_with
 
 
@@ -59,6 +59,14 @@ def refused_runs_end_in_one_line(cfg: DictConfig) -> Iterator[None]:
         exit_with(err)
 
 
+def remove_refused_sweep_dir() -> None:
+    """After a sweep whose jobs do not compose (``-m xconv.mode=independent,bogus``: Hydra's sweeper
+    composes every job before the launcher starts), delete the sweep directory and parents that
+    :class:`~experiments.config.MakeOutputDir` created, where they hold nothing but ``multirun.yaml``."""
+    for directory in reversed(CREATED_OUTPUT_DIRS):
+        remove_if_only(directory, {"multirun.yaml"})
+
+
 def command_line_error(err: ConfigCompositionException | OverrideParseException) -> str:
     """One line for a command line that does not parse or compose, e.g. an unknown ``task=`` choice, or
     a value a structured config's schema refuses (``xconv.mode=bogus``: OmegaConf's message, with its key)."""
@@ -66,7 +74,7 @@ def command_line_error(err: ConfigCompositionException | OverrideParseException)
         group, _, choice = err.missing_cfg_file.rpartition("/")
         return f"{group} must be one of {sorted(err.options)}, got {choice!r}"
     cause = err.__cause__
-    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+    if isinstance(cause, ValidationError) and cause.full_key:  # Hydra's own line says only "Error merging override"
         return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
     message = " ".join(str(err).split())
     return f"{err.override}: {message}" if isinstance(err, OverrideParseException) else message

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from xconv import ConvertOptions
 
@@ -306,7 +306,9 @@ def xconv_config(cfg: DictConfig) -> ConvertOptions:
     try:
         return OmegaConf.to_object(cfg.xconv)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"xconv.{err}") from err
+        # OmegaConf wraps a TypeError of the dataclass in its own error; the dataclass's message names the option.
+        reason = err.__context__ if isinstance(err, OmegaConfBaseException) and err.__context__ is not None else err
+        raise ConfigError(f"xconv.{reason}") from reason
 
 
 def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:

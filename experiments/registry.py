@@ -45,9 +45,10 @@ def sweep_dir() -> str | None:
 
 
 def register() -> None:
-    """Store :class:`XConvConfig` as ``xconv/schema`` in Hydra's ConfigStore (``configs/xconv/default.yaml``
+    """Store :class:`XConvConfig` as ``xconv_schema`` in Hydra's ConfigStore (``configs/xconv/default.yaml``
     extends it) and register ``${sweep_dir:}`` with OmegaConf. Call it before composing ``configs/``
     (``run.py`` does, as do the tests and scripts that compose it); later calls change nothing."""
-    ConfigStore.instance().store(group="xconv", name="schema", node=XConvConfig)
+    # Outside the xconv group, so that it is no choice of xconv=...: the group's configs extend it.
+    ConfigStore.instance().store(name="xconv_schema", node=XConvConfig)
     if not OmegaConf.has_resolver("sweep_dir"):
         OmegaConf.register_new_resolver("sweep_dir", sweep_dir)

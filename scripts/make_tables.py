@@ -12,7 +12,7 @@ callbacks may differ between the runs of a row. Per row:
 
 - the headline metric (``--metric``, default each run's own ``metric_name``) as mean ± sample
   standard deviation over the row's runs (seeds; the mean alone for a single run), and their number;
-  runs without it (``trainer.limit_val_batches=0``: ``metric`` null) count in the number only;
+  runs without it (``+trainer.limit_val_batches=0``: ``metric`` null) count in the number only;
 - activation memory: saved-for-backward bytes of one training step in MiB, and its ratio to the
   exact row of the same table (``probes=0``, no SR storage, no planner);
 - peak memory in MiB (CUDA runs only; blank on CPU);
@@ -112,7 +112,7 @@ def load_runs(directories: list[Path], metric: str | None, metric_mode: str | No
             summary = json.loads(path.read_text())
             config, xconv = summary["config"], summary["config"]["xconv"]
             name = metric or summary["metric_name"]
-            # A run that validated nothing (trainer.limit_val_batches=0) has no headline metric: a blank cell.
+            # A run that validated nothing (+trainer.limit_val_batches=0) has no headline metric: a blank cell.
             if name not in summary["metrics"] and metric is not None:
                 raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
             # The deep image prior's data modules have no batch_size: they train on one image per step.

@@ -211,6 +211,8 @@ def test_xconv_options_are_checked_before_data_and_model_are_built(override, mon
     [
         ("xconv.probes=-3", "error: xconv.probes must be >= 0"),
         ("xconv.mode=bogus", "error: xconv.mode: Invalid value 'bogus', expected one of [independent, multi, orthogonal"),
+        ("xconv.storage=quantized", "error: xconv.bits must be one of 2, 4, 8, 16; got None"),
+        ("trainer.precision=bf16-mixed", "error: Could not override 'trainer.precision'. To append to your config use +trainer"),
         ("task=nonexistent", f"error: task must be one of {config_names('task')}, got 'nonexistent'"),
     ],
 )
@@ -296,14 +298,19 @@ def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_noth
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s2"]
 
 
-def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(tmp_path):
+@pytest.mark.parametrize("sweep, message", [
+    ("xconv.probes=-1,8", "error: xconv.probes must be >= 0"),
+    ("xconv.probes=8,-1", "error: xconv.probes must be >= 0"),  # refused before the first job trains
+    ("xconv.mode=independent,bogus", "error: xconv.mode: Invalid value 'bogus', expected one of"),
+])
+def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(sweep, message, tmp_path):
     sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), "-m", "debug=tiny", "xconv.probes=-1,8", f"hydra.sweep.dir={sweep_dir}"],
+        [sys.executable, str(REPO_ROOT / "run.py"), "-m", "debug=tiny", sweep, f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes must be >= 0")
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert list(tmp_path.iterdir()) == []  # nor the parent the sweep created for it
 
 

@@ -279,7 +279,7 @@ filters = list(warnings.filters)
 handlers = {name: list(logging.getLogger(name).filters) for name in ("lightning.pytorch.utilities.rank_zero", "xconv")}
 import run, experiments.build, experiments.tasks, experiments.data, experiments.models, experiments.cli
 import experiments.registry
-assert "xconv" not in ConfigStore.instance().repo, "config schema stored"
+assert "xconv_schema.yaml" not in ConfigStore.instance().repo, "config schema stored"
 assert warnings.filters == filters, "warning filters added"
 assert not OmegaConf.has_resolver("sweep_dir"), "resolver registered"
 assert handlers == {name: list(logging.getLogger(name).filters) for name in handlers}, "log filters added"

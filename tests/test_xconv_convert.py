@@ -117,12 +117,12 @@ def test_include_exclude_relu_flag_and_set_probes():
     xconv.convert(model, probes=4, relu="exact", exclude=["2"])
     assert isinstance(model[0], xconv.XConv2d) and type(model[2]) is nn.Conv2d
     assert type(model[1]) is nn.ReLU
-    xconv.convert(model, probes=4, include=["1", "3"])
+    xconv.convert(model, probes=4, relu="bit", include=["1", "3"], exclude=None)  # relu and exclude were kept
     assert type(model[1]) is xconv.BitReLU and type(model[3]) is xconv.BitLeakyReLU
     assert model[3].negative_slope == 0.1
     xconv.set_probes(model, 0)
     assert model[0].probes == 0
-    xconv.convert(model, probes=2, mode="orthogonal")  # converting again updates the options
+    xconv.convert(model, probes=2, mode="orthogonal", include=None)  # converting again updates the options
     assert model[0].probes == 2 and model[0].sketch_config.mode == "orthogonal"
 
 
@@ -152,13 +152,39 @@ def test_convert_sets_every_option_and_reconvert_keeps_what_it_does_not_name():
     assert (type(model[1]), type(model[3])) == (nn.BatchNorm2d, nn.MaxPool2d)
 
 
+def test_reconvert_keeps_relu_include_and_exclude_and_names_change_them():
+    model = xconv.convert(_block(), relu="exact", exclude=["4"])
+    assert (type(model[0]), type(model[2]), type(model[4])) == (xconv.XConv2d, nn.ReLU, nn.Conv2d)
+    xconv.convert(model, probes=2)
+    assert (type(model[2]), type(model[4]), model[0].probes) == (nn.ReLU, nn.Conv2d, 2)
+    assert model.xconv_options == xconv.ConvertOptions(probes=2, relu="exact", exclude=["4"])
+    xconv.convert(model, relu="bit")
+    assert type(model[2]) is xconv.BitReLU and type(model[4]) is nn.Conv2d
+    xconv.convert(model, relu="exact", exclude=None)  # named: back to torch's ReLU, layer 4 converted
+    assert (type(model[2]), type(model[4])) == (nn.ReLU, xconv.XConv2d)
+    xconv.revert(model)
+    assert not hasattr(model, "xconv_options") and type(model[0]) is nn.Conv2d
+    model = xconv.convert(_block(), include=["0"])
+    xconv.convert(model, probes=3)
+    assert type(model[4]) is nn.Conv2d and model[0].probes == 3
+
+
+def test_refused_reconvert_leaves_every_layer_as_it_was():
+    model = xconv.convert(_block(), probes=8, deflation="pca", deflation_rank=4, batchnorm_bits=4)
+    with pytest.raises(ValueError, match=r"deflation_rank must be in 1 .. probes - 1 = 1, got 4"):
+        xconv.convert(model, probes=2, batchnorm_bits=8, maxpool=True)
+    assert (model[1].bits, type(model[3]), model[0].probes, model[4].probes) == (4, nn.MaxPool2d, 8, 8)
+    assert model.xconv_options.batchnorm_bits == 4
+
+
 def test_options_are_one_typed_object_from_layer_to_convert():
     options = xconv.ConvertOptions(probes=4, mode="gaussian", contraction="decompress", include="0")
     assert (options.mode, options.include) == ("multi", ["0"])  # the alias and one pattern, made canonical
     assert options.sketch == xconv.SketchConfig(4, mode="multi", contraction="decompress")
     assert xconv.ConvertOptions(**options.to_dict()) == options
-    layer = xconv.XConv2d(3, 4, 3, sketch=options.sketch, distribution="rademacher")  # names replace fields
-    assert layer.sketch_config == dataclasses.replace(options.sketch, distribution="rademacher")
+    assert xconv.XConv2d(3, 4, 3, sketch=options.sketch).sketch_config == options.sketch
+    with pytest.raises(TypeError, match=r"^give the estimator options as sketch=SketchConfig\(...\) or by name, not both"):
+        xconv.XConv2d(3, 4, 3, sketch=options.sketch, distribution="rademacher")
     assert xconv.XConv2d(3, 4, 3).sketch_config == xconv.SketchConfig(8)
     model = xconv.convert(_block(), options)
     assert isinstance(model[0], xconv.XConv2d) and type(model[4]) is nn.Conv2d
@@ -167,6 +193,7 @@ def test_options_are_one_typed_object_from_layer_to_convert():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(relu=True), ValueError, r"^relu must be one of \('bit', 'exact'\), got True$"),
+    (dict(relu=None), ValueError, r"^relu must be one of \('bit', 'exact'\), got None$"),
     (dict(mode="bogus"), ValueError, r"^mode must be one of \('independent', 'multi', 'orthogonal', 'gaussian'\)"),
     (dict(contraction="fast"), ValueError, r"^contraction must be one of \('auto', 'probes', 'decompress'\)"),
     (dict(include=[""]), ValueError, r"^include must be None, a module-name pattern or a list of them"),
@@ -187,15 +214,15 @@ def test_bad_options_are_refused_in_one_line_naming_the_option(kwargs, error, me
 
 
 def test_unknown_options_and_a_positional_probe_count_are_refused():
-    with pytest.raises(TypeError, match=r"^prbes: no such option of xconv.convert; the options: probes, mode"):
+    with pytest.raises(TypeError, match=r"^prbes: no such option; the options of xconv.convert: probes, mode"):
         xconv.convert(_block(), prbes=4)
     with pytest.raises(TypeError, match=r"^options must be a ConvertOptions or None, got 8"):
         xconv.convert(_block(), 8)
 
 
-def test_reconverting_into_an_impossible_combination_names_the_kept_option():
+def test_reconverting_into_an_impossible_combination_is_refused_and_changes_nothing():
     model = xconv.convert(_block(), per_sample=True)
-    with pytest.raises(ValueError, match=r"per_sample=True needs mode='independent'.*keeps from an earlier convert"):
+    with pytest.raises(ValueError, match=r"^per_sample=True needs mode='independent', got mode='multi'"):
         xconv.convert(model, mode="multi")
     assert model[0].sketch_config.mode == "independent" and model[4].sketch_config.mode == "independent"
 
@@ -227,7 +254,7 @@ def test_include_exclude_accept_one_pattern_as_a_string():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
     xconv.convert(model, include="0", relu="exact")
     assert isinstance(model[0], xconv.XConv2d) and type(model[1]) is nn.Conv2d
-    xconv.convert(model, exclude="0", relu="exact")
+    xconv.convert(model, include=None, exclude="0", relu="exact")
     assert isinstance(model[1], xconv.XConv2d)
 
 
@@ -325,7 +352,7 @@ def test_a_shared_module_is_converted_only_if_all_its_names_are_selected(selecti
     with pytest.warns(UserWarning, match=r"select only some of their names: 0 / 2"):
         xconv.convert(model, **selection)
     assert type(model[0]) is nn.Conv2d and model[2] is model[0]
-    xconv.convert(model, include=["0", "2"])
+    xconv.convert(model, include=["0", "2"], exclude=None)
     assert type(model[0]) is xconv.XConv2d and model[2] is model[0]
 
 

@@ -78,6 +78,24 @@ def test_callback_applies_once_and_names_missing_modules(tmp_path):
         XConvCallback(modules="backbone").apply(TinyRegression())
     with pytest.raises(ValueError, match=r"^budget must be None or a fraction in \(0, 1\]"):
         XConvCallback(budget=2.0)
+    with pytest.raises(TypeError, match=r"^prbes: no such option; the options of xconv.convert: probes, mode"):
+        XConvCallback(prbes=4)
+
+
+class _Loaders(L.LightningDataModule):
+    def train_dataloader(self):
+        return _loader()
+
+
+@pytest.mark.parametrize("kwargs, datamodule, message", [
+    (dict(modules=["net.0", "net.2"]), _Loaders(),
+     r"^budget: plans one network; give modules=\[one name\], got \['net.0', 'net.2'\]"),
+    (dict(modules="net"), None, r"^budget: plans on the datamodule's first training batch; fit with a datamodule"),
+    (dict(modules="net"), _Loaders(), r"^budget: needs loss=loss\(net, batch\), or a method loss\(batch, net=...\) on TinyRegression"),
+])
+def test_a_budget_says_what_it_lacks(kwargs, datamodule, message):
+    with pytest.raises(ValueError, match=message):
+        XConvCallback(budget=0.5, **kwargs).apply(TinyRegression(), datamodule)
 
 
 def test_trained_converted_task_reloads_with_its_layers_and_options(tmp_path):

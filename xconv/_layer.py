@@ -108,12 +108,15 @@ class _XConvMixin:
 
 class _XConvLayer(_XConvMixin):
     """The constructor shared by the XConv classes: the torch layer's arguments, then the estimator
-    options, as one :class:`SketchConfig` (``sketch=``) or by name (``probes=8, mode="multi"``, which
-    replace the fields of ``sketch``; ``probes`` is 8 where neither gives it)."""
+    options, as one :class:`SketchConfig` (``sketch=``) or by name (``probes=8, mode="multi"``; ``probes``
+    is 8 where not given), not both."""
 
     def __init__(self, *args, sketch: SketchConfig | None = None, min_pixels: int | None = None, **kwargs):
         options = {name: kwargs.pop(name) for name in SKETCH_FIELDS if name in kwargs}
         super().__init__(*args, **kwargs)
         if sketch is not None and not isinstance(sketch, SketchConfig):
             raise TypeError(f"sketch must be a SketchConfig or None, got {sketch!r}")
-        self._init_xconv(min_pixels, **{**dataclasses.asdict(sketch or SketchConfig(8)), **options})
+        if sketch is not None and options:
+            raise TypeError(f"give the estimator options as sketch=SketchConfig(...) or by name, not both: got sketch= "
+                            f"and {', '.join(options)}")
+        self._init_xconv(min_pixels, **(dataclasses.asdict(sketch) if sketch is not None else {"probes": 8, **options}))

@@ -21,7 +21,7 @@ from ._layer import _XConvMixin
 from ._modules import all_names, rebuild, swap
 from ._options import SKETCH_FIELDS, SketchConfig, validate_sketch_config
 from .nn import XCONV_CLASSES, BitLeakyReLU, BitReLU
-from .options import ConvertOptions
+from .options import ConvertOptions, merged_options
 from .pooling import MAXPOOL_CLASSES
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,12 @@ def _target(module: nn.Module, options: ConvertOptions, named: set[str]) -> type
         return type(module)
     if (tcls := _torch_conv_class(module)) is not None:
         return XCONV_CLASSES[tcls]
-    if options.relu == "bit" and type(module) in _ACTIVATIONS:
-        return _ACTIVATIONS[type(module)]
     converted = type(module) in _TORCH_CLASSES
     torch_class = _TORCH_CLASSES.get(type(module), type(module))
+    if torch_class in _ACTIVATIONS:
+        if converted and "relu" not in named:
+            return type(module)
+        return _ACTIVATIONS[torch_class] if options.relu == "bit" else torch_class
     if torch_class in BATCHNORM_CLASSES:
         if converted and "batchnorm_bits" not in named:
             return type(module)
@@ -103,9 +105,11 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     are unchanged. Subclasses of convs that override ``forward`` and parametrized convs
     (``spectral_norm``, ``weight_norm``) are skipped with a warning.
     A module object used at several places is replaced at all of them by one new layer, so it
-    stays shared. Layers converted before take the options this call sets and keep the rest:
-    ``convert(model, probes=4)`` changes the probe count of an already converted model and
-    nothing else; with an ``options`` object, all of its values apply.
+    stays shared. Converting again starts from the options the model was converted with
+    (kept as ``model.xconv_options``) and changes what the call names: ``convert(model, probes=4)``
+    changes the probe count and keeps ``relu``, ``include``, ``exclude``, BatchNorm and max-pool
+    storage; a conv layer keeps the estimator options the call does not name (set by hand, or by
+    :func:`xconv.plan_storage`). With an ``options`` object, all of its values apply.
 
     Only modules are converted: activations called as functions in a ``forward``
     (``F.relu(x)``, as in torchvision's GoogLeNet and Inception) keep their full input or
@@ -114,7 +118,8 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
 
     Args:
         model: any ``nn.Module``; the model itself may be a conv.
-        options: a :class:`~xconv.options.ConvertOptions` (``None``: its defaults).
+        options: a :class:`~xconv.options.ConvertOptions` (``None``: the options ``model`` was converted
+            with before, else the defaults).
         **overrides: fields of :class:`~xconv.options.ConvertOptions` replacing those of ``options``
             (``probes=8``, ``storage="quantized", bits=4``, ``relu="exact"``, ``include=["encoder.*"]``, ...);
             activations, BatchNorms and max-pools follow the convs' ``include``/``exclude``
@@ -127,8 +132,12 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
             ``include`` patterns that select nothing to convert (a typo would otherwise leave the model
             exact), or an ``exclude`` pattern that matches no module, before anything is replaced.
     """
-    named = set(overrides) if options is None else {f.name for f in dataclasses.fields(ConvertOptions)}
-    options = _options(options, overrides)
+    every = {f.name for f in dataclasses.fields(ConvertOptions)}
+    recorded = getattr(model, "xconv_options", None)  # what an earlier convert of this model set
+    # Options this call sets on conv layers converted before, and on other layers converted before.
+    named = set(overrides) if options is None else every
+    named_for_kinds = every if options is not None or recorded is not None else named
+    options = merged_options(options if options is not None else recorded, overrides)
     relu, include, exclude = options.relu == "bit", options.include, options.exclude
     modules = all_names(model)
     convertible = tuple(XCONV_CLASSES) + (tuple(_ACTIVATIONS) if relu else ())
@@ -142,10 +151,10 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     unmatched = [p for p in exclude or () if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if unmatched:  # a typo would otherwise convert the layers it was meant to keep exact
         raise ValueError(f"exclude: no module matches {unmatched}; the model's convs: {shown or 'none'}")
-    converted, skipped, partly_selected, replacements, settings = [], [], [], {}, []
+    converted, skipped, partly_selected, replacements, settings, batchnorms = [], [], [], {}, [], []
     for module, aliases in modules:
         chosen = [_selected(name, include, exclude) for name in aliases]
-        target = _target(module, options, named)
+        target = _target(module, options, named_for_kinds)
         if target is None:
             if isinstance(module, tuple(XCONV_CLASSES)) and any(chosen):
                 skipped.append(f"{aliases[0]} ({type(module).__name__})")
@@ -167,13 +176,17 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
         if isinstance(new, _XConvMixin):
             settings.append((new, *_layer_settings(module, options, named)))
             converted.append(aliases[0])
-        elif isinstance(new, _X_BATCHNORMS) and (new is not module or "batchnorm_bits" in named):
-            new._init_bits(options.batchnorm_bits)
+        elif isinstance(new, _X_BATCHNORMS) and (new is not module or "batchnorm_bits" in named_for_kinds):
+            batchnorms.append(new)
         if new is not module:
             replacements[id(module)] = new
-    for layer, sketch_config, min_pixels in settings:  # all checked by now: no layer is left half-set
+    # Everything is checked by now: a refused call leaves the model as it was.
+    for layer, sketch_config, min_pixels in settings:
         layer.sketch_config, layer.min_pixels = sketch_config, min_pixels
+    for layer in batchnorms:
+        layer._init_bits(options.batchnorm_bits)
     model = swap(model, replacements)
+    model.xconv_options = options
     if skipped:
         warnings.warn("xconv.convert skipped conv subclasses that override forward and parametrized convs "
                       f"(spectral_norm, weight_norm): {', '.join(skipped)}")
@@ -183,15 +196,6 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     how = f"bits={options.bits} quantized" if options.storage == "quantized" else f"probes={options.probes}, mode={options.mode}"
     log.info("xconv.convert: %d convs converted (%s)", len(converted), how)
     return model
-
-
-def _options(options: ConvertOptions | None, overrides: dict) -> ConvertOptions:
-    if options is not None and not isinstance(options, ConvertOptions):
-        raise TypeError(f"options must be a ConvertOptions or None, got {options!r} (options by name: convert(model, probes=8))")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ConvertOptions)})
-    if unknown:
-        raise TypeError(f"{unknown[0]}: no such option of xconv.convert; the options: {', '.join(ConvertOptions().to_dict())}")
-    return dataclasses.replace(options or ConvertOptions(), **overrides)
 
 
 def _layer_settings(module: nn.Module, options: ConvertOptions, named: set[str]) -> tuple[SketchConfig, int | None]:
@@ -228,12 +232,14 @@ def revert(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (or the new layer when ``model`` itself is an xconv layer).
     """
-    return swap(model, {id(m): _plain(m) for m in model.modules() if type(m) in _TORCH_CLASSES})
+    model = swap(model, {id(m): _plain(m) for m in model.modules() if type(m) in _TORCH_CLASSES})
+    model.__dict__.pop("xconv_options", None)
+    return model
 
 
 def _plain(module: nn.Module) -> nn.Module:
     """The torch layer a converted ``module`` came from, sharing its parameters and buffers."""
     new = rebuild(module, _TORCH_CLASSES[type(module)])
-    for attr in ("sketch_config", "min_pixels", "bits", "xconv_name"):
+    for attr in ("sketch_config", "min_pixels", "bits", "xconv_name", "xconv_options"):
         new.__dict__.pop(attr, None)
     return new

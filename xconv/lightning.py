@@ -18,7 +18,7 @@ from torch import nn
 from .checkpointing import checkpoint_modules
 from .convert import convert
 from .nn import _XConvMixin
-from .options import ConvertOptions
+from .options import ConvertOptions, merged_options
 from .planner import plan_storage
 from .storage_plan import LayerPlan, StoragePlan, check_budget
 
@@ -56,10 +56,8 @@ class XConvCallback(L.Callback):
                  budget: float | None = None, loss: Callable | None = None, checkpointing: Sequence[str] | None = None,
                  **overrides):
         check_budget(budget)
-        if options is not None and not isinstance(options, ConvertOptions):
-            raise TypeError(f"options must be a ConvertOptions or None, got {options!r}")
         # A subclass (a config schema with more keys) is kept as the plain options it holds.
-        self.options = ConvertOptions(**{**(options or ConvertOptions()).to_dict(), **overrides})
+        self.options = ConvertOptions(**merged_options(options, overrides).to_dict())
         self.modules = [modules] if isinstance(modules, str) else None if modules is None else list(modules)
         self.budget, self.loss = budget, loss
         self.checkpointing = None if checkpointing is None else list(checkpointing)
@@ -93,8 +91,14 @@ class XConvCallback(L.Callback):
         pl_module._xconv_applied = True
 
     def _plan(self, pl_module, targets, datamodule) -> StoragePlan:
-        if len(targets) != 1 or datamodule is None:
-            raise ValueError("budget: plans one network (modules=[one name]) on the datamodule's first training batch")
+        if len(targets) != 1:
+            raise ValueError(f"budget: plans one network; give modules=[one name], got {self.modules}")
+        if datamodule is None:
+            raise ValueError("budget: plans on the datamodule's first training batch; fit with a datamodule "
+                             "(trainer.fit(module, datamodule=...))")
+        if self.loss is None and not callable(getattr(pl_module, "loss", None)):
+            raise ValueError(f"budget: needs loss=loss(net, batch), or a method loss(batch, net=...) on "
+                             f"{type(pl_module).__name__}")
         net = targets[0][1]
         loss = self.loss or (lambda n, b: pl_module.loss(b, net=n))
         datamodule.setup("fit")

@@ -63,7 +63,7 @@ _DOC = """{torch_name} with a randomized, unbiased weight-gradient estimate (XCo
 
     Args:
         sketch: a :class:`xconv.SketchConfig` holding the options below (the object
-            ``xconv.functional`` takes); options given by name replace its fields.
+            ``xconv.functional`` takes), instead of giving them by name.
         probes: number of probing vectors r; 0 gives the exact gradient (plain layer); 8
             where neither ``probes`` nor ``sketch`` gives it.
         mode: ``"independent"`` keeps a per-channel sketch ``[B, C_in, r]``; ``"multi"``

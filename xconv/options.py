@@ -88,7 +88,7 @@ class ConvertOptions:
 
     def __post_init__(self):
         for name, enum in _CHOICES.items():
-            if (value := getattr(self, name)) is not None:
+            if (value := getattr(self, name)) is not None or name != "deflation":  # the one that may be None
                 setattr(self, name, _choice(name, value, enum))
         self.include, self.exclude = _patterns("include", self.include), _patterns("exclude", self.exclude)
         self.sketch  # noqa: B018 - builds the SketchConfig, which checks the estimator's options
@@ -107,3 +107,18 @@ class ConvertOptions:
     def to_dict(self) -> dict:
         """The options as plain data (JSON-ready; ``ConvertOptions(**d)`` rebuilds them)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ConvertOptions)}
+
+
+def merged_options(options: ConvertOptions | None, overrides: dict) -> ConvertOptions:
+    """``options`` (``None``: the defaults) with the fields named in ``overrides`` replaced, checked.
+
+    Raises:
+        TypeError: ``options`` is not a :class:`ConvertOptions`, or ``overrides`` names no field of it
+            (the message lists the fields); TypeError, ValueError: what :class:`ConvertOptions` raises.
+    """
+    if options is not None and not isinstance(options, ConvertOptions):
+        raise TypeError(f"options must be a ConvertOptions or None, got {options!r} (options by name: probes=8, ...)")
+    fields = [f.name for f in dataclasses.fields(ConvertOptions)]
+    if unknown := sorted(set(overrides) - set(fields)):
+        raise TypeError(f"{unknown[0]}: no such option; the options of xconv.convert: {', '.join(fields)}")
+    return dataclasses.replace(options or ConvertOptions(), **overrides)
