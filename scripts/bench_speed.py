@@ -7,7 +7,8 @@ rounds' own total ratios (each XConv time over the exact time of the same round)
 too: their median is moved less by that load than the ratio of medians, and their spread shows
 how far it moved single rounds. Single layers: forward (grad mode on), forward+backward, and
 backward as their difference. Training steps: forward, loss, backward, SGD step of a whole model,
-with every conv converted at r and the 1-bit ReLU. Prints a markdown table and writes CSV.
+with every conv converted at r (or stored in SR bits, or as the byte-budget planner chose on the
+step's batch: ``--budgets``) and the 1-bit ReLU. Prints a markdown table and writes CSV.
 
 With ``--compile BACKEND [BACKEND ...]`` every model (exact and XConv alike) runs through
 ``torch.compile(model, backend=BACKEND, mode=--compile-mode)`` for each backend in turn
@@ -27,7 +28,7 @@ TF32 by default while matmuls (XConv's contractions) stay fp32; ``--matmul-tf32`
 matmuls use TF32 too.
 
 Usage:
-    python scripts/bench_speed.py [--probes 4 8 16 32] [--storage-bits 8 4] [--min-run-time 1.0]
+    python scripts/bench_speed.py [--probes 4 8 16 32] [--storage-bits 8 4] [--budgets 0.25] [--min-run-time 1.0]
                                   [--only layers|steps] [--compile none inductor]
                                   [--compile-mode reduce-overhead] [--batch-scale 1] [--small]
                                   [--device cuda] [--csv results/bench/speed_cpu.csv | --profile]
@@ -105,9 +106,13 @@ def compiled(model: nn.Module, backend: str | None, run, mode: str | None = None
 
 def convert_options(variant) -> dict | None:
     """``xconv.convert`` options of a variant: None for exact (``0``), the sketch at r (an int ``r``),
-    or SR storage (``"sr4"``: convs and BatchNorms at 4 bits, window-offset max-pools)."""
+    SR storage (``"sr4"``: convs and BatchNorms at 4 bits, window-offset max-pools) or the byte-budget
+    planner (``"plan0.25"``: as ``xconv=plan25``, 4-bit BatchNorms, offset max-pools, each conv's storage
+    planned by :func:`plan` on the step's batch to fit 0.25x of plain torch's activation bytes)."""
     if variant == 0:
         return None
+    if isinstance(variant, str) and variant.startswith("plan"):
+        return dict(batchnorm_bits=4, maxpool=True)
     if isinstance(variant, str):
         bits = int(variant[2:])
         return dict(storage="quantized", bits=bits, batchnorm_bits=bits, maxpool=True)
@@ -116,7 +121,19 @@ def convert_options(variant) -> dict | None:
 
 def variant_label(variant) -> str:
     options = convert_options(variant)
+    if isinstance(variant, str) and variant.startswith("plan"):
+        return f"planner {variant[4:]}x"
     return "exact" if options is None else f"SR {options['bits']}-bit" if isinstance(variant, str) else f"r={variant}"
+
+
+def _step_loss(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net(x).float().square().mean()
+
+
+def plan(model: nn.Module, variant, x: torch.Tensor) -> None:
+    """Apply the byte-budget planner's choices for a ``"plan<budget>"`` variant, planned on ``x``; nothing otherwise."""
+    if isinstance(variant, str) and variant.startswith("plan"):
+        xconv.plan_storage(model, _step_loss, x, budget=float(variant[4:])).apply(model)
 
 
 def layer_timers(make, shape, variant, device, backend=None, mode=None):
@@ -135,15 +152,16 @@ def step_timers(make, shape, variant, device, backend=None, mode=None):
     """``{"total": fn}``: one SGD training step of a model converted at ``variant`` with the 1-bit ReLU,
     and its compile report."""
     model = make().to(device).train()
+    x = torch.randn(shape, device=device)
     if variant:
         xconv.convert(model, relu="bit", **convert_options(variant))
+        plan(model, variant, x)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-    x = torch.randn(shape, device=device)
-    model, report = compiled(model, backend, lambda m: m(x).float().square().mean().backward(), mode)
+    model, report = compiled(model, backend, lambda m: _step_loss(m, x).backward(), mode)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
+        _step_loss(model, x).backward()
         opt.step()
 
     return {"total": step}, report
@@ -254,6 +272,9 @@ def main(argv=None):
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--storage-bits", type=int, nargs="+", default=[], choices=[2, 4, 8, 16],
                         help="also time SR storage of conv and BatchNorm inputs at these bits (offset max-pools)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[], metavar="FRACTION",
+                        help="training steps only: also time the byte-budget planner at these fractions of plain "
+                             "torch's activation bytes (as xconv=plan25: 4-bit BatchNorms, offset max-pools)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timed measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants")
     parser.add_argument("--only", choices=["layers", "steps"], default=None)
@@ -278,6 +299,8 @@ def main(argv=None):
         parser.error(f"--rounds must be >= 1 and --min-run-time > 0, got {args.rounds} and {args.min_run_time}")
     if args.profile and (args.csv or args.compile != ["none"]):
         parser.error("--profile prints operator tables of eager models: it takes neither --csv nor --compile")
+    if not all(0 < b <= 1 for b in args.budgets):
+        parser.error(f"--budgets must be fractions in (0, 1], got {args.budgets}")
     if any(r < 1 for r in args.probes):
         parser.error(f"--probes must be ints >= 1 (exact is always measured), got {args.probes}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -292,18 +315,18 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = args.matmul_tf32
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"matmul TF32 {args.matmul_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
-    kinds = [("layer", scaled(LAYERS, args.batch_scale, args.small), layer_timers),
-             ("step", scaled(STEPS, args.batch_scale, args.small), step_timers)]
+    layer_variants = [*args.probes, *(f"sr{b}" for b in args.storage_bits)]
+    kinds = [("layer", scaled(LAYERS, args.batch_scale, args.small), layer_timers, layer_variants),
+             ("step", scaled(STEPS, args.batch_scale, args.small), step_timers,
+              [*layer_variants, *(f"plan{b:g}" for b in args.budgets)])]
     kinds = [k for k in kinds if args.only in (None, k[0] + "s")]
     if args.profile:
-        for kind, cases, make in kinds:
-            profile(kind, cases, make, [*args.probes, *(f"sr{b}" for b in args.storage_bits)], args.device,
-                    iterations=10)
+        for kind, cases, make, variants in kinds:
+            profile(kind, cases, make, variants, args.device, iterations=10)
         return
-    variants = [*args.probes, *(f"sr{b}" for b in args.storage_bits)]
     rows = []
     for backend in args.compile:
-        for kind, cases, make in kinds:
+        for kind, cases, make, variants in kinds:
             rows += run(kind, cases, make, variants, args.device, args.min_run_time, args.rounds,
                         None if backend == "none" else backend, args.compile_mode)
     add_eager_ratios(rows)

@@ -16,6 +16,7 @@ import torch
 from hydra_helpers import REPO_ROOT
 
 import xconv
+from xconv.memory import saved_tensor_bytes
 
 SCRIPTS = REPO_ROOT / "scripts"
 MIB = 2**20
@@ -442,6 +443,28 @@ def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
     assert "XConvFunction" in xconv_part
     text = bench_speed.profile("layer", cases, bench_speed.layer_timers, ["sr2"], "cpu", iterations=2)
     assert "QuantizedConvFunction" in text.split("## layer conv3x3 8->8 12x12 b6, SR 2-bit")[1]
+
+
+def test_bench_speed_times_the_planner_on_training_steps(bench_speed):
+    """``--budgets 0.5``: the step's convs stored as the planner chose on the step's batch (within its budget)."""
+    tiny = [("cnn b{b}", lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                                    torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)), (4, 3, 16, 16))]
+    rows = bench_speed.run("step", bench_speed.scaled(tiny, 1), bench_speed.step_timers, ["plan0.5"], "cpu",
+                           min_run_time=0.01, rounds=1)
+    assert [r["variant"] for r in rows] == ["exact", "planner 0.5x"] and rows[1]["total_s"] > 0
+    model = tiny[0][1]()
+    x = torch.randn(4, 3, 16, 16)
+    xconv.convert(model, **bench_speed.convert_options("plan0.5"))
+    bench_speed.plan(model, "plan0.5", x)
+    kept = saved_tensor_bytes(bench_speed._step_loss, model, x).total_bytes
+    plain = saved_tensor_bytes(bench_speed._step_loss, xconv.revert(copy.deepcopy(model)), x).total_bytes
+    assert kept <= 0.5 * plain
+
+
+def test_bench_speed_refuses_a_budget_outside_zero_to_one(bench_speed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_speed.main(["--budgets", "0", "--only", "steps"])
+    assert exit_.value.code == 2 and "--budgets must be fractions in (0, 1], got [0.0]" in capsys.readouterr().err
 
 
 def test_bench_speed_round_ratio_quartiles_pair_each_round(bench_speed):
