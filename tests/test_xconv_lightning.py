@@ -93,9 +93,20 @@ class _Loaders(L.LightningDataModule):
     (dict(modules="net"), None, r"^budget: plans on the datamodule's first training batch; fit with a datamodule"),
     (dict(modules="net"), _Loaders(), r"^budget: needs loss=loss\(net, batch\), or a method loss\(batch, net=...\) on TinyRegression"),
 ])
-def test_a_budget_says_what_it_lacks(kwargs, datamodule, message):
+def test_a_budget_says_what_it_lacks_before_anything_is_converted(kwargs, datamodule, message):
+    module = TinyRegression()
     with pytest.raises(ValueError, match=message):
-        XConvCallback(budget=0.5, **kwargs).apply(TinyRegression(), datamodule)
+        XConvCallback(budget=0.5, **kwargs).apply(module, datamodule)
+    assert [type(m) for m in module.net] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+    with pytest.raises(TypeError, match=r"^loss must be None or a function loss\(net, batch\), got 3"):
+        XConvCallback(budget=0.5, loss=3)
+
+
+def test_a_named_module_that_is_itself_a_conv_is_replaced():
+    module = TinyRegression()
+    XConvCallback(modules=["net.0", "net.1"], probes=4).apply(module)
+    assert [type(m) for m in module.net] == [xconv.XConv2d, xconv.BitReLU, nn.Conv2d]
+    assert module.net[0].probes == 4
 
 
 def test_trained_converted_task_reloads_with_its_layers_and_options(tmp_path):

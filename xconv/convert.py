@@ -109,7 +109,11 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     (kept as ``model.xconv_options``) and changes what the call names: ``convert(model, probes=4)``
     changes the probe count and keeps ``relu``, ``include``, ``exclude``, BatchNorm and max-pool
     storage; a conv layer keeps the estimator options the call does not name (set by hand, or by
-    :func:`xconv.plan_storage`). With an ``options`` object, all of its values apply.
+    :func:`xconv.plan_storage`). With an ``options`` object, all of its values apply. The record is
+    kept on the module passed here only: convert a model and its submodules through one root (a
+    submodule converted apart starts from its own record, or the defaults). ``include``/``exclude``
+    select the layers a call touches; layers converted earlier outside them stay converted
+    (:func:`revert` undoes a conversion).
 
     Only modules are converted: activations called as functions in a ``forward``
     (``F.relu(x)``, as in torchvision's GoogLeNet and Inception) keep their full input or
@@ -207,7 +211,7 @@ def _layer_settings(module: nn.Module, options: ConvertOptions, named: set[str])
     try:
         sketch_config = dataclasses.replace(module.sketch_config, **changed)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"{err} (with the options {module.xconv_name} keeps from an earlier convert)") from err
+        raise type(err)(f"{err} (with the options layer {module.xconv_name!r} keeps from an earlier convert)") from err
     return sketch_config, options.min_pixels if "min_pixels" in named else module.min_pixels
 
 

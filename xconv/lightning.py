@@ -56,6 +56,8 @@ class XConvCallback(L.Callback):
                  budget: float | None = None, loss: Callable | None = None, checkpointing: Sequence[str] | None = None,
                  **overrides):
         check_budget(budget)
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be None or a function loss(net, batch), got {loss!r}")
         # A subclass (a config schema with more keys) is kept as the plain options it holds.
         self.options = ConvertOptions(**merged_options(options, overrides).to_dict())
         self.modules = [modules] if isinstance(modules, str) else None if modules is None else list(modules)
@@ -79,10 +81,17 @@ class XConvCallback(L.Callback):
         if getattr(pl_module, "_xconv_applied", False):
             return
         targets = self._targets(pl_module)
-        for _, module in targets:
-            convert(module, self.options)
-        if self.budget is not None and self.storage_plan is None:
-            self.storage_plan = self._plan(pl_module, targets, datamodule)
+        planning = self.budget is not None and self.storage_plan is None
+        if planning:  # what the plan needs is checked before anything is converted
+            self._check_plan(pl_module, targets, datamodule)
+        for i, (name, module) in enumerate(targets):
+            new = convert(module, self.options)
+            if new is not module:  # the target itself was a conv (or ReLU, BatchNorm, max-pool): put the new layer in
+                parent, _, child = name.rpartition(".")
+                setattr(pl_module.get_submodule(parent), child, new)
+                targets[i] = (name, new)
+        if planning:
+            self.storage_plan = self._plan(pl_module, targets[0][1], datamodule)
         if self.storage_plan is not None:
             self.storage_plan.apply(targets[0][1])
         if self.checkpointing is not None:
@@ -90,7 +99,7 @@ class XConvCallback(L.Callback):
                 checkpoint_modules(module, self.checkpointing)
         pl_module._xconv_applied = True
 
-    def _plan(self, pl_module, targets, datamodule) -> StoragePlan:
+    def _check_plan(self, pl_module, targets, datamodule) -> None:
         if len(targets) != 1:
             raise ValueError(f"budget: plans one network; give modules=[one name], got {self.modules}")
         if datamodule is None:
@@ -99,7 +108,8 @@ class XConvCallback(L.Callback):
         if self.loss is None and not callable(getattr(pl_module, "loss", None)):
             raise ValueError(f"budget: needs loss=loss(net, batch), or a method loss(batch, net=...) on "
                              f"{type(pl_module).__name__}")
-        net = targets[0][1]
+
+    def _plan(self, pl_module, net, datamodule) -> StoragePlan:
         loss = self.loss or (lambda n, b: pl_module.loss(b, net=n))
         datamodule.setup("fit")
         batch = next(iter(datamodule.train_dataloader()))
