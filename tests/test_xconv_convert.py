@@ -169,6 +169,28 @@ def test_reconvert_keeps_relu_include_and_exclude_and_names_change_them():
     assert type(model[4]) is nn.Conv2d and model[0].probes == 3
 
 
+@pytest.mark.parametrize("order", ["submodule first", "parent first"])
+def test_a_model_and_its_submodule_converted_apart_keep_each_others_options(order):
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)),
+                             nn.Conv2d(4, 4, 3))
+    m = model()
+    if order == "submodule first":
+        xconv.convert(m[2], probes=4, relu="exact", batchnorm_bits=4)
+        xconv.convert(m, probes=2)  # names probes only: the submodule's ReLU and BatchNorm stay as its call set them
+        assert (type(m[1]), type(m[2][1]), type(m[2][2]), m[2][2].bits) == (xconv.BitReLU, nn.ReLU, xconv.XBatchNorm2d, 4)
+        xconv.convert(m[2], probes=6)
+        assert (type(m[2][1]), m[2][0].probes, m[0].probes) == (nn.ReLU, 6, 2)
+    else:
+        xconv.convert(m, probes=4, relu="exact", exclude=["3"])
+        xconv.convert(m[2], probes=2)
+        assert (type(m[2][1]), m[2][0].probes, m[0].probes) == (nn.ReLU, 2, 4)
+        xconv.convert(m, probes=3)  # layer 3 stays excluded, the ReLUs exact
+        assert (type(m[1]), type(m[2][1]), type(m[3]), m[2][0].probes) == (nn.ReLU, nn.ReLU, nn.Conv2d, 3)
+    xconv.revert(m)
+    assert not any(hasattr(module, "xconv_options") or hasattr(module, "xconv_selected") for module in m.modules())
+
+
 def test_refused_reconvert_leaves_every_layer_as_it_was():
     model = xconv.convert(_block(), probes=8, deflation="pca", deflation_rank=4, batchnorm_bits=4)
     with pytest.raises(ValueError, match=r"deflation_rank must be in 1 .. probes - 1 = 1, got 4"):

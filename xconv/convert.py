@@ -14,87 +14,21 @@ import logging
 import warnings
 
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .batchnorm import BATCHNORM_CLASSES
+from ._classes import ACTIVATIONS, TORCH_CLASSES, X_BATCHNORMS, target_class
 from ._layer import _XConvMixin
 from ._modules import all_names, rebuild, swap
 from ._options import SKETCH_FIELDS, SketchConfig, validate_sketch_config
-from .nn import XCONV_CLASSES, BitLeakyReLU, BitReLU
+from .nn import XCONV_CLASSES
 from .options import ConvertOptions, merged_options
-from .pooling import MAXPOOL_CLASSES
 
 log = logging.getLogger(__name__)
-
-_TORCH_CLASSES = {xcls: tcls for tcls, xcls in XCONV_CLASSES.items()}
-_ACTIVATIONS = {nn.ReLU: BitReLU, nn.LeakyReLU: BitLeakyReLU}
-# Layers converted by their exact class (subclasses may compute something else), and back.
-_TORCH_CLASSES.update({new: old for old, new in {**_ACTIVATIONS, **MAXPOOL_CLASSES, **BATCHNORM_CLASSES}.items()})
-_X_BATCHNORMS = tuple(BATCHNORM_CLASSES.values())
-
-
-def _torch_conv_class(module: nn.Module) -> type | None:
-    """The torch conv class ``module`` can be converted from, or None.
-
-    A subclass that overrides ``forward`` or ``_conv_forward`` computes something else than
-    the torch layer (e.g. weight standardisation, "same" padding by hand), so it is not
-    converted; nor is a parametrized conv (``torch.nn.utils.parametrizations.spectral_norm``,
-    ``weight_norm``), whose class torch generates to compute the weight.
-    """
-    if parametrize.is_parametrized(module):  # spectral_norm / weight_norm: its weight is a computed property
-        return None
-    for tcls in XCONV_CLASSES:
-        if isinstance(module, tcls) and not isinstance(module, _XConvMixin):
-            cls = type(module)
-            overrides = any(getattr(cls, f, None) is not getattr(tcls, f, None) for f in ("forward", "_conv_forward"))
-            return None if overrides else tcls
-    return None
-
-
-def conversion_status(module: nn.Module) -> str:
-    """How :func:`convert` treats ``module`` itself (not its children).
-
-    Returns:
-        ``"converted"``: an xconv layer (XConv, 1-bit (leaky) ReLU, SR BatchNorm, offset
-        max-pool); ``"convertible"``: a torch layer that :func:`convert` replaces with some
-        options (conv, ReLU/LeakyReLU, BatchNorm, MaxPool), left as it is here by the options
-        or ``include``/``exclude``; ``"unconvertible"``: anything else (other layers, conv
-        subclasses that override ``forward``, containers).
-    """
-    if type(module) in _TORCH_CLASSES:
-        return "converted"
-    convertible = (*_ACTIVATIONS, *BATCHNORM_CLASSES, *MAXPOOL_CLASSES)
-    return "convertible" if _torch_conv_class(module) is not None or type(module) in convertible else "unconvertible"
 
 
 def _selected(name: str, include, exclude) -> bool:
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
     return exclude is None or not any(fnmatch.fnmatchcase(name, p) for p in exclude)
-
-
-def _target(module: nn.Module, options: ConvertOptions, named: set[str]) -> type | None:
-    """The class :func:`convert` gives ``module`` under ``options``, or None to leave it alone; a layer
-    converted before keeps what ``named`` (the options this call sets) does not cover."""
-    if isinstance(module, _XConvMixin):
-        return type(module)
-    if (tcls := _torch_conv_class(module)) is not None:
-        return XCONV_CLASSES[tcls]
-    converted = type(module) in _TORCH_CLASSES
-    torch_class = _TORCH_CLASSES.get(type(module), type(module))
-    if torch_class in _ACTIVATIONS:
-        if converted and "relu" not in named:
-            return type(module)
-        return _ACTIVATIONS[torch_class] if options.relu == "bit" else torch_class
-    if torch_class in BATCHNORM_CLASSES:
-        if converted and "batchnorm_bits" not in named:
-            return type(module)
-        return torch_class if options.batchnorm_bits is None else BATCHNORM_CLASSES[torch_class]
-    if torch_class in MAXPOOL_CLASSES:
-        if converted and "maxpool" not in named:
-            return type(module)
-        return MAXPOOL_CLASSES[torch_class] if options.maxpool else torch_class
-    return None
 
 
 def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides) -> nn.Module:
@@ -109,11 +43,11 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     (kept as ``model.xconv_options``) and changes what the call names: ``convert(model, probes=4)``
     changes the probe count and keeps ``relu``, ``include``, ``exclude``, BatchNorm and max-pool
     storage; a conv layer keeps the estimator options the call does not name (set by hand, or by
-    :func:`xconv.plan_storage`). With an ``options`` object, all of its values apply. The record is
-    kept on the module passed here only: convert a model and its submodules through one root (a
-    submodule converted apart starts from its own record, or the defaults). ``include``/``exclude``
-    select the layers a call touches; layers converted earlier outside them stay converted
-    (:func:`revert` undoes a conversion).
+    :func:`xconv.plan_storage`). With an ``options`` object, all of its values apply. Every module
+    a call reaches keeps that record (and whether ``include``/``exclude`` selected it), so a model
+    and its submodules may be converted apart, in any order. ``include``/``exclude`` select the
+    layers a call touches; layers converted earlier outside them stay converted (:func:`revert`
+    undoes a conversion and drops the records).
 
     Only modules are converted: activations called as functions in a ``forward``
     (``F.relu(x)``, as in torchvision's GoogLeNet and Inception) keep their full input or
@@ -136,15 +70,14 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
             ``include`` patterns that select nothing to convert (a typo would otherwise leave the model
             exact), or an ``exclude`` pattern that matches no module, before anything is replaced.
     """
-    every = {f.name for f in dataclasses.fields(ConvertOptions)}
-    recorded = getattr(model, "xconv_options", None)  # what an earlier convert of this model set
-    # Options this call sets on conv layers converted before, and on other layers converted before.
-    named = set(overrides) if options is None else every
-    named_for_kinds = every if options is not None or recorded is not None else named
-    options = merged_options(options if options is not None else recorded, overrides)
+    every, given = {f.name for f in dataclasses.fields(ConvertOptions)}, options is not None
+    # The options this call sets on conv layers converted before (the others keep theirs).
+    named = every if given else set(overrides)
+    options = merged_options(options if given else getattr(model, "xconv_options", None), overrides)
     relu, include, exclude = options.relu == "bit", options.include, options.exclude
+    new_selection = given or "include" in named or "exclude" in named
     modules = all_names(model)
-    convertible = tuple(XCONV_CLASSES) + (tuple(_ACTIVATIONS) if relu else ())
+    convertible = tuple(XCONV_CLASSES) + (tuple(ACTIVATIONS) if relu else ())
     convs = [names[0] for module, names in modules if isinstance(module, tuple(XCONV_CLASSES))]
     shown = ", ".join(convs[:8]) + (", ..." if len(convs) > 8 else "")
     if include and not any(isinstance(module, convertible) and any(_selected(n, include, exclude) for n in names)
@@ -155,42 +88,54 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     unmatched = [p for p in exclude or () if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if unmatched:  # a typo would otherwise convert the layers it was meant to keep exact
         raise ValueError(f"exclude: no module matches {unmatched}; the model's convs: {shown or 'none'}")
-    converted, skipped, partly_selected, replacements, settings, batchnorms = [], [], [], {}, [], []
+    converted, skipped, partly_selected, replacements, settings, batchnorms, records = [], [], [], {}, [], [], []
     for module, aliases in modules:
-        chosen = [_selected(name, include, exclude) for name in aliases]
-        target = _target(module, options, named_for_kinds)
+        # What the last convert that reached this module set (through this model or through another
+        # that holds it) stays, but for what this call names.
+        own = module.__dict__.get("xconv_options")
+        layer_options = options if given or own is None else merged_options(own, overrides)
+        named_for_kinds = every if given or own is not None else named
+        if new_selection or own is None:
+            chosen = [_selected(name, include, exclude) for name in aliases]
+        else:
+            chosen = [module.__dict__.get("xconv_selected", True)] * len(aliases)
+        records.append((module, layer_options, all(chosen)))
+        target = target_class(module, layer_options, named_for_kinds)
         if target is None:
             if isinstance(module, tuple(XCONV_CLASSES)) and any(chosen):
                 skipped.append(f"{aliases[0]} ({type(module).__name__})")
             continue
         # Re-initialised in place (new options) or replaced: anything but a layer that stays as it is.
-        acts = target is not type(module) or issubclass(target, (_XConvMixin, *_X_BATCHNORMS))
+        acts = target is not type(module) or issubclass(target, (_XConvMixin, *X_BATCHNORMS))
         if not all(chosen):
             if acts and any(chosen):
                 partly_selected.append(" / ".join(aliases))
             continue
         if target is type(module):
             new = module
-        elif target in _TORCH_CLASSES.values():  # back to torch's layer: drop the xconv attributes
+        elif target in TORCH_CLASSES.values():  # back to torch's layer: drop the xconv attributes
             new = _plain(module)
         else:
             new = rebuild(module, target)
-        if type(new) in _TORCH_CLASSES:  # an xconv layer: its errors and warnings name it
+        if type(new) in TORCH_CLASSES:  # an xconv layer: its errors and warnings name it
             new.xconv_name = aliases[0]
         if isinstance(new, _XConvMixin):
-            settings.append((new, *_layer_settings(module, options, named)))
+            settings.append((new, *_layer_settings(module, layer_options, named)))
             converted.append(aliases[0])
-        elif isinstance(new, _X_BATCHNORMS) and (new is not module or "batchnorm_bits" in named_for_kinds):
-            batchnorms.append(new)
+        elif isinstance(new, X_BATCHNORMS) and (new is not module or "batchnorm_bits" in named_for_kinds):
+            batchnorms.append((new, layer_options.batchnorm_bits))
         if new is not module:
             replacements[id(module)] = new
     # Everything is checked by now: a refused call leaves the model as it was.
     for layer, sketch_config, min_pixels in settings:
         layer.sketch_config, layer.min_pixels = sketch_config, min_pixels
-    for layer in batchnorms:
-        layer._init_bits(options.batchnorm_bits)
+    for layer, bits in batchnorms:
+        layer._init_bits(bits)
+    for module, layer_options, selected in records:  # include/exclude name modules from this call's root only
+        if module is not model:
+            layer_options = dataclasses.replace(layer_options, include=None, exclude=None)
+        _record(replacements.get(id(module), module), layer_options, selected)
     model = swap(model, replacements)
-    model.xconv_options = options
     if skipped:
         warnings.warn("xconv.convert skipped conv subclasses that override forward and parametrized convs "
                       f"(spectral_norm, weight_norm): {', '.join(skipped)}")
@@ -200,6 +145,14 @@ def convert(model: nn.Module, options: ConvertOptions | None = None, **overrides
     how = f"bits={options.bits} quantized" if options.storage == "quantized" else f"probes={options.probes}, mode={options.mode}"
     log.info("xconv.convert: %d convs converted (%s)", len(converted), how)
     return model
+
+
+def _record(module: nn.Module, options: ConvertOptions, selected: bool) -> None:
+    module.xconv_options = options
+    if selected:
+        module.__dict__.pop("xconv_selected", None)
+    else:  # left as it was by include/exclude: a later call that names neither leaves it so
+        module.xconv_selected = False
 
 
 def _layer_settings(module: nn.Module, options: ConvertOptions, named: set[str]) -> tuple[SketchConfig, int | None]:
@@ -236,14 +189,16 @@ def revert(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (or the new layer when ``model`` itself is an xconv layer).
     """
-    model = swap(model, {id(m): _plain(m) for m in model.modules() if type(m) in _TORCH_CLASSES})
-    model.__dict__.pop("xconv_options", None)
+    model = swap(model, {id(m): _plain(m) for m in model.modules() if type(m) in TORCH_CLASSES})
+    for module in model.modules():
+        for attr in ("xconv_options", "xconv_selected"):
+            module.__dict__.pop(attr, None)
     return model
 
 
 def _plain(module: nn.Module) -> nn.Module:
     """The torch layer a converted ``module`` came from, sharing its parameters and buffers."""
-    new = rebuild(module, _TORCH_CLASSES[type(module)])
-    for attr in ("sketch_config", "min_pixels", "bits", "xconv_name", "xconv_options"):
+    new = rebuild(module, TORCH_CLASSES[type(module)])
+    for attr in ("sketch_config", "min_pixels", "bits", "xconv_name"):
         new.__dict__.pop(attr, None)
     return new

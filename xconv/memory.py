@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .convert import conversion_status
+from ._classes import conversion_status
 
 
 #: :attr:`SavedTensorReport.status` values, in the order :meth:`SavedTensorReport.summary` lists them.
@@ -30,7 +30,7 @@ class SavedTensorReport:
             under a module that has children were saved by the ops its own ``forward`` calls
             outside them (``F.relu(x)``, ``x * y``).
         status: for each key of ``by_module``, how :func:`xconv.convert` treats what saved it
-            (:func:`xconv.convert.conversion_status`): ``"converted"`` (an xconv layer),
+            (:func:`xconv._classes.conversion_status`): ``"converted"`` (an xconv layer),
             ``"convertible"`` (a torch layer ``convert`` replaces with other options or
             ``include``/``exclude``) or ``"unconvertible"`` (other layers, ops called in a
             ``forward``, ``"<outside>"``): bytes ``convert`` cannot reduce.
