@@ -13,7 +13,7 @@ import torch
 
 from . import rng
 from ._autograd import layer_label
-from ._options import SKETCH_FIELDS, SketchConfig, layer_probes, sketch_numel_per_sample
+from ._options import SKETCH_FIELDS, SketchConfig, check_min_pixels, layer_probes, sketch_numel_per_sample
 from .rng import draw_seed
 
 # xconv.rng.backward_count() at the last repeated-seed warning.
@@ -26,8 +26,7 @@ class _XConvMixin:
     def _init_xconv(self, min_pixels: int | None = None, **options) -> None:
         """Validate and set the estimator ``options`` (the fields of :class:`SketchConfig`)."""
         sketch_config = SketchConfig(**options)
-        if min_pixels is not None and (isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 0):
-            raise ValueError(f"min_pixels must be None or an int >= 0, got {min_pixels!r}")
+        check_min_pixels(min_pixels)
         self.sketch_config, self.min_pixels = sketch_config, min_pixels
 
     @property

@@ -152,6 +152,12 @@ def validate_sketch_config(
     return canonical
 
 
+def check_min_pixels(min_pixels) -> None:
+    """Raise ValueError unless ``min_pixels`` (the input size below which a layer runs exactly) is None or an int >= 0."""
+    if min_pixels is not None and (isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 0):
+        raise ValueError(f"min_pixels must be None or an int >= 0, got {min_pixels!r}")
+
+
 def sketch_numel_per_sample(cfg: SketchConfig, channels: int) -> int:
     """Numbers the sketch keeps per sample: ``C_in * r`` (independent) or ``r`` (multi)."""
     return channels * cfg.probes if cfg.mode == "independent" else cfg.probes

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ._options import CONTRACTIONS, MODE_ALIASES, MODES, SKETCH_FIELDS, STORAGES, SketchConfig
+from ._options import CONTRACTIONS, MODE_ALIASES, MODES, SKETCH_FIELDS, STORAGES, SketchConfig, check_min_pixels
 from .probes import DEFLATIONS, DISTRIBUTIONS
 from .quantize import check_bits
 
@@ -92,9 +92,7 @@ class ConvertOptions:
                 setattr(self, name, _choice(name, value, enum))
         self.include, self.exclude = _patterns("include", self.include), _patterns("exclude", self.exclude)
         self.sketch  # noqa: B018 - builds the SketchConfig, which checks the estimator's options
-        if self.min_pixels is not None and (isinstance(self.min_pixels, bool) or not isinstance(self.min_pixels, int)
-                                            or self.min_pixels < 0):
-            raise ValueError(f"min_pixels must be None or an int >= 0, got {self.min_pixels!r}")
+        check_min_pixels(self.min_pixels)
         check_bits("batchnorm_bits", self.batchnorm_bits)
         if not isinstance(self.maxpool, bool):
             raise TypeError(f"maxpool must be a bool, got {self.maxpool!r}")
