@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
@@ -293,22 +295,44 @@ def check_launcher(trainer: L.Trainer, multirun: bool, task: L.LightningModule |
         )
 
 
-def xconv_config(cfg: DictConfig) -> ConvertOptions:
+# xconv options that only the paper's sketch reads.
+SKETCH_OPTIONS = ("probes", "mode", "distribution", "per_sample", "contraction", "deflation", "deflation_rank",
+                  "max_compression")
+
+
+def xconv_config(cfg: DictConfig, overrides: list[str] | None = None) -> ConvertOptions:
     """``cfg.xconv`` as the dataclass of its schema (``experiments.registry.XConvConfig``: the options of
     ``xconv.convert`` and ``budget``), or a :class:`ConfigError` naming the key of a value it refuses.
 
     OmegaConf has checked the types and choices when the config was composed; the dataclass checks
-    the rest (ranges, combinations) before anything is built.
+    the rest (ranges, combinations) before anything is built. A sketch option set on the command
+    line (``overrides``; None: the run's, from ``cfg.hydra`` or Hydra's runtime config) while the
+    convs keep SR storage (``storage=quantized`` without a budget, as ``xconv=sr4``, the default of
+    some tasks) is refused too: it would change nothing, where the user meant the paper's sketch.
     """
     options = [f.name for f in dataclasses.fields(OmegaConf.get_type(cfg.xconv))]
     if unknown := sorted(set(cfg.xconv) - set(options)):  # added with +xconv.<key>=..., which the schema lets through
         raise ConfigError(f"xconv.{unknown[0]}: no such option; the options: {', '.join(options)}")
     try:
-        return OmegaConf.to_object(cfg.xconv)
+        xconv = OmegaConf.to_object(cfg.xconv)
     except (TypeError, ValueError) as err:
         # OmegaConf wraps a TypeError of the dataclass in its own error; the dataclass's message names the option.
         reason = err.__context__ if isinstance(err, OmegaConfBaseException) and err.__context__ is not None else err
         raise ConfigError(f"xconv.{reason}") from reason
+    if xconv.storage == "quantized" and xconv.budget is None:
+        sketch_keys = {f"xconv.{name}" for name in SKETCH_OPTIONS}
+        given = _command_line_overrides(cfg) if overrides is None else overrides
+        if named := [o.key_or_group for o in OverridesParser.create().parse_overrides(given) if o.key_or_group in sketch_keys]:
+            raise ConfigError(f"{named[0]}: a sketch option, unused with xconv.storage=quantized (xconv=sr4, the default of "
+                              "the classification, gan, superres and inpainting tasks); add xconv=default for the paper's sketch")
+    return xconv
+
+
+def _command_line_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides that made ``cfg``: a sweep job's (``cfg.hydra``), the running job's, or none outside Hydra."""
+    if "hydra" in cfg:
+        return list(cfg.hydra.overrides.task)
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:

@@ -1,6 +1,7 @@
 """The real configs compose for every task, data set and preset, and bad values fail before training."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -90,6 +91,59 @@ def test_defaults():
     }
     assert cfg.checkpointing is None
     assert set(cfg.logger) == {"wandb", "csv"} and cfg.logger.wandb.mode == "offline"
+
+
+SR4 = {"storage": "quantized", "bits": 4, "batchnorm_bits": 4, "maxpool": True}
+SKETCH = {"storage": "sketch", "bits": None, "batchnorm_bits": None, "maxpool": False}
+
+
+@pytest.mark.parametrize("task", config_names("task"))
+def test_each_task_s_xconv_default(task):
+    """Segmentation keeps the paper's sketch (``task=segmentation xconv.probes=8`` is the paper's XConv;
+    ``make run`` names ``xconv=plan25``); the other tasks default to SR 4-bit storage (``xconv=sr4``);
+    ``xconv=default`` gives every task the sketch."""
+    default = compose_config(f"task={task}").xconv
+    assert {key: default[key] for key in SR4} == (SKETCH if task == "segmentation" else SR4)
+    sketch = compose_config(f"task={task}", "xconv=default").xconv
+    assert {key: sketch[key] for key in SKETCH} == SKETCH
+
+
+@pytest.mark.parametrize("experiment", [name for name in config_names("experiment") if name.startswith("paper_")])
+def test_paper_presets_run_the_paper_s_sketch(experiment):
+    assert compose_config(f"experiment={experiment}").xconv.storage == "sketch"
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["task=classification", "xconv.probes=8"], "xconv.probes"),
+    (["task=gan", "xconv.distribution=rademacher"], "xconv.distribution"),
+    (["task=inpainting", "xconv.probes=0"], "xconv.probes"),
+    (["xconv=sr4", "xconv.contraction=probes"], "xconv.contraction"),
+    (["task=classification", "xconv=default", "xconv.probes=8"], None),
+    (["task=superres", "xconv.bits=8", "xconv.relu=exact"], None),
+    (["xconv=plan25", "xconv.probes=16"], None),  # the planner may give a conv the sketch
+])
+def test_a_sketch_option_named_with_sr_storage_is_refused(overrides, refused):
+    """It would change nothing; the user meant the paper's sketch, which ``xconv=default`` selects."""
+    cfg = compose_config(*overrides)
+    if refused is None:
+        assert xconv_config(cfg, overrides) is not None
+    else:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(refused)}: a sketch option, .*add xconv=default"):
+            xconv_config(cfg, overrides)
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
+def test_a_sketch_option_with_a_task_s_sr_default_exits_2_before_training(multirun, tmp_path):
+    out = tmp_path / "out"
+    where = [f"hydra.sweep.dir={out}"] if multirun else [f"hydra.run.dir={out}"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), *(["-m"] if multirun else []), "debug=tiny", "task=classification",
+         "xconv.probes=0,8" if multirun else "xconv.probes=8", *where],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes: a sketch option, unused with")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wandb_mode_follows_the_environment(monkeypatch):

@@ -68,7 +68,7 @@ def test_rank_seeds_are_a_function_of_seed_and_rank():
 
 def test_ddp_in_a_sweep_exits_2_before_training_and_leaves_no_sweep_dir(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_py("-m", *TINY_CLASSIFICATION, *DDP, "xconv.probes=0,8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    result = run_py("-m", *TINY_CLASSIFICATION, *DDP, "xconv=default", "xconv.probes=0,8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: trainer.strategy: ") and "hydra/launcher=slurm" in error
@@ -99,7 +99,7 @@ def test_launcher_kind_reads_how_lightning_starts_the_processes(strategy, device
 def test_sweep_jobs_are_separate_wandb_runs_in_one_group(tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = with_logger(TINY_CLASSIFICATION, "wandb")
-    result = run_py("-m", *overrides, PROBE, "xconv.probes=0,8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    result = run_py("-m", *overrides, PROBE, "xconv=default", "xconv.probes=0,8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [sweep_dir / "0_probes0", sweep_dir / "1_probes8"]
     runs = [torch.load(job / "probe_rank0.pt")["wandb"] for job in jobs]
@@ -112,7 +112,7 @@ def test_sweep_jobs_are_separate_wandb_runs_in_one_group(tmp_path):
 def test_submitit_local_sweep_runs_every_job(tmp_path):
     # submitit's local executor runs each job in its own process, as on SLURM, without SLURM.
     sweep_dir = tmp_path / "sweep"
-    result = run_py("-m", *TINY_CLASSIFICATION, "hydra/launcher=submitit_local", "xconv.probes=0,8",
+    result = run_py("-m", *TINY_CLASSIFICATION, "hydra/launcher=submitit_local", "xconv=default", "xconv.probes=0,8",
                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for job, probes in enumerate([0, 8]):

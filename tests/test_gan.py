@@ -57,7 +57,7 @@ def test_two_step_run_writes_summary_with_fid_and_samples(probes, relu, logger, 
     if logger == "wandb":
         monkeypatch.setenv("WANDB_MODE", "disabled")
         monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None: logged.append((key, images)))
-    cfg = compose_config(*TINY_GAN, f"logger={logger}", f"task.fid_cache_dir={cache_dir}", f"xconv.probes={probes}",
+    cfg = compose_config(*TINY_GAN, f"logger={logger}", f"task.fid_cache_dir={cache_dir}", "xconv=default", f"xconv.probes={probes}",
                          f"xconv.relu={relu}", output_dir=tmp_path)
     returned = run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())

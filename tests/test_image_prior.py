@@ -46,7 +46,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("task", ["superres", "inpainting"])
 @pytest.mark.parametrize("probes, relu", [(0, "exact"), (8, "bit")])
 def test_two_step_run_writes_summary_and_images(task, probes, relu, tmp_path):
-    cfg = compose_config(f"task={task}", *TINY_IMAGE, f"xconv.probes={probes}", f"xconv.relu={relu}",
+    cfg = compose_config(f"task={task}", *TINY_IMAGE, "xconv=default", f"xconv.probes={probes}", f"xconv.relu={relu}",
                          output_dir=tmp_path)
     run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -71,7 +71,7 @@ def test_two_step_run_writes_summary_and_images(task, probes, relu, tmp_path):
 def test_best_is_the_highest_psnr_of_any_validation(tmp_path):
     # A validation after each of 4 steps, then the one after fit.
     cfg = compose_config("task=inpainting", *TINY_IMAGE, "data.steps_per_epoch=1", "trainer.max_steps=4",
-                         "xconv.probes=0", output_dir=tmp_path)
+                         "xconv=default", "xconv.probes=0", output_dir=tmp_path)
     summary = run(cfg)
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["val/psnr"]]

@@ -16,7 +16,7 @@ TINY = {"segmentation": TINY_SEGMENTATION, "classification": TINY_CLASSIFICATION
 def test_bf16_mixed_run_trains_and_measures_bf16_activations(task, tmp_path):
     summaries = {}
     for precision in ("32-true", "bf16-mixed"):
-        cfg = compose_config(*TINY[task], "xconv.probes=8", f"+trainer.precision={precision}",
+        cfg = compose_config(*TINY[task], "xconv=default", "xconv.probes=8", f"+trainer.precision={precision}",
                              output_dir=tmp_path / precision)
         run(cfg)
         summaries[precision] = json.loads((tmp_path / precision / "summary.json").read_text())
@@ -32,10 +32,10 @@ def test_bf16_mixed_run_trains_and_measures_bf16_activations(task, tmp_path):
 @pytest.mark.parametrize("precision, dtype_bytes", [("64-true", 8), ("bf16-true", 2)])
 def test_true_precisions_train_and_measure_in_their_dtype(precision, dtype_bytes, tmp_path):
     # The summary measures activations on a batch converted as Lightning converts it for training.
-    cfg = compose_config(*TINY_CLASSIFICATION, "xconv.probes=8", f"+trainer.precision={precision}", output_dir=tmp_path)
+    cfg = compose_config(*TINY_CLASSIFICATION, "xconv=default", "xconv.probes=8", f"+trainer.precision={precision}", output_dir=tmp_path)
     summary = run(cfg)
     assert summary["precision"] == precision and math.isfinite(summary["metric"])
-    fp32 = run(compose_config(*TINY_CLASSIFICATION, "xconv.probes=8", output_dir=tmp_path / "fp32"))
+    fp32 = run(compose_config(*TINY_CLASSIFICATION, "xconv=default", "xconv.probes=8", output_dir=tmp_path / "fp32"))
     # The max-pools' int64 indices keep their size; everything else scales with the dtype.
     ratio = summary["activation_bytes_exact"] / fp32["activation_bytes_exact"]
     assert (ratio > 1.5) if dtype_bytes == 8 else (ratio < 0.75), ratio

@@ -56,7 +56,7 @@ def check_summary(summary: dict, task: str, probes: int, steps: int) -> None:
 @pytest.mark.parametrize("probes, relu", [(0, "exact"), (8, "bit")])
 def test_two_step_run_writes_summary(task, probes, relu, tmp_path):
     overrides = TASKS[task][0]
-    cfg = compose_config(*overrides, f"xconv.probes={probes}", f"xconv.relu={relu}", output_dir=tmp_path)
+    cfg = compose_config(*overrides, "xconv=default", f"xconv.probes={probes}", f"xconv.relu={relu}", output_dir=tmp_path)
     returned = run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads(json.dumps(returned))
