@@ -19,6 +19,7 @@ from xconv.lightning import XConvCallback
 from .config import (
     check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, xconv_config,
 )
+from .equal_memory import check_equal_memory, match_batch_size
 from .errors import ConfigError
 from .registry import register
 from .summary import summary_callbacks
@@ -115,8 +116,34 @@ def _convert(converter: XConvCallback, task: L.LightningModule, datamodule: L.Li
         raise ConfigError(f"xconv.{message}") from err
 
 
+def _equal_memory(cfg: DictConfig) -> dict | None:
+    """``cfg.equal_memory`` (null, or ``{fraction, batch_size}``: experiments/equal_memory.py) as keyword
+    arguments of ``match_batch_size``, checked."""
+    node = cfg.get("equal_memory")
+    if node is None:
+        return None
+    if not OmegaConf.is_dict(node) or set(node) != {"fraction", "batch_size"}:
+        given = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        raise ConfigError(f"equal_memory must be null or {{fraction: F, batch_size: B}}, got {given!r}")
+    try:
+        check_equal_memory(node.fraction, node.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return {"fraction": node.fraction, "reference_batch_size": node.batch_size}
+
+
+def _match_batch_size(equal_memory: dict | None, task: L.LightningModule, datamodule: L.LightningDataModule):
+    if equal_memory is None:
+        return None
+    try:
+        return match_batch_size(task, datamodule, **equal_memory)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def _assemble(cfg: DictConfig):
     check_run_config(cfg)
+    equal_memory = _equal_memory(cfg)
     ckpt_path = cfg.get("ckpt_path")
     checkpoint_shapes = check_checkpoint(ckpt_path) if ckpt_path is not None else None
     converter = _converter(cfg)
@@ -131,12 +158,13 @@ def _assemble(cfg: DictConfig):
     except ValueError as err:
         raise ConfigError(str(err)) from err
     _convert(converter, task, datamodule)
+    matched = _match_batch_size(equal_memory, task, datamodule)
     if checkpoint_shapes is not None:  # the network as it is trained: converted, with its checkpointed segments
         check_checkpoint_fits(ckpt_path, checkpoint_shapes, task)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks += [converter, *summary_callbacks(f"{cfg.output_dir}/summary.json", config)]
+    callbacks += [converter, *summary_callbacks(f"{cfg.output_dir}/summary.json", config, matched)]
     trainer = instantiate_node(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
     check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN, task=task)
     return datamodule, task, trainer

@@ -70,10 +70,14 @@ class RunSummary(L.Callback):
     present, :class:`xconv.lightning.XConvCallback` from the Trainer: :func:`summary_callbacks` gives all
     but the last. ``config`` is the run's resolved config (``task_name``, ``seed``, ``xconv`` are read);
     the git commit is taken here, when the run starts, since the checkout may move on while it trains.
+    ``equal_memory`` is the batch size matching of the equal-memory protocol
+    (:class:`experiments.equal_memory.EqualMemory`), recorded as is; ``batch_size`` is the data module's
+    when training ended (the one matched, where the protocol chose it).
     """
 
-    def __init__(self, path: str | Path, config: dict):
+    def __init__(self, path: str | Path, config: dict, equal_memory=None):
         self.path, self.config, self.commit = Path(path), config, git_commit()
+        self.equal_memory = equal_memory
         self.summary: dict | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: XConvTask, stage: str) -> None:
@@ -100,6 +104,8 @@ class RunSummary(L.Callback):
             "metric": None,
             "metrics": pl_module.summary_metrics(),
             **activation_memory(pl_module, batch, device, trainer.precision_plugin),
+            "batch_size": getattr(trainer.datamodule, "batch_size", None),  # the one trained with
+            "equal_memory": self.equal_memory.to_dict() if self.equal_memory is not None else None,
             "train_time_s": timer.time_elapsed("train"),
             "samples_per_s": throughput.samples_per_s,
             "epochs": trainer.current_epoch,
@@ -137,9 +143,9 @@ class RunSummary(L.Callback):
             logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
 
 
-def summary_callbacks(path: str | Path, config: dict) -> list[L.Callback]:
+def summary_callbacks(path: str | Path, config: dict, equal_memory=None) -> list[L.Callback]:
     """The callbacks that measure and write a run's ``summary.json`` at ``path`` (see :class:`RunSummary`)."""
-    return [Timer(), TrainThroughput(), RunSummary(path, config)]
+    return [Timer(), TrainThroughput(), RunSummary(path, config, equal_memory)]
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """Paper-style tables from run directories: one row per estimator, exact first, means over seeds.
 
 Reads every ``summary.json`` below the given directories (a multirun folder, several, or single
-runs), groups the runs into tables by task, data set, model, batch size, precision (Lightning's
+runs), groups the runs into tables by task, data set, model, batch size (the one trained with,
+``summary.json``'s ``batch_size``, which the equal-memory protocol chooses), precision (Lightning's
 ``trainer.precision``; named in the heading unless fp32), number of DDP processes (named
 unless 1) and every other config value that differs between the runs read (``data.scale``,
 ``model.channels``, ``trainer.max_epochs``, ...; named in the heading), and within a table into
@@ -63,8 +64,9 @@ ROW_KEYS = ("probes", "mode", "distribution", "per_sample", "contraction", "defl
 NOT_SETTINGS = {"seed", "data.seed", "ckpt_path", "output_dir", "checkpointing", "trainer.default_root_dir", "task_name",
                 "data._target_", "data.image", "data.batch_size", "model._target_", "model.encoder_name",
                 "task._target_", "trainer.precision", "trainer.devices", "trainer.num_nodes",
-                "task.metric.name", "task.metric.mode"}  # what is scored, not how it trains: metric_name, metric_mode
-NOT_SETTINGS_PREFIXES = ("xconv.", "callbacks.", "logger.", "hydra.", "task.net.")  # task.net is ${model}
+                "task.metric.name", "task.metric.mode",  # what is scored, not how it trains: metric_name, metric_mode
+                "equal_memory"}  # the equal-memory protocol chose the batch size, which TABLE_KEYS name
+NOT_SETTINGS_PREFIXES = ("xconv.", "callbacks.", "logger.", "hydra.", "task.net.", "equal_memory.")  # task.net is ${model}
 
 
 def _target(node) -> str:
@@ -115,8 +117,9 @@ def load_runs(directories: list[Path], metric: str | None, metric_mode: str | No
             # A run that validated nothing (+trainer.limit_val_batches=0) has no headline metric: a blank cell.
             if name not in summary["metrics"] and metric is not None:
                 raise KeyError(f"--metric: {path} has no {name!r}; it has {sorted(summary['metrics'])}")
-            # The deep image prior's data modules have no batch_size: they train on one image per step.
-            batch = config["data"].get("batch_size", 1)
+            # The batch trained with (the equal-memory protocol's choice; summaries from before it was
+            # recorded: the config's); the deep image prior's data modules have none: one image per step.
+            batch = summary.get("batch_size") or config["data"].get("batch_size", 1)
             storage = xconv.get("storage", "sketch")  # summaries from before storage options: the sketch
             planned = xconv.get("budget") is not None
             # Which convs are converted, and how, matters only where their gradients are estimated.

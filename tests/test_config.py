@@ -108,6 +108,27 @@ def test_each_task_s_xconv_default(task):
     assert {key: sketch[key] for key in SKETCH} == SKETCH
 
 
+XCONV_PRESETS = {  # what each xconv group option stores, as (storage, bits, probes, max_compression, budget, relu)
+    "default": ("sketch", None, 8, None, None, "bit"), "exact": ("sketch", None, 0, None, None, "exact"),
+    "r32": ("sketch", None, 32, None, None, "bit"), "cap16": ("sketch", None, 8, 16, None, "bit"),
+    "sr8": ("quantized", 8, 8, None, None, "bit"), "sr4": ("quantized", 4, 8, None, None, "bit"),
+    "sr2": ("quantized", 2, 8, None, None, "bit"), "plan50": ("sketch", None, 8, None, 0.5, "bit"),
+    "plan25": ("sketch", None, 8, None, 0.25, "bit"),
+}
+
+
+def test_every_xconv_option_is_listed_and_checked():
+    assert sorted(XCONV_PRESETS) == config_names("xconv")
+    for name, expected in XCONV_PRESETS.items():
+        options = xconv_config(compose_config("task=segmentation", f"xconv={name}"), overrides=[])
+        assert (options.storage, options.bits, options.probes, options.max_compression, options.budget,
+                options.relu) == expected, name
+        if options.storage == "quantized":
+            assert options.batchnorm_bits == options.bits and options.maxpool
+        assert (options.batchnorm_bits, options.maxpool) == ((4, True) if options.budget else
+                                                             (options.bits, options.storage == "quantized"))
+
+
 @pytest.mark.parametrize("experiment", [name for name in config_names("experiment") if name.startswith("paper_")])
 def test_paper_presets_run_the_paper_s_sketch(experiment):
     assert compose_config(f"experiment={experiment}").xconv.storage == "sketch"

@@ -12,7 +12,13 @@ from run import build, run
 
 CPU_PRESETS = [name for name in config_names("experiment") if name.endswith("_cpu")]
 # Smaller data where a preset's own would take long to build in a test.
-SMALL_DATA = {"paper_segmentation_cpu": ["data.train_scenes=8", "data.val_scenes=4", "data.batch_size=4"]}
+SMALL_DATA = {
+    "paper_segmentation_cpu": ["data.train_scenes=8", "data.val_scenes=4", "data.batch_size=4"],
+    # The equal-memory presets measure a few batch sizes first: small ones here.
+    "equal_memory_segmentation_cpu": ["data.train_scenes=16", "data.val_scenes=4", "data.batch_size=4",
+                                      "equal_memory.batch_size=4"],
+    "equal_memory_classification_cpu": ["data.image_size=16", "data.batch_size=4", "equal_memory.batch_size=4"],
+}
 
 
 @pytest.mark.parametrize("preset", CPU_PRESETS)

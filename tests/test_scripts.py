@@ -210,6 +210,25 @@ def test_batch_rows_put_batch_sizes_in_one_table(sweep):
     assert text.count("### classification") == 1 and "| exact, batch 128 |" in text
 
 
+def test_equal_memory_runs_are_rows_at_the_batch_they_trained_with(tmp_path):
+    """The equal-memory protocol chose each run's batch (summary.json's batch_size, not data.batch_size);
+    whether a run used it (the config's equal_memory) does not split the table."""
+    write_run(tmp_path, "reference", 0, 0, 0.9, 8 * MIB, 640.0, batch=16)
+    write_run(tmp_path, "exact_half", 0, 0, 0.8, 4 * MIB, 320.0, batch=16)
+    write_run(tmp_path, "sr4", 0, 0, 0.85, 4 * MIB, 640.0, batch=16, storage="quantized", bits=4)
+    for name, trained in [("reference", None), ("exact_half", 8), ("sr4", 32)]:
+        path = tmp_path / name / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["batch_size"] = trained or 16
+        summary["config"]["equal_memory"] = {"fraction": 0.5, "batch_size": 16} if trained else None
+        path.write_text(json.dumps(summary))
+    result = make_tables(tmp_path, "--batch-rows")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("### classification") == 1
+    assert "| exact, batch 8 | 0.800 |" in result.stdout and "| exact, batch 16 | 0.900 |" in result.stdout
+    assert "| SR 4-bit, batch 32 | 0.850 |" in result.stdout
+
+
 def test_images_are_tables_not_seeds(tmp_path):
     for image, acc in [("astronaut", 0.5), ("coffee", 0.7)]:
         write_run(tmp_path, image, 0, 0, acc, MIB, 100.0, image=image)
