@@ -305,34 +305,34 @@ def xconv_config(cfg: DictConfig, overrides: list[str] | None = None) -> Convert
     ``xconv.convert`` and ``budget``), or a :class:`ConfigError` naming the key of a value it refuses.
 
     OmegaConf has checked the types and choices when the config was composed; the dataclass checks
-    the rest (ranges, combinations) before anything is built. A sketch option set on the command
-    line (``overrides``; None: the run's, from ``cfg.hydra`` or Hydra's runtime config) while the
-    convs keep SR storage (``storage=quantized`` without a budget, as ``xconv=sr4``, the default of
-    some tasks) is refused too: it would change nothing, where the user meant the paper's sketch.
+    the rest (ranges, combinations) before anything is built. First, a sketch option set on the
+    command line (``overrides``; None: the run's, from ``cfg.hydra`` or Hydra's runtime config)
+    while the convs keep SR storage (``storage=quantized`` without a budget, as ``xconv=sr4``, the
+    default of some tasks) is refused: it would change nothing, where the user meant the paper's sketch.
     """
     options = [f.name for f in dataclasses.fields(OmegaConf.get_type(cfg.xconv))]
     if unknown := sorted(set(cfg.xconv) - set(options)):  # added with +xconv.<key>=..., which the schema lets through
         raise ConfigError(f"xconv.{unknown[0]}: no such option; the options: {', '.join(options)}")
+    if cfg.xconv.storage == "quantized" and cfg.xconv.budget is None:
+        _check_no_sketch_overrides(cfg, overrides)
     try:
-        xconv = OmegaConf.to_object(cfg.xconv)
+        return OmegaConf.to_object(cfg.xconv)
     except (TypeError, ValueError) as err:
         # OmegaConf wraps a TypeError of the dataclass in its own error; the dataclass's message names the option.
         reason = err.__context__ if isinstance(err, OmegaConfBaseException) and err.__context__ is not None else err
         raise ConfigError(f"xconv.{reason}") from reason
-    if xconv.storage == "quantized" and xconv.budget is None:
-        sketch_keys = {f"xconv.{name}" for name in SKETCH_OPTIONS}
-        given = _command_line_overrides(cfg) if overrides is None else overrides
-        if named := [o.key_or_group for o in OverridesParser.create().parse_overrides(given) if o.key_or_group in sketch_keys]:
-            raise ConfigError(f"{named[0]}: a sketch option, unused with xconv.storage=quantized (xconv=sr4, the default of "
-                              "the classification, gan, superres and inpainting tasks); add xconv=default for the paper's sketch")
-    return xconv
 
 
-def _command_line_overrides(cfg: DictConfig) -> list[str]:
-    """The overrides that made ``cfg``: a sweep job's (``cfg.hydra``), the running job's, or none outside Hydra."""
-    if "hydra" in cfg:
-        return list(cfg.hydra.overrides.task)
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+def _check_no_sketch_overrides(cfg: DictConfig, overrides: list[str] | None) -> None:
+    hydra = cfg.hydra if "hydra" in cfg else HydraConfig.get() if HydraConfig.initialized() else None
+    if overrides is None:
+        overrides = list(hydra.overrides.task) if hydra is not None else []
+    sketch_keys = {f"xconv.{name}" for name in SKETCH_OPTIONS}
+    if named := [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.key_or_group in sketch_keys]:
+        choice = hydra.runtime.choices.get("xconv") if hydra is not None else None
+        hint = ("drop xconv.storage=quantized" if choice == "default" else
+                f"xconv={choice}; add xconv=default" if choice else "add xconv=default")
+        raise ConfigError(f"{named[0]}: a sketch option, unused with xconv.storage=quantized ({hint} for the paper's sketch)")
 
 
 def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:

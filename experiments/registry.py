@@ -1,5 +1,6 @@
 """What this project registers with Hydra and OmegaConf before a config is composed: the schema of the
-``xconv`` group and the ``${sweep_dir:}`` resolver. Registered by :func:`register`, never on import."""
+``xconv`` group and the ``${sweep_dir:}`` and ``${xconv_name:}`` resolvers. Registered by :func:`register`,
+never on import."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,11 +45,26 @@ def sweep_dir() -> str | None:
     return HydraConfig.get().sweep.dir
 
 
+def xconv_name(xconv) -> str:
+    """A short name of the ``xconv`` options, for run directories and W&B run names: ``plan<budget>`` (the
+    byte-budget planner), ``sr<bits>`` (SR storage), else ``probes<r>`` (the sketch; ``probes0``: exact).
+
+    Registered as the ``${xconv_name:${xconv}}`` resolver (``configs/hydra/default.yaml``, ``configs/logger/wandb.yaml``).
+    """
+    if xconv.get("budget") is not None:
+        return f"plan{xconv.budget:g}"
+    if xconv.get("storage") == "quantized":
+        return f"sr{xconv.bits}"
+    return f"probes{xconv.probes}"
+
+
 def register() -> None:
     """Store :class:`XConvConfig` as ``xconv_schema`` in Hydra's ConfigStore (``configs/xconv/default.yaml``
-    extends it) and register ``${sweep_dir:}`` with OmegaConf. Call it before composing ``configs/``
+    extends it) and register ``${sweep_dir:}`` and ``${xconv_name:}`` with OmegaConf. Call it before composing ``configs/``
     (``run.py`` does, as do the tests and scripts that compose it); later calls change nothing."""
     # Outside the xconv group, so that it is no choice of xconv=...: the group's configs extend it.
     ConfigStore.instance().store(name="xconv_schema", node=XConvConfig)
     if not OmegaConf.has_resolver("sweep_dir"):
         OmegaConf.register_new_resolver("sweep_dir", sweep_dir)
+    if not OmegaConf.has_resolver("xconv_name"):
+        OmegaConf.register_new_resolver("xconv_name", xconv_name)

@@ -153,18 +153,37 @@ def test_a_sketch_option_named_with_sr_storage_is_refused(overrides, refused):
             xconv_config(cfg, overrides)
 
 
-@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
-def test_a_sketch_option_with_a_task_s_sr_default_exits_2_before_training(multirun, tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["task=classification", "xconv.probes=8"], "xconv.probes: a sketch option, unused with xconv.storage=quantized "
+                                                "(xconv=sr4; add xconv=default for the paper's sketch)"),
+    # refused before the dataclass's own check of a non-default sketch value, whose message gives no way out
+    (["task=gan", "xconv.mode=multi"], "xconv.mode: a sketch option, unused with xconv.storage=quantized (xconv=sr4;"),
+    (["xconv.storage=quantized", "xconv.bits=4", "xconv.probes=8"],
+     "xconv.probes: a sketch option, unused with xconv.storage=quantized (drop xconv.storage=quantized for"),
+    (["-m", "task=classification", "xconv=default,sr4", "xconv.probes=8"],  # the sweep's second job
+     "xconv.probes: a sketch option, unused with xconv.storage=quantized (xconv=sr4; add xconv=default"),
+], ids=["run", "non-default", "explicit-storage", "sweep"])
+def test_a_sketch_option_with_sr_storage_exits_2_before_training(args, message, tmp_path):
     out = tmp_path / "out"
-    where = [f"hydra.sweep.dir={out}"] if multirun else [f"hydra.run.dir={out}"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), *(["-m"] if multirun else []), "debug=tiny", "task=classification",
-         "xconv.probes=0,8" if multirun else "xconv.probes=8", *where],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
+    where = f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), *args, "debug=tiny", where],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: xconv.probes: a sketch option, unused with")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ([], "probes8"), (["xconv=exact"], "probes0"), (["task=gan"], "sr4"), (["xconv=sr2"], "sr2"),
+    (["xconv=plan50"], "plan0.5"), (["task=superres", "xconv=default", "xconv.probes=32"], "probes32"),
+])
+def test_runs_are_named_by_their_xconv_options(overrides, name):
+    """Run directories (configs/hydra/default.yaml) and W&B runs: an SR or planned run is not named after its unused probes."""
+    cfg = compose_config(*overrides)
+    assert cfg.logger.wandb.name == f"{cfg.task_name}-{name}"
+    hydra = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "hydra" / "default.yaml"))  # unresolved
+    assert hydra["run"]["dir"].endswith("_${xconv_name:${xconv}}")
+    assert hydra["sweep"]["subdir"].endswith("_${xconv_name:${xconv}}")
 
 
 def test_wandb_mode_follows_the_environment(monkeypatch):
