@@ -6,8 +6,14 @@ r (log scale): the headline metric (mean ± std over seeds) with the exact basel
 training step with the exact value as a line. Each XConv variant (mode, distribution,
 deflation) is its own series. The PNGs go next to the tables, named after the table.
 
+With ``--pareto`` (the equal-memory comparison) each table's PNG (``..._pareto.png``) has two
+panels against activation memory (MiB): the metric (mean ± std), every row a labelled point and
+the Pareto front (the rows no other row beats in both bytes and metric) as a line, and the time
+per training step. Rows of every batch size share a table there, as with ``make_tables.py --batch-rows``.
+
 Usage:
     python scripts/make_plots.py results/paper_mnist_table_cpu
+    python scripts/make_plots.py results/equal_memory_segmentation_cpu --pareto
 
 Exits with status 2 and one line on stderr when ``TABLE_DIR/tables.csv`` is missing.
 """
@@ -24,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from make_tables import TABLE_KEYS, row_label, settings_label, setup_suffix  # noqa: E402
+from make_tables import TABLE_KEYS, row_label, settings_label, setup_suffix, table_keys  # noqa: E402
 
 PANELS = [("metric", None), ("activation_mib", "activation memory (MiB)"), ("step_s", "time per step (s)")]
 
@@ -33,8 +39,9 @@ def _float(value: str) -> float | None:
     return float(value) if value not in ("", None) else None
 
 
-def read_tables(path: Path) -> dict[tuple, list[dict]]:
-    """Rows of ``tables.csv`` grouped by table (:data:`make_tables.TABLE_KEYS`).
+def read_tables(path: Path, keys: tuple[str, ...] = TABLE_KEYS) -> dict[tuple, list[dict]]:
+    """Rows of ``tables.csv`` grouped by table (``keys``: :data:`make_tables.TABLE_KEYS`, or without the
+    batch size for tables whose rows are batch sizes).
 
     Tables written before a key existed lack its column; it reads as empty.
     """
@@ -42,7 +49,7 @@ def read_tables(path: Path) -> dict[tuple, list[dict]]:
         rows = list(csv.DictReader(f))
     tables: dict[tuple, list[dict]] = {}
     for row in rows:
-        tables.setdefault(tuple(row.get(k, "") for k in TABLE_KEYS), []).append(row)
+        tables.setdefault(tuple(row.get(k, "") for k in keys), []).append(row)
     return tables
 
 
@@ -98,15 +105,72 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
     return path
 
 
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The points ``(bytes, metric)`` that no other point beats or equals in both (fewer bytes and a
+    better metric), sorted by bytes."""
+    front, best = [], None
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if best is None or (y > best if higher_is_better else y < best):
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(key: tuple, rows: list[dict], out: Path) -> Path:
+    """Write one two-panel PNG (metric and step time against activation MiB) for one table; return its path."""
+    task, data, model, settings, precision, processes, metric = key
+    higher = rows[0].get("metric_mode", "max") != "min"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    points = []
+    for i, row in enumerate(rows):
+        x = _float(row["activation_mib_mean"])
+        label = row_label(row, True)
+        for ax, field in zip(axes, ("metric", "step_s")):
+            y = _float(row[f"{field}_mean"])
+            if x is None or y is None:
+                continue
+            ax.errorbar([x], [y], yerr=[_float(row[f"{field}_std"]) or 0.0], fmt="o", capsize=3, color=f"C{i % 10}",
+                        label=label if field == "metric" else None)
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if field == "metric":
+                points.append((x, y))
+    if len(points) > 1:
+        front = pareto_front(points, higher)
+        axes[0].plot(*zip(*front), color="black", lw=1, ls="--", label="Pareto front")
+    right = 1.25 * max((x for x, _ in points), default=1.0)  # room for the labels
+    for ax, ylabel in zip(axes, (f"{metric} ({'higher' if higher else 'lower'} is better)", "time per step (s)")):
+        ax.set_xlabel("activation memory (MiB)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, right)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(bottom=0)
+    axes[0].legend(fontsize=6)
+    settings = f", {settings}" if settings else ""
+    setup = setup_suffix(precision, processes)
+    fig.suptitle(f"{task}: {model} on {data}{settings}{setup}")
+    fig.tight_layout()
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}{settings}{setup}_{metric}").strip("_")
+    path = out / f"{name}_pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table_dir", type=Path, metavar="TABLE_DIR", help="a --out folder of make_tables.py")
+    parser.add_argument("--pareto", action="store_true",
+                        help="metric and step time against activation memory, one point per row, rows of every batch size in one table")
     args = parser.parse_args(argv)
     csv_path = args.table_dir / "tables.csv"
     if not csv_path.is_file():
         print(f"error: TABLE_DIR: no tables.csv in {str(args.table_dir)!r} (run make_tables.py --out first)",
               file=sys.stderr)
         return 2
+    if args.pareto:
+        for key, rows in read_tables(csv_path, table_keys(batch_rows=True)).items():
+            print(plot_pareto(key, rows, args.table_dir))
+        return 0
     for key, rows in read_tables(csv_path).items():
         print(plot_table(key, rows, args.table_dir))
     return 0

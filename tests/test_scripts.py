@@ -173,6 +173,25 @@ def test_plots_one_png_per_table(sweep):
     assert missing.returncode == 2 and "no tables.csv" in missing.stderr
 
 
+def test_pareto_front_keeps_the_rows_nothing_beats_in_both(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from make_plots import pareto_front
+    points = [(4.0, 0.80), (2.0, 0.70), (8.0, 0.90), (3.0, 0.60), (8.0, 0.85), (1.0, 0.50)]
+    assert pareto_front(points, higher_is_better=True) == [(1.0, 0.50), (2.0, 0.70), (4.0, 0.80), (8.0, 0.90)]
+    fid = [(1.0, 300.0), (2.0, 250.0), (3.0, 280.0), (4.0, 250.0)]
+    assert pareto_front(fid, higher_is_better=False) == [(1.0, 300.0), (2.0, 250.0)]
+
+
+def test_pareto_plot_puts_every_batch_of_a_table_in_one_png(sweep):
+    root, _ = sweep
+    assert make_tables(root / "sweep", root / "other", "--batch-rows", "--out", root / "tables").returncode == 0
+    result = subprocess.run([sys.executable, str(SCRIPTS / "make_plots.py"), str(root / "tables"), "--pareto"],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((root / "tables").glob("*_pareto.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_gradient_quality_tables_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--task", "classification", "data.batch_size=4",
