@@ -96,10 +96,15 @@ def plot_table(key: tuple, rows: list[dict], out: Path) -> Path:
         ax.set_ylabel(ylabel or metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: {model} on {data}{settings}, batch {batch}{setup}")
+    return _save(fig, f"{task}: {model} on {data}{settings}, batch {batch}{setup}",
+                 f"{task}_{data}_{model}{settings}_b{batch}{setup}_{metric}", out)
+
+
+def _save(fig, title: str, stem: str, out: Path) -> Path:
+    """Title and lay out ``fig``, write it as ``out/<stem>.png`` (``stem`` made safe as a file name), close it."""
+    fig.suptitle(title)
     fig.tight_layout()
-    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}{settings}_b{batch}{setup}_{metric}").strip("_")
-    path = out / f"{name}.png"
+    path = out / (re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_") + ".png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -147,13 +152,7 @@ def plot_pareto(key: tuple, rows: list[dict], out: Path) -> Path:
     axes[0].legend(fontsize=6)
     settings = f", {settings}" if settings else ""
     setup = setup_suffix(precision, processes)
-    fig.suptitle(f"{task}: {model} on {data}{settings}{setup}")
-    fig.tight_layout()
-    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{task}_{data}_{model}{settings}{setup}_{metric}").strip("_")
-    path = out / f"{name}_pareto.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, f"{task}: {model} on {data}{settings}{setup}", f"{task}_{data}_{model}{settings}{setup}_{metric}_pareto", out)
 
 
 def main(argv: list[str] | None = None) -> int:
