@@ -97,8 +97,9 @@ def match_batch_size(task, datamodule: L.LightningDataModule, fraction: float, r
     network come nearest ``fraction`` of plain torch's at ``reference_batch_size``; return the record.
 
     Measured on the first training batch of each size tried (``activation_memory``: saved-for-backward
-    bytes of one forward and loss, on deep copies of the network) with torch's CPU generator and
-    XConv's seed count restored afterwards, so the run draws what it would draw without the matching.
+    bytes of one forward and loss, on deep copies of the network, in float32: a mixed-precision run is
+    matched by its float32 bytes) with torch's CPU generator and XConv's seed count restored
+    afterwards, so the run draws what it would draw without the matching.
 
     Raises:
         ValueError: what :func:`check_equal_memory` raises, ``reference_batch_size`` above the
