@@ -19,7 +19,7 @@ from xconv.lightning import XConvCallback
 from .config import (
     check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, xconv_config,
 )
-from .equal_memory import check_equal_memory, match_batch_size
+from .equal_memory import check_equal_memory, check_matchable, match_batch_size
 from .errors import ConfigError
 from .registry import register
 from .summary import summary_callbacks
@@ -132,15 +132,6 @@ def _equal_memory(cfg: DictConfig) -> dict | None:
     return {"fraction": node.fraction, "reference_batch_size": node.batch_size}
 
 
-def _match_batch_size(equal_memory: dict | None, task: L.LightningModule, datamodule: L.LightningDataModule):
-    if equal_memory is None:
-        return None
-    try:
-        return match_batch_size(task, datamodule, **equal_memory)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
 def _assemble(cfg: DictConfig):
     check_run_config(cfg)
     equal_memory = _equal_memory(cfg)
@@ -158,15 +149,23 @@ def _assemble(cfg: DictConfig):
     except ValueError as err:
         raise ConfigError(str(err)) from err
     _convert(converter, task, datamodule)
-    matched = _match_batch_size(equal_memory, task, datamodule)
+    if equal_memory is not None:
+        try:
+            check_matchable(datamodule, equal_memory["reference_batch_size"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if checkpoint_shapes is not None:  # the network as it is trained: converted, with its checkpointed segments
         check_checkpoint_fits(ckpt_path, checkpoint_shapes, task)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks += [converter, *summary_callbacks(f"{cfg.output_dir}/summary.json", config, matched)]
+    *timing, summary = summary_callbacks(f"{cfg.output_dir}/summary.json", config)
+    callbacks += [converter, *timing, summary]
     trainer = instantiate_node(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
     check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN, task=task)
+    if equal_memory is not None:  # measured as the summary measures: on the Trainer's device, in its precision
+        summary.equal_memory = match_batch_size(task, datamodule, **equal_memory, device=trainer.strategy.root_device,
+                                                precision=trainer.precision_plugin)
     return datamodule, task, trainer
 
 

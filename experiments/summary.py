@@ -38,7 +38,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def activation_memory(task: XConvTask, batch, device: torch.device, precision: Precision | None = None) -> dict:
+def activation_memory(task: XConvTask, batch, device: torch.device, precision: Precision | None = None,
+                      plain: bool = True) -> dict:
     """Saved-for-backward bytes of one training forward + loss on ``batch``, converted vs plain torch.
 
     Both networks are deep copies, so measuring touches neither the trained weights nor
@@ -47,16 +48,19 @@ def activation_memory(task: XConvTask, batch, device: torch.device, precision: P
     precision plugin: the batch is converted and the forward runs as in training (autocast for
     ``bf16-mixed``, float64 inputs for ``64-true``), so the bytes are those of the run's dtypes.
     Checkpointed segments (``checkpointing``) count their inputs only, as they keep nothing else
-    between forward and backward; the plain-torch copy is checkpointed nowhere.
+    between forward and backward; the plain-torch copy is checkpointed nowhere. ``plain=False``
+    measures the converted network's bytes only (the other two values are then None).
     """
     precision = precision or Precision()
     converted = copy.deepcopy(task.net).to(device).train()
-    plain = xconv.revert(xconv.remove_checkpointing(copy.deepcopy(task.net))).to(device).train()
     batch = precision.convert_input(move_data_to_device(batch, device))
+    exact = peak = None
     with torch.enable_grad(), precision.forward_context():
         activation = saved_tensor_bytes(task.loss, batch, net=converted).total_bytes
-        exact = saved_tensor_bytes(task.loss, batch, net=plain).total_bytes
-        peak = cuda_peak_memory_bytes(lambda: task.loss(batch, net=converted).backward(), device=device)
+        if plain:
+            plain_net = xconv.revert(xconv.remove_checkpointing(copy.deepcopy(task.net))).to(device).train()
+            exact = saved_tensor_bytes(task.loss, batch, net=plain_net).total_bytes
+            peak = cuda_peak_memory_bytes(lambda: task.loss(batch, net=converted).backward(), device=device)
     return {"activation_bytes": activation, "activation_bytes_exact": exact, "peak_memory_bytes": peak}
 
 
@@ -71,13 +75,13 @@ class RunSummary(L.Callback):
     but the last. ``config`` is the run's resolved config (``task_name``, ``seed``, ``xconv`` are read);
     the git commit is taken here, when the run starts, since the checkout may move on while it trains.
     ``equal_memory`` is the batch size matching of the equal-memory protocol
-    (:class:`experiments.equal_memory.EqualMemory`), recorded as is; ``batch_size`` is the data module's
-    when training ended (the one matched, where the protocol chose it).
+    (:class:`experiments.equal_memory.EqualMemory`, or None), recorded as is; ``batch_size`` is the data
+    module's when training ended (the one matched, where the protocol chose it).
     """
 
-    def __init__(self, path: str | Path, config: dict, equal_memory=None):
+    def __init__(self, path: str | Path, config: dict):
         self.path, self.config, self.commit = Path(path), config, git_commit()
-        self.equal_memory = equal_memory
+        self.equal_memory = None  # set by experiments.build once the equal-memory protocol has matched the batch
         self.summary: dict | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: XConvTask, stage: str) -> None:
@@ -143,9 +147,9 @@ class RunSummary(L.Callback):
             logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
 
 
-def summary_callbacks(path: str | Path, config: dict, equal_memory=None) -> list[L.Callback]:
-    """The callbacks that measure and write a run's ``summary.json`` at ``path`` (see :class:`RunSummary`)."""
-    return [Timer(), TrainThroughput(), RunSummary(path, config, equal_memory)]
+def summary_callbacks(path: str | Path, config: dict) -> list[L.Callback]:
+    """The callbacks that measure and write a run's ``summary.json`` at ``path`` (see :class:`RunSummary`, the last)."""
+    return [Timer(), TrainThroughput(), RunSummary(path, config)]
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:

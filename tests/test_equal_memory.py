@@ -44,6 +44,17 @@ def test_nearest_batch_follows_measurements_that_are_not_a_line():
     assert batch == min(range(1, 201), key=lambda b: (abs(bytes_at(b) - 20_000), b))
 
 
+@pytest.mark.parametrize("start", [2, 3, 4, 9])
+def test_nearest_batch_never_measures_below_the_smallest(start):
+    """A batch of one sample cannot be measured on a network with BatchNorm and 1x1 maps: not tried."""
+    def measure(batch):
+        assert batch >= 2, "measured a batch of one"
+        return 1000 * batch
+    assert nearest_batch(measure, 100, start, 50, smallest=2) == (2, 2000)
+    assert nearest_batch(measure, 7400, start, 50, smallest=2) == (7, 7000)
+    assert nearest_batch(measure, 10**6, start, start, smallest=2) == (start, 1000 * start)
+
+
 def test_nearest_batch_refuses_what_it_cannot_search():
     with pytest.raises(ValueError, match="budget >= 1"):
         nearest_batch(lambda b: b, 0, 1, 10)
@@ -90,6 +101,29 @@ def test_a_run_trains_at_the_matched_batch_and_records_it(tmp_path):
     # The summary measures on a batch of the size trained with: the bytes the matching found.
     assert summary["activation_bytes"] == record["activation_bytes"]
     assert record["ratio_to_budget"] == record["activation_bytes"] / record["budget_bytes"]
+
+
+def test_a_mixed_precision_run_is_matched_by_the_bytes_it_trains_with(tmp_path):
+    cfg = compose_config(*TINY_CLASSIFICATION, "xconv=sr4", "+trainer.precision=bf16-mixed",
+                         "equal_memory={fraction:1.0,batch_size:8}", output_dir=tmp_path)
+    summary = run(cfg)
+    assert summary["precision"] == "bf16-mixed"
+    assert summary["activation_bytes"] == summary["equal_memory"]["activation_bytes"]
+
+
+def test_a_reference_batch_of_two_on_a_network_with_batchnorm(tmp_path):
+    """The U-Net's 1x1 bottleneck cannot run BatchNorm on one sample: the matching never tries one."""
+    cfg = compose_config(*TINY_SEGMENTATION, "data.batch_size=2", "equal_memory={fraction:1.0,batch_size:2}",
+                         output_dir=tmp_path)
+    assert run(cfg)["batch_size"] >= 2
+
+
+def test_a_budget_no_batch_comes_near_is_warned_about(tmp_path, caplog):
+    cfg = compose_config(*TINY_CLASSIFICATION, "equal_memory={fraction:0.01,batch_size:8}", output_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="experiments.equal_memory"):
+        datamodule, _, _ = build(cfg)
+    assert datamodule.batch_size == 2
+    assert any("equal_memory: batch 2 keeps" in r.getMessage() for r in caplog.records)
 
 
 def test_without_the_protocol_the_summary_says_so(tmp_path):
