@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from xconv.lightning import XConvCallback
 
 from .config import (
-    check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, xconv_config,
+    check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, equal_memory_config,
+    xconv_config,
 )
-from .equal_memory import check_equal_memory, check_matchable, match_batch_size
+from .equal_memory import check_matchable, match_batch_size
 from .errors import ConfigError
 from .registry import register
 from .summary import summary_callbacks
@@ -116,25 +117,9 @@ def _convert(converter: XConvCallback, task: L.LightningModule, datamodule: L.Li
         raise ConfigError(f"xconv.{message}") from err
 
 
-def _equal_memory(cfg: DictConfig) -> dict | None:
-    """``cfg.equal_memory`` (null, or ``{fraction, batch_size}``: experiments/equal_memory.py) as keyword
-    arguments of ``match_batch_size``, checked."""
-    node = cfg.get("equal_memory")
-    if node is None:
-        return None
-    if not OmegaConf.is_dict(node) or set(node) != {"fraction", "batch_size"}:
-        given = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
-        raise ConfigError(f"equal_memory must be null or {{fraction: F, batch_size: B}}, got {given!r}")
-    try:
-        check_equal_memory(node.fraction, node.batch_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    return {"fraction": node.fraction, "reference_batch_size": node.batch_size}
-
-
 def _assemble(cfg: DictConfig):
     check_run_config(cfg)
-    equal_memory = _equal_memory(cfg)
+    equal_memory = equal_memory_config(cfg)
     ckpt_path = cfg.get("ckpt_path")
     checkpoint_shapes = check_checkpoint(ckpt_path) if ckpt_path is not None else None
     converter = _converter(cfg)

@@ -18,6 +18,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from xconv import ConvertOptions
 
+from .equal_memory import check_equal_memory
 from .errors import ConfigError, exit_with
 
 
@@ -333,6 +334,23 @@ def _check_no_sketch_overrides(cfg: DictConfig, overrides: list[str] | None) -> 
         hint = ("drop xconv.storage=quantized" if choice == "default" else
                 f"xconv={choice}; add xconv=default" if choice else "add xconv=default")
         raise ConfigError(f"{named[0]}: a sketch option, unused with xconv.storage=quantized ({hint} for the paper's sketch)")
+
+
+def equal_memory_config(cfg: DictConfig) -> dict | None:
+    """``cfg.equal_memory`` (null, or ``{fraction, batch_size}``: experiments/equal_memory.py) as keyword
+    arguments of ``match_batch_size``, or a :class:`ConfigError` naming the key (no data is needed: a
+    sweep's launcher checks every job with it before the first trains)."""
+    node = cfg.get("equal_memory")
+    if node is None:
+        return None
+    if not OmegaConf.is_dict(node) or set(node) != {"fraction", "batch_size"}:
+        given = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        raise ConfigError(f"equal_memory must be null or {{fraction: F, batch_size: B}}, got {given!r}")
+    try:
+        check_equal_memory(node.fraction, node.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return {"fraction": node.fraction, "reference_batch_size": node.batch_size}
 
 
 def checkpointing_patterns(cfg: DictConfig) -> list[str] | None:

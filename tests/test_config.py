@@ -396,6 +396,7 @@ def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_noth
     ("xconv.probes=-1,8", "error: xconv.probes must be >= 0"),
     ("xconv.probes=8,-1", "error: xconv.probes must be >= 0"),  # refused before the first job trains
     ("xconv.mode=independent,bogus", "error: xconv.mode: Invalid value 'bogus', expected one of"),
+    ("equal_memory={fraction:0.5,batch_size:4},{fraction:2,batch_size:4}", "error: equal_memory.fraction must be"),
 ])
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(sweep, message, tmp_path):
     sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
