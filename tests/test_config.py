@@ -153,23 +153,32 @@ def test_a_sketch_option_named_with_sr_storage_is_refused(overrides, refused):
             xconv_config(cfg, overrides)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["task=classification", "xconv.probes=8"], "xconv.probes: a sketch option, unused with xconv.storage=quantized "
-                                                "(xconv=sr4; add xconv=default for the paper's sketch)"),
+@pytest.mark.parametrize("overrides, message", [
     # refused before the dataclass's own check of a non-default sketch value, whose message gives no way out
-    (["task=gan", "xconv.mode=multi"], "xconv.mode: a sketch option, unused with xconv.storage=quantized (xconv=sr4;"),
+    (["task=gan", "xconv.mode=multi"], "xconv.mode: a sketch option, unused with xconv.storage=quantized (xconv=sr4; add "
+                                       "xconv=default for the paper's sketch)"),
     (["xconv.storage=quantized", "xconv.bits=4", "xconv.probes=8"],
-     "xconv.probes: a sketch option, unused with xconv.storage=quantized (drop xconv.storage=quantized for"),
-    (["-m", "task=classification", "xconv=default,sr4", "xconv.probes=8"],  # the sweep's second job
-     "xconv.probes: a sketch option, unused with xconv.storage=quantized (xconv=sr4; add xconv=default"),
-], ids=["run", "non-default", "explicit-storage", "sweep"])
-def test_a_sketch_option_with_sr_storage_exits_2_before_training(args, message, tmp_path):
+     "xconv.probes: a sketch option, unused with xconv.storage=quantized (drop xconv.storage=quantized for the paper's sketch)"),
+])
+def test_the_refusal_names_the_xconv_config_that_stores_sr_inputs(overrides, message):
+    """With Hydra's runtime config (as run.py and the sweep launcher have it): the xconv choice and the overrides."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        xconv_config(cfg)
+
+
+@pytest.mark.parametrize("args", [["task=classification", "xconv.probes=8"],
+                                  ["-m", "task=classification", "xconv=default,sr4", "xconv.probes=8"]],
+                         ids=["run", "sweep"])  # the sweep: its second job
+def test_a_sketch_option_with_sr_storage_exits_2_before_training(args, tmp_path):
     out = tmp_path / "out"
     where = f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}"
     result = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), *args, "debug=tiny", where],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert result.stderr.strip().splitlines()[-1] == ("error: xconv.probes: a sketch option, unused with "
+                                                      "xconv.storage=quantized (xconv=sr4; add xconv=default for the paper's sketch)")
     assert list(tmp_path.iterdir()) == []
 
 
