@@ -192,19 +192,30 @@ def test_pareto_plot_puts_every_batch_of_a_table_in_one_png(sweep):
     assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_gradient_quality_tables_and_plot(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--task", "classification", "data.batch_size=4",
-         "data.image_size=16", "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--age", "2",
-         "--half", "bfloat16", "--csv", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "gradient.png")],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
+@pytest.fixture
+def gradient_quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import gradient_quality
+
+    return gradient_quality
+
+
+def gradient_quality_output(gradient_quality, capsys, *args) -> str:
+    """What ``scripts/gradient_quality.py ARGS`` prints, run in this process (its import costs seconds)."""
+    gradient_quality.main(list(args))
+    return capsys.readouterr().out
+
+
+def test_gradient_quality_tables_and_plot(tmp_path, gradient_quality, capsys):
+    stdout = gradient_quality_output(
+        gradient_quality, capsys, "--task", "classification", "data.batch_size=4",
+        "data.image_size=16", "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--age", "2",
+        "--half", "bfloat16", "--csv", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "gradient.png"))
     rows = list(csv.DictReader(open(tmp_path / "layers.csv", newline="")))
     assert [r["layer"] for r in rows] == ["features.0", "features.3", "features.6"]  # the small CNN's convs
     assert all(float(r["rel_error"]) > 0 and -1 <= float(r["cosine"]) <= 1 for r in rows)
     # At r=2 the estimate is far noisier than an exact minibatch gradient: AGE / SGD AGE well above 1.
-    age_row = next(line for line in result.stdout.splitlines() if line.startswith("| independent shared | 2 |")
+    age_row = next(line for line in stdout.splitlines() if line.startswith("| independent shared | 2 |")
                    and line.count("|") == 5)
     assert float(age_row.split("|")[-2]) > 1
     assert (tmp_path / "gradient.png").read_bytes()[:4] == b"\x89PNG"
@@ -268,28 +279,22 @@ def test_precisions_are_tables_not_seeds(tmp_path):
 
 
 @pytest.mark.parametrize("model, convs", [("unet", 31), ("resnet18", 20)])
-def test_gradient_quality_on_natural_crops(model, convs, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", model, "--batch", "2", "--size", "64",
-         "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--csv", str(tmp_path / "layers.csv")],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f": {convs} conv layers" in result.stdout
+def test_gradient_quality_on_natural_crops(model, convs, tmp_path, gradient_quality, capsys):
+    stdout = gradient_quality_output(
+        gradient_quality, capsys, "--model", model, "--batch", "2", "--size", "64",
+        "--probes", "2", "--draws", "1", "--estimators", "independent shared", "--csv", str(tmp_path / "layers.csv"))
+    assert f": {convs} conv layers" in stdout
     rows = list(csv.DictReader(open(tmp_path / "layers.csv", newline="")))
     # Layers whose input has no more pixels than r keep the plain conv and are not measured.
     assert 0 < len(rows) <= convs and all(float(r["rel_error"]) > 0 for r in rows)
 
 
-def test_gradient_quality_compares_storage_at_equal_bytes(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", "unet", "--batch", "2", "--size", "64",
-         "--probes", "2", "--draws", "2", "--estimators", "independent shared", "--storage-bits", "8", "2",
-         "--csv", str(tmp_path / "layers.csv")],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "| SR 8-bit | 0.266 | 31 |" in result.stdout and "| SR 2-bit | 0.078 | 31 |" in result.stdout
+def test_gradient_quality_compares_storage_at_equal_bytes(tmp_path, gradient_quality, capsys):
+    stdout = gradient_quality_output(
+        gradient_quality, capsys, "--model", "unet", "--batch", "2", "--size", "64",
+        "--probes", "2", "--draws", "2", "--estimators", "independent shared", "--storage-bits", "8", "2",
+        "--csv", str(tmp_path / "layers.csv"))
+    assert "| SR 8-bit | 0.266 | 31 |" in stdout and "| SR 2-bit | 0.078 | 31 |" in stdout
     rows = list(csv.DictReader(open(tmp_path / "layers_storage.csv", newline="")))
     median = {(bits, kind): statistics.median(float(r["rel_error"]) for r in rows if (r["bits"], r["storage"]) == (bits, kind))
               for bits in ("8", "2") for kind in ("SR", "sketch")}
@@ -298,17 +303,14 @@ def test_gradient_quality_compares_storage_at_equal_bytes(tmp_path):
     assert median["8", "SR"] < median["8", "sketch"]
 
 
-def test_gradient_quality_equal_memory_runs_each_method_at_the_largest_batch_that_fits(tmp_path):
+def test_gradient_quality_equal_memory_runs_each_method_at_the_largest_batch_that_fits(tmp_path, gradient_quality, capsys):
     """The paper's protocol: noise inputs, untrained weights, every method at the largest batch whose
     activation bytes fit exact training's at --equal-memory B0; one more sample would not fit."""
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gradient_quality.py"), "--model", "unet", "--batch", "2", "--size", "32",
-         "--inputs", "noise", "--probes", "8", "--draws", "1", "--estimators", "independent shared", "--age", "2",
-         "--equal-memory", "2", "--storage-bits", "4", "--csv", str(tmp_path / "layers.csv")],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "32x32 noise images" in result.stdout
+    stdout = gradient_quality_output(
+        gradient_quality, capsys, "--model", "unet", "--batch", "2", "--size", "32",
+        "--inputs", "noise", "--probes", "8", "--draws", "1", "--estimators", "independent shared", "--age", "2",
+        "--equal-memory", "2", "--storage-bits", "4", "--csv", str(tmp_path / "layers.csv"))
+    assert "32x32 noise images" in stdout
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "layers_equal_memory.csv", newline=""))}
     assert list(rows) == ["exact", "exact, 1-bit ReLU", "sketch r=8", "SR 4-bit"]
     assert rows["exact"]["batch"] == "2" and rows["exact"]["age_vs_exact"] == "1.0"
@@ -316,10 +318,7 @@ def test_gradient_quality_equal_memory_runs_each_method_at_the_largest_batch_tha
     assert all(0 < int(r["activation_bytes"]) <= int(r["budget_bytes"]) and float(r["age"]) > 0 for r in rows.values())
 
 
-def test_largest_batch_is_the_largest_that_fits(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    import gradient_quality
-
+def test_largest_batch_is_the_largest_that_fits(gradient_quality):
     source = gradient_quality.crop_source("resnet18", 2, 32, "cpu", "noise")
     model = xconv.convert(copy.deepcopy(source.model), probes=4)
     budget = gradient_quality.activation_bytes(source.model, source, 3)
@@ -453,10 +452,11 @@ def test_tables_and_plots_without_a_batch_size(tmp_path):
     (["--batch", "0"], "argument --batch: must be an int >= 2, got 0"),
     (["--task", "superres", "--inputs", "noise"], "--inputs noise needs --model"),
 ])
-def test_gradient_quality_bad_task_or_override_is_one_line(args, error):
-    result = subprocess.run([sys.executable, str(SCRIPTS / "gradient_quality.py"), *args, "--probes", "2"],
-                            capture_output=True, text=True, cwd=REPO_ROOT)
-    assert result.returncode == 2 and error in result.stderr.splitlines()[-1], result.stderr
+def test_gradient_quality_bad_task_or_override_is_one_line(args, error, gradient_quality, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gradient_quality.main([*args, "--probes", "2"])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and error in stderr.splitlines()[-1], stderr
 
 
 @pytest.fixture
@@ -523,10 +523,11 @@ def test_bench_speed_round_ratio_quartiles_pair_each_round(bench_speed):
     pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA device here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
-def test_bench_speed_bad_arguments_are_one_line(args, error):
-    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_speed.py"), *args],
-                            capture_output=True, text=True, cwd=REPO_ROOT)
-    assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr
+def test_bench_speed_bad_arguments_are_one_line(args, error, bench_speed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_speed.main(args)
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and error in stderr.splitlines()[-1], stderr
 
 
 def gpu_bench(tmp_path, python, *args, **env):
