@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 import shutil
+import typing
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +17,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from xconv import ConvertOptions
 
@@ -39,8 +42,46 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(missing)} must be set, e.g. on the command line: {example}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an int, got {cfg.seed!r}")
+    if "trainer" in cfg:
+        check_trainer_arguments(cfg.trainer)
     check_output_dir(cfg.output_dir)
     check_no_earlier_run("output_dir", cfg.output_dir, cfg.get("ckpt_path"))
+
+
+@functools.cache
+def _trainer_argument_types() -> dict[str, tuple[TypeAdapter, str]]:
+    """Per argument of ``lightning.Trainer``: a strict validator of its annotation ("4" is not an int
+    here, nor 1 a bool) and the annotation's allowed values in words."""
+    strict = ConfigDict(arbitrary_types_allowed=True, strict=True)
+    return {name: (TypeAdapter(hint, config=strict), _in_words(hint))
+            for name, hint in typing.get_type_hints(L.Trainer.__init__).items() if name != "return"}
+
+
+def _in_words(hint) -> str:
+    """``Optional[Literal['a', 'b'] | int]`` as "'a', 'b', int or None"."""
+    def alternatives(tp):
+        if typing.get_origin(tp) is typing.Union:
+            return [a for arg in typing.get_args(tp) for a in alternatives(arg)]
+        if typing.get_origin(tp) is typing.Literal:
+            return [repr(value) for value in typing.get_args(tp)]
+        return ["None" if tp is type(None) else getattr(tp, "__name__", str(tp)) if not typing.get_args(tp)
+                else str(tp).replace("typing.", "")]
+    words = list(dict.fromkeys(alternatives(hint)))
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def check_trainer_arguments(trainer: DictConfig) -> None:
+    """Raise :class:`ConfigError` for a ``trainer.<argument>`` whose value is not of the type
+    ``lightning.Trainer`` annotates it with (e.g. ``trainer.max_epochs=abc``, which Lightning would
+    only trip over in the middle of ``fit``). Unknown arguments are left to the Trainer, which refuses them."""
+    types = _trainer_argument_types()
+    for name, value in OmegaConf.to_container(trainer, resolve=True).items():
+        if name in types and not (isinstance(value, dict) and "_target_" in value):  # an object Hydra builds
+            validator, allowed = types[name]
+            try:
+                validator.validate_python(value)
+            except ValidationError:
+                raise ConfigError(f"trainer.{name} must be {allowed} (lightning.Trainer's type), got {value!r}") from None
 
 
 def check_no_earlier_run(key: str, directory: str | Path, ckpt_path: str | None) -> None:

@@ -283,7 +283,11 @@ def test_exclude_patterns_reach_convert(tmp_path):
         ("task=classification data=digit_scenes", "model.in_channels: Interpolation key 'data.in_channels' not found"),
         ("trainer.max_epochs=-3", "trainer: `max_epochs` must be a non-negative integer"),
         ("trainer.strategy=ddp_spawn trainer.devices=2", "trainer.strategy: a DDPStrategy whose processes"),
-        ("+trainer.precision=fp8", "trainer: Precision 'fp8' is invalid"),
+        ("+trainer.precision=fp8", "trainer.precision must be 64, 32, 16, 'transformer-engine', "),
+        # Lightning's own checks do not catch these before fit, or ever: the Trainer's type annotations do.
+        ("trainer.max_epochs=abc", r"^trainer.max_epochs must be int or None \(lightning.Trainer's type\), got 'abc'$"),
+        ("+trainer.enable_checkpointing=yes", "^trainer.enable_checkpointing must be bool or None"),
+        ("trainer.devices=1.5", r"^trainer.devices must be list\[int\], str or int"),
         ("task.metric.mode=up", "task.metric.mode: must be 'min' or 'max'"),
         ("~task.metric.mode", "task.metric: needs exactly the keys name and mode"),
         ("xconv.include=[nonexistent.*]", "xconv.include: no conv or ReLU matches"),
