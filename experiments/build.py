@@ -18,12 +18,14 @@ from xconv.lightning import XConvCallback
 
 from .config import (
     check_checkpoint, check_checkpoint_fits, check_launcher, check_run_config, checkpointing_patterns, equal_memory_config,
-    xconv_config,
+    xconv_change, xconv_config,
 )
 from .equal_memory import check_matchable, match_batch_size
 from .errors import ConfigError
 from .registry import register
 from .summary import summary_callbacks
+
+log = logging.getLogger(__name__)
 
 
 def _user_key(cfg: DictConfig, full_key: str) -> str:
@@ -121,7 +123,7 @@ def _assemble(cfg: DictConfig):
     check_run_config(cfg)
     equal_memory = equal_memory_config(cfg)
     ckpt_path = cfg.get("ckpt_path")
-    checkpoint_shapes = check_checkpoint(ckpt_path) if ckpt_path is not None else None
+    checkpoint_shapes, checkpoint_xconv = check_checkpoint(ckpt_path) if ckpt_path is not None else (None, None)
     converter = _converter(cfg)
     # Before anything random is built; quietly, so that a config error is the only line printed
     # (the seed is in the run's config and summary).
@@ -141,6 +143,8 @@ def _assemble(cfg: DictConfig):
             raise ConfigError(str(err)) from err
     if checkpoint_shapes is not None:  # the network as it is trained: converted, with its checkpointed segments
         check_checkpoint_fits(ckpt_path, checkpoint_shapes, task)
+        if (change := xconv_change(ckpt_path, checkpoint_xconv, converter.record())) is not None:
+            log.warning(change)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

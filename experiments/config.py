@@ -20,6 +20,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from xconv import ConvertOptions
+from xconv.lightning import CHECKPOINT_KEY
 
 from .equal_memory import check_equal_memory
 from .errors import ConfigError, exit_with
@@ -137,9 +138,10 @@ def make_directory(key: str, path: str | Path) -> list[Path]:
     return created
 
 
-def check_checkpoint(path: str) -> dict[str, tuple[int, ...] | None]:
+def check_checkpoint(path: str) -> tuple[dict[str, tuple[int, ...] | None], dict | None]:
     """Raise :class:`ConfigError` naming ``ckpt_path`` unless ``path`` is a Lightning checkpoint that loads;
-    return the shape of each entry of its ``state_dict`` (None for an entry that is no tensor).
+    return the shape of each entry of its ``state_dict`` (None for an entry that is no tensor) and
+    its XConv record (:meth:`xconv.lightning.XConvCallback.record`; None if it has none).
 
     Loads it as ``Trainer.fit(ckpt_path=...)`` will (Lightning's ``TorchCheckpointIO``, torch's
     default ``weights_only``), onto the CPU: a truncated or foreign file, or one whose pickled
@@ -161,7 +163,24 @@ def check_checkpoint(path: str) -> dict[str, tuple[int, ...] | None]:
         ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"ckpt_path: {path!r} is no Lightning checkpoint (it has no 'state_dict'; a bare model state_dict?)")
-    return _shapes(checkpoint["state_dict"])
+    return _shapes(checkpoint["state_dict"]), checkpoint.get(CHECKPOINT_KEY)
+
+
+def xconv_change(path: str, before: dict | None, now: dict) -> str | None:
+    """A one-line warning where a run resumed from ``path`` converts its network otherwise than the
+    run that saved it (``before``, the checkpoint's XConv record; ``now``, this run's), else None:
+    legitimate (e.g. finishing with exact gradients), but easy to do by accident, as when a task's
+    default ``xconv`` changed since the checkpoint was written. None too for a checkpoint without a record."""
+    if before is None:
+        return None
+    changed = {f"xconv.{key}": (value, now["options"].get(key)) for key, value in before["options"].items()
+               if now["options"].get(key) != value}
+    if before.get("checkpointing") != now["checkpointing"]:
+        changed["checkpointing"] = (before.get("checkpointing"), now["checkpointing"])
+    if not changed:
+        return None
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+    return f"ckpt_path: this run goes on with other XConv settings than the run that saved {path!r}: {listed}"
 
 
 def _shapes(state_dict: dict) -> dict[str, tuple[int, ...] | None]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -153,6 +154,21 @@ def test_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path, monkeyp
     assert callbacks["TrainThroughput"]["samples"] == 4 * 4
     assert resumed["samples_per_s"] == pytest.approx(4 * 4 / callbacks["TrainThroughput"]["step_time_s"])
     assert resumed["train_time_s"] > first["callbacks"]["Timer"]["time_elapsed"]["train"]
+
+
+def test_resuming_with_other_xconv_settings_says_which(tmp_path, monkeypatch, caplog):
+    """A resumed run converts its network as its own config says; where that differs from the checkpoint's
+    run (e.g. a task whose default changed since), one warning names each setting, old and new."""
+    run_crashing_in_step_3(tmp_path / "first", monkeypatch)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.WARNING, logger="experiments.build"):
+        run(compose_config(*INTERRUPTIBLE, f"ckpt_path={last}", output_dir=tmp_path / "same"))
+        assert not [r for r in caplog.records if r.name == "experiments.build"]
+        summary = run(compose_config(*INTERRUPTIBLE, "xconv=sr4", f"ckpt_path={last}", output_dir=tmp_path / "sr4"))
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "experiments.build"]
+    assert warning.startswith(f"ckpt_path: this run goes on with other XConv settings than the run that saved '{last}': ")
+    assert "xconv.storage 'sketch' -> 'quantized'" in warning and "xconv.bits None -> 4" in warning
+    assert summary["storage"] == "quantized" and summary["steps"] == 4
 
 
 def test_a_new_run_into_an_interrupted_run_s_dir_is_refused_naming_output_dir(tmp_path, monkeypatch):
