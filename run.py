@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict | None:
             logger.experiment.finish()  # a later run in this process (multirun) must not reuse this one
     written = next(cb for cb in trainer.callbacks if isinstance(cb, RunSummary))
     if (summary := written.summary) is not None:
-        log.info("%s = %s; activation bytes %d (exact %d); summary: %s", summary["metric_name"], summary["metric"],
+        log.info("%s = %s; activation bytes %d (exact %s); summary: %s", summary["metric_name"], summary["metric"],
                  summary["activation_bytes"], summary["activation_bytes_exact"], written.path)
     return summary
 

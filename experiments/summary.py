@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -19,6 +20,8 @@ from xconv.memory import cuda_peak_memory_bytes, saved_tensor_bytes
 
 from .callbacks import TrainThroughput
 from .tasks.base import XConvTask
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +52,9 @@ def activation_memory(task: XConvTask, batch, device: torch.device, precision: P
     ``bf16-mixed``, float64 inputs for ``64-true``), so the bytes are those of the run's dtypes.
     Checkpointed segments (``checkpointing``) count their inputs only, as they keep nothing else
     between forward and backward; the plain-torch copy is checkpointed nowhere. ``plain=False``
-    measures the converted network's bytes only (the other two values are then None).
+    measures the converted network's bytes only (the other two values are then None). Plain torch
+    at this batch may not fit the device where the batch was chosen to fit a budget (the equal-memory
+    protocol): ``activation_bytes_exact`` is then None, with a warning, rather than the run failing.
     """
     precision = precision or Precision()
     converted = copy.deepcopy(task.net).to(device).train()
@@ -58,10 +63,20 @@ def activation_memory(task: XConvTask, batch, device: torch.device, precision: P
     with torch.enable_grad(), precision.forward_context():
         activation = saved_tensor_bytes(task.loss, batch, net=converted).total_bytes
         if plain:
-            plain_net = xconv.revert(xconv.remove_checkpointing(copy.deepcopy(task.net))).to(device).train()
-            exact = saved_tensor_bytes(task.loss, batch, net=plain_net).total_bytes
+            exact = _plain_torch_bytes(task, batch, device)
             peak = cuda_peak_memory_bytes(lambda: task.loss(batch, net=converted).backward(), device=device)
     return {"activation_bytes": activation, "activation_bytes_exact": exact, "peak_memory_bytes": peak}
+
+
+def _plain_torch_bytes(task: XConvTask, batch, device: torch.device) -> int | None:
+    """:func:`activation_memory`'s plain-torch bytes, or None where they do not fit ``device``."""
+    try:
+        plain_net = xconv.revert(xconv.remove_checkpointing(copy.deepcopy(task.net))).to(device).train()
+        return saved_tensor_bytes(task.loss, batch, net=plain_net).total_bytes
+    except torch.OutOfMemoryError:  # returning drops the frames that hold the partial graph
+        log.warning("summary: plain torch's activations at the trained batch size do not fit %s; "
+                    "activation_bytes_exact is recorded as None", device)
+        return None
 
 
 class RunSummary(L.Callback):

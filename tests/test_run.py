@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra_helpers import REPO_ROOT, TINY, TINY_CLASSIFICATION, TINY_SEGMENTATION, compose_config, config_names
 
+import experiments.summary as summary_module
 import xconv
 from experiments.errors import ConfigError
 from experiments.summary import activation_memory
@@ -102,6 +103,24 @@ def test_run_without_validation_batches_has_no_headline_metric(tmp_path):
     assert summary["metric_name"] == "val/acc" and summary["metric"] is None
     assert {"test/acc", "test/loss"} <= set(summary["metrics"]) and not any(k.startswith("val/") for k in summary["metrics"])
     assert json.loads((tmp_path / "summary.json").read_text())["metric"] is None
+
+
+def test_plain_torch_out_of_memory_after_training_still_writes_the_summary(tmp_path, monkeypatch, caplog):
+    """On a GPU, plain torch at a batch matched to half its bytes (equal_memory) may not fit: the run
+    has trained, so its summary is written with activation_bytes_exact None, not lost."""
+    measure = summary_module.saved_tensor_bytes
+
+    def plain_torch_out_of_memory(fn, *args, net, **kwargs):
+        if not any(isinstance(m, xconv.XConv2d) for m in net.modules()):
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return measure(fn, *args, net=net, **kwargs)
+
+    monkeypatch.setattr(summary_module, "saved_tensor_bytes", plain_torch_out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="experiments.summary"):
+        summary = run(compose_config(*TINY_SEGMENTATION, "xconv=sr4", output_dir=tmp_path))
+    assert summary["activation_bytes_exact"] is None and summary["activation_bytes"] > 0 and summary["metric"] is not None
+    assert json.loads((tmp_path / "summary.json").read_text())["activation_bytes_exact"] is None
+    assert "plain torch's activations at the trained batch size do not fit cpu" in caplog.text
 
 
 def test_checkpointing_run_records_its_segments_against_an_unwrapped_baseline(tmp_path):
