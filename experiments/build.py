@@ -148,9 +148,11 @@ def _assemble(cfg: DictConfig):
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    *timing, summary = summary_callbacks(f"{cfg.output_dir}/summary.json", config)
+    max_time = cfg.trainer.get("max_time")  # a string, a dict of timedelta's arguments, or a timedelta node
+    max_time = instantiate(max_time, _convert_="all") if isinstance(max_time, DictConfig) else max_time
+    *timing, summary = summary_callbacks(f"{cfg.output_dir}/summary.json", config, max_time=max_time)
     callbacks += [converter, *timing, summary]
-    trainer = instantiate_node(cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate_node(cfg, "trainer", logger=loggers or False, callbacks=callbacks, max_time=None)
     check_launcher(trainer, multirun=HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN, task=task)
     if equal_memory is not None:  # measured as the summary measures: on the Trainer's device, in its precision
         summary.equal_memory = match_batch_size(task, datamodule, **equal_memory, device=trainer.strategy.root_device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pickle
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -58,6 +59,13 @@ def _trainer_argument_types() -> dict[str, tuple[TypeAdapter, str]]:
             for name, hint in typing.get_type_hints(L.Trainer.__init__).items() if name != "return"}
 
 
+def _built_by_hydra(value) -> bool:
+    """Whether ``value`` is or holds a ``_target_`` node, which Hydra turns into an object."""
+    if isinstance(value, dict):
+        return "_target_" in value or any(_built_by_hydra(v) for v in value.values())
+    return isinstance(value, list) and any(_built_by_hydra(v) for v in value)
+
+
 def _in_words(hint) -> str:
     """``Optional[Literal['a', 'b'] | int]`` as "'a', 'b', int or None"."""
     def alternatives(tp):
@@ -65,8 +73,10 @@ def _in_words(hint) -> str:
             return [a for arg in typing.get_args(tp) for a in alternatives(arg)]
         if typing.get_origin(tp) is typing.Literal:
             return [repr(value) for value in typing.get_args(tp)]
-        return ["None" if tp is type(None) else getattr(tp, "__name__", str(tp)) if not typing.get_args(tp)
-                else str(tp).replace("typing.", "")]
+        if tp is type(None):
+            return ["None"]
+        return [getattr(tp, "__name__", str(tp)) if not typing.get_args(tp)
+                else re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(tp))]  # list[lightning....Logger] -> list[Logger]
     words = list(dict.fromkeys(alternatives(hint)))
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
@@ -74,10 +84,20 @@ def _in_words(hint) -> str:
 def check_trainer_arguments(trainer: DictConfig) -> None:
     """Raise :class:`ConfigError` for a ``trainer.<argument>`` whose value is not of the type
     ``lightning.Trainer`` annotates it with (e.g. ``trainer.max_epochs=abc``, which Lightning would
-    only trip over in the middle of ``fit``). Unknown arguments are left to the Trainer, which refuses them."""
+    only trip over in the middle of ``fit``). Strictly: ``"4"`` and ``3.0`` are no ints, ``1`` and ``"yes"``
+    no bools. Unknown arguments are left to the Trainer, which refuses them; so are objects Hydra builds
+    (``_target_`` nodes) and values that do not resolve yet (``${output_dir}`` in the sweep launcher)."""
     types = _trainer_argument_types()
-    for name, value in OmegaConf.to_container(trainer, resolve=True).items():
-        if name in types and not (isinstance(value, dict) and "_target_" in value):  # an object Hydra builds
+    for name in trainer:
+        if name not in types:
+            continue
+        try:
+            value = trainer[name]
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException:  # e.g. ${output_dir} in the sweep launcher: checked when the job runs
+            continue
+        if not _built_by_hydra(value):
             validator, allowed = types[name]
             try:
                 validator.validate_python(value)
@@ -173,8 +193,11 @@ def xconv_change(path: str, before: dict | None, now: dict) -> str | None:
     default ``xconv`` changed since the checkpoint was written. None too for a checkpoint without a record."""
     if before is None:
         return None
-    changed = {f"xconv.{key}": (value, now["options"].get(key)) for key, value in before["options"].items()
-               if now["options"].get(key) != value}
+    changed = {}
+    if "budget" in before and before["budget"] != now["budget"]:  # records before 2026-12-07 lack it
+        changed["xconv.budget"] = (before["budget"], now["budget"])
+    changed |= {f"xconv.{key}": (value, now["options"].get(key)) for key, value in before["options"].items()
+                if now["options"].get(key) != value}
     if before.get("checkpointing") != now["checkpointing"]:
         changed["checkpointing"] = (before.get("checkpointing"), now["checkpointing"])
     if not changed:

@@ -162,9 +162,12 @@ class RunSummary(L.Callback):
             logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
 
 
-def summary_callbacks(path: str | Path, config: dict) -> list[L.Callback]:
-    """The callbacks that measure and write a run's ``summary.json`` at ``path`` (see :class:`RunSummary`, the last)."""
-    return [Timer(), TrainThroughput(), RunSummary(path, config)]
+def summary_callbacks(path: str | Path, config: dict, max_time=None) -> list[L.Callback]:
+    """The callbacks that measure and write a run's ``summary.json`` at ``path`` (see :class:`RunSummary`, the last).
+
+    ``max_time`` is ``lightning.Trainer``'s: a Trainer given a ``Timer`` callback ignores its own
+    ``max_time``, so the Timer here stops training at it (``"DD:HH:MM:SS"``, a ``timedelta`` or a dict)."""
+    return [Timer(duration=max_time), TrainThroughput(), RunSummary(path, config)]
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:

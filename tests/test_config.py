@@ -15,8 +15,9 @@ from hydra_helpers import CONFIG_DIR, REPO_ROOT, compose_config, config_names
 from omegaconf import OmegaConf
 
 import xconv
+from xconv.lightning import XConvCallback
 from experiments.errors import ConfigError
-from experiments.config import xconv_config
+from experiments.config import check_trainer_arguments, xconv_change, xconv_config
 from experiments.registry import register
 from experiments.tasks import XConvTask
 import experiments.build
@@ -410,6 +411,7 @@ def test_an_uncreatable_job_dir_in_a_sweep_exits_2_with_one_line_and_leaves_noth
     ("xconv.probes=8,-1", "error: xconv.probes must be >= 0"),  # refused before the first job trains
     ("xconv.mode=independent,bogus", "error: xconv.mode: Invalid value 'bogus', expected one of"),
     ("equal_memory={fraction:0.5,batch_size:4},{fraction:2,batch_size:4}", "error: equal_memory.fraction must be"),
+    ("trainer.max_epochs=2,abc", "error: trainer.max_epochs must be int or None"),
 ])
 def test_bad_value_in_a_sweep_exits_2_and_leaves_no_sweep_dir(sweep, message, tmp_path):
     sweep_dir = tmp_path / "multirun" / "sweep"  # as Hydra's default multirun/<task>/<time>
@@ -431,3 +433,30 @@ def test_failed_run_removes_its_run_dir_only_when_nothing_but_hydra_wrote_there(
     remove_unused_run_dir(tmp_path / "used", job_name="run")
     assert not (tmp_path / "unused").exists()
     assert (tmp_path / "used" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("override", [
+    "+trainer.precision=bf16-mixed", "trainer.devices=[0]", "trainer.devices=auto", "+trainer.max_time=00:01:00:00",
+    "+trainer.max_time={hours:1}", "+trainer.max_time={_target_:datetime.timedelta,hours:1}",
+    "+trainer.limit_train_batches=0.5", "+trainer.gradient_clip_val=1", "+trainer.deterministic=warn",
+    "+trainer.plugins=[{_target_:lightning.pytorch.plugins.environments.LightningEnvironment}]",
+    "trainer.strategy={_target_:lightning.pytorch.strategies.DDPStrategy}", "trainer=gpu",
+])
+def test_valid_trainer_arguments_pass_the_type_check(override):
+    """Values of lightning.Trainer's types pass, and so do objects Hydra builds (_target_ nodes, in lists too)."""
+    check_trainer_arguments(compose_config(override).trainer)
+
+
+def test_a_resumed_run_names_each_xconv_setting_that_changed():
+    def record(**kwargs):
+        return XConvCallback(modules="net", **kwargs).record()
+
+    planned = record(budget=0.25, batchnorm_bits=4, maxpool=True)
+    assert xconv_change("last.ckpt", planned, record(budget=0.25, batchnorm_bits=4, maxpool=True)) is None
+    assert xconv_change("last.ckpt", planned, record(budget=0.5, batchnorm_bits=4, maxpool=True)) == (
+        "ckpt_path: this run goes on with other XConv settings than the run that saved 'last.ckpt': xconv.budget 0.25 -> 0.5")
+    assert xconv_change("last.ckpt", record(probes=8), record(probes=8, checkpointing=["encoder.*"])).endswith(
+        ": checkpointing None -> ['encoder.*']")
+    older = {key: value for key, value in planned.items() if key != "budget"}  # a record written before budgets were
+    assert xconv_change("last.ckpt", older, record(budget=0.5, batchnorm_bits=4, maxpool=True)) is None
+    assert xconv_change("last.ckpt", None, record(probes=8)) is None  # a checkpoint of an unconverted run

@@ -105,6 +105,14 @@ def test_run_without_validation_batches_has_no_headline_metric(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["metric"] is None
 
 
+@pytest.mark.parametrize("max_time", ["00:00:00:00", "{seconds:0}", "{_target_:datetime.timedelta,seconds:0}"])
+def test_trainer_max_time_stops_training(max_time, tmp_path):
+    """The run's own Timer (for train_time_s) takes trainer.max_time: Lightning ignores a Trainer's
+    max_time where a Timer callback is given. At zero, training stops when fit starts (Timer's first check)."""
+    assert run(compose_config(*TINY_CLASSIFICATION, output_dir=tmp_path / "free"))["steps"] == 2
+    assert run(compose_config(*TINY_CLASSIFICATION, f"+trainer.max_time={max_time}", output_dir=tmp_path / "timed"))["steps"] == 0
+
+
 def test_plain_torch_out_of_memory_after_training_still_writes_the_summary(tmp_path, monkeypatch, caplog):
     """On a GPU, plain torch at a batch matched to half its bytes (equal_memory) may not fit: the run
     has trained, so its summary is written with activation_bytes_exact None, not lost."""

@@ -459,6 +459,16 @@ def test_gradient_quality_bad_task_or_override_is_one_line(args, error, gradient
     assert exit_.value.code == 2 and error in stderr.splitlines()[-1], stderr
 
 
+@pytest.mark.parametrize("script, args, error", [
+    ("gradient_quality.py", ["--batch", "0"], "argument --batch: must be an int >= 2, got 0"),
+    ("bench_speed.py", ["--rounds", "0"], "--rounds must be >= 1 and --min-run-time > 0"),
+])
+def test_measuring_scripts_run_as_scripts(script, args, error, tmp_path):
+    """The other tests call their main() in process; here the command line itself, from another directory."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and error in result.stderr.splitlines()[-1], result.stderr
+
+
 @pytest.fixture
 def bench_speed(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))

@@ -125,7 +125,8 @@ class XConvCallback(L.Callback):
 
     def record(self) -> dict:
         """What the checkpoint keeps to rebuild the converted layers (JSON-ready)."""
-        return {"modules": self.modules, "options": self.options.to_dict(), "checkpointing": self.checkpointing,
+        return {"modules": self.modules, "options": self.options.to_dict(), "budget": self.budget,
+                "checkpointing": self.checkpointing,
                 "storage_plan": None if self.storage_plan is None else self.storage_plan.to_dict()}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

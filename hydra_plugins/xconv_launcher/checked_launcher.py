@@ -15,7 +15,8 @@ from omegaconf import open_dict
 
 from experiments.cli import command_line_error
 from experiments.config import (
-    check_creatable, equal_memory_config, remove_created_output_dirs, remove_if_only, xconv_config,
+    check_creatable, check_trainer_arguments, equal_memory_config, remove_created_output_dirs, remove_if_only,
+    xconv_config,
 )
 from experiments.errors import ConfigError, exit_with
 
@@ -28,8 +29,8 @@ class CheckedLauncher(BasicLauncher):
     cannot be created (in ``/proc``, under a regular file) would end the sweep in a traceback after
     the jobs before it ran. Here the sweep stops at once in one line naming ``hydra.sweep.subdir``,
     exit status 2, and leaves no sweep directory; so does a job whose overrides do not compose
-    (``xconv.mode=independent,bogus``) or whose xconv or equal_memory options are refused
-    (``xconv.probes=8,-1``). The default (``configs/hydra/default.yaml``,
+    (``xconv.mode=independent,bogus``) or whose xconv, equal_memory or trainer options are refused
+    (``xconv.probes=8,-1``, ``trainer.max_epochs=2,abc``). The default (``configs/hydra/default.yaml``,
     ``configs/hydra/launcher/checked.yaml``).
     """
 
@@ -42,6 +43,8 @@ class CheckedLauncher(BasicLauncher):
                 check_creatable("hydra.sweep.subdir", Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir))
                 xconv_config(config)  # a value the schema's types let through (xconv.probes=-1)
                 equal_memory_config(config)
+                if "trainer" in config:
+                    check_trainer_arguments(config.trainer)
             except (ConfigError, ConfigCompositionException) as err:  # as run.py: drop the sweep directory
                 remove_if_only(Path(self.config.hydra.sweep.dir), {"multirun.yaml"})
                 remove_created_output_dirs()
