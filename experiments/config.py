@@ -29,8 +29,9 @@ from .errors import ConfigError, exit_with
 
 def check_run_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for a mandatory key (``???`` in a config) left unset, an interpolation
-    that does not resolve (a data set of another task), a seed that is not an int or an ``output_dir``
-    that cannot be created (see :func:`check_output_dir`).
+    that does not resolve (a data set of another task), a seed that is not an int, a ``trainer`` argument
+    of another type than the Trainer's (:func:`check_trainer_arguments`) or an ``output_dir`` that cannot
+    be created (see :func:`check_output_dir`).
 
     ``ckpt_path`` is checked apart (:func:`check_checkpoint`), as its weights are compared with
     the task's once the task is built (:func:`check_checkpoint_fits`)."""
@@ -194,7 +195,7 @@ def xconv_change(path: str, before: dict | None, now: dict) -> str | None:
     if before is None:
         return None
     changed = {}
-    if "budget" in before and before["budget"] != now["budget"]:  # records before 2026-12-07 lack it
+    if "budget" in before and before["budget"] != now["budget"]:  # records of earlier versions lack it
         changed["xconv.budget"] = (before["budget"], now["budget"])
     changed |= {f"xconv.{key}": (value, now["options"].get(key)) for key, value in before["options"].items()
                 if now["options"].get(key) != value}
