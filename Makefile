@@ -9,8 +9,11 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	$(VENV)/bin/python run.py task=segmentation xconv=plan25
 
+# Two pytest-xdist workers, one per core of a CI machine (tests/conftest.py gives each one torch
+# thread), each taking whole test files: module fixtures are set up once, and the tests of one file
+# never run at once (the two DDP runs, a test writing under results/ and one reading it).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

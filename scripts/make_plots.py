@@ -9,7 +9,9 @@ deflation) is its own series. The PNGs go next to the tables, named after the ta
 With ``--pareto`` (the equal-memory comparison) each table's PNG (``..._pareto.png``) has two
 panels against activation memory (MiB): the metric (mean ± std), every row a labelled point and
 the Pareto front (the rows no other row beats in both bytes and metric) as a line, and the time
-per training step. Rows of every batch size share a table there, as with ``make_tables.py --batch-rows``.
+per training sample (per step for tables written before ``make_tables.py`` had that column), which
+compares rows of different batch sizes. Rows of every batch size share a table there, as with
+``make_tables.py --batch-rows``.
 
 Usage:
     python scripts/make_plots.py results/paper_mnist_table_cpu
@@ -121,16 +123,26 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return front
 
 
+def pareto_time(rows: list[dict]) -> tuple[str, str]:
+    """``(column prefix, axis label)`` of the time panel: time per sample where every row has it (rows
+    of different batch sizes compare by it), else time per step (tables written before that column)."""
+    if all(_float(row.get("sample_ms_mean")) is not None for row in rows):
+        return "sample_ms", "time per training sample (ms)"
+    return "step_s", "time per step (s)"
+
+
 def plot_pareto(key: tuple, rows: list[dict], out: Path) -> Path:
-    """Write one two-panel PNG (metric and step time against activation MiB) for one table; return its path."""
+    """Write one two-panel PNG (metric and time per sample against activation MiB, :func:`pareto_time`)
+    for one table; return its path."""
     task, data, model, settings, precision, processes, metric = key
     higher = rows[0].get("metric_mode", "max") != "min"
+    time_field, time_label = pareto_time(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     points = []
     for i, row in enumerate(rows):
         x = _float(row["activation_mib_mean"])
         label = row_label(row, True)
-        for ax, field in zip(axes, ("metric", "step_s")):
+        for ax, field in zip(axes, ("metric", time_field)):
             y = _float(row[f"{field}_mean"])
             if x is None or y is None:
                 continue
@@ -143,7 +155,7 @@ def plot_pareto(key: tuple, rows: list[dict], out: Path) -> Path:
         front = pareto_front(points, higher)
         axes[0].plot(*zip(*front), color="black", lw=1, ls="--", label="Pareto front")
     right = 1.25 * max((x for x, _ in points), default=1.0)  # room for the labels
-    for ax, ylabel in zip(axes, (f"{metric} ({'higher' if higher else 'lower'} is better)", "time per step (s)")):
+    for ax, ylabel in zip(axes, (f"{metric} ({'higher' if higher else 'lower'} is better)", time_label)):
         ax.set_xlabel("activation memory (MiB)")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, right)
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table_dir", type=Path, metavar="TABLE_DIR", help="a --out folder of make_tables.py")
     parser.add_argument("--pareto", action="store_true",
-                        help="metric and step time against activation memory, one point per row, rows of every batch size in one table")
+                        help="metric and time per sample against activation memory, one point per row, rows of every batch size in one table")
     args = parser.parse_args(argv)
     csv_path = args.table_dir / "tables.csv"
     if not csv_path.is_file():

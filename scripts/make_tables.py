@@ -19,6 +19,11 @@ callbacks may differ between the runs of a row. Per row:
 - peak memory in MiB (CUDA runs only; blank on CPU);
 - time per training step in seconds (batch size / ``samples_per_s``, which counts the training
   steps' forward, backward and update only) and its ratio to the exact row;
+- time per training sample in milliseconds (1000 / ``samples_per_s``) and its ratio to the exact
+  row: what compares methods that train at different batch sizes (``--batch-rows``), where steps
+  hold different numbers of samples;
+- training wall-clock time in seconds (``train_time_s``: the whole fit, validation, data loading
+  and callbacks included; blank for summaries without it) and its ratio to the exact row;
 - **best** on the row (rows, if tied) of the table with the best metric mean: the highest or the
   lowest by the metric's direction, which the column's heading names. The direction is each run's
   ``metric_mode`` (its task config's ``task.metric.mode``: ``max``, or ``min`` for the GAN's FID);
@@ -161,6 +166,8 @@ def load_runs(directories: list[Path], metric: str | None, metric_mode: str | No
                 "activation_mib": summary["activation_bytes"] / MIB,
                 "peak_mib": summary["peak_memory_bytes"] / MIB if summary["peak_memory_bytes"] else None,
                 "step_s": batch / summary["samples_per_s"] if batch and summary["samples_per_s"] else None,
+                "sample_ms": 1000 / summary["samples_per_s"] if summary["samples_per_s"] else None,
+                "train_s": summary.get("train_time_s"),
                 "seed": summary["seed"],
                 "path": str(path.parent),
                 "config": dict(_flatten(config)),
@@ -250,14 +257,14 @@ def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
         row = dict(zip(keys, key))
         row["runs"] = len(members)
         row["seeds"] = " ".join(str(s) for s in sorted(m["seed"] for m in members))
-        for field in ("metric", "activation_mib", "peak_mib", "step_s"):
+        for field in ("metric", "activation_mib", "peak_mib", "step_s", "sample_ms", "train_s"):
             row[f"{field}_mean"], row[f"{field}_std"] = _mean_std([m[field] for m in members])
         rows.append(row)
     for row in rows:
         # The exact run of the same table (of the smallest batch), with the same ReLU where there is one.
         exact = min((r for r in rows if is_exact(r) and all(r[k] == row[k] for k in tables)),
                     key=lambda r: (r["batch_size"] or 0, r["relu"] != row["relu"]), default=None)
-        for field in ("activation_mib", "step_s"):
+        for field in ("activation_mib", "step_s", "sample_ms", "train_s"):
             base = exact and exact[f"{field}_mean"]
             row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
     _mark_best(rows, runs, tables)
@@ -352,12 +359,15 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
         better = "higher" if members[0]["metric_mode"] == "max" else "lower"
         out += [f"### {task}: {model} on {data}{settings}{batch}{setup}", "",
                 f"| estimator | {metric} (mean ± std) | runs | activation MiB | vs exact | peak MiB "
-                f"| s/step | vs exact | best ({better} is better) |", "|---|---|---|---|---|---|---|---|---|"]
+                f"| s/step | vs exact | ms/sample | vs exact | train s | vs exact | best ({better} is better) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in members:
             out.append(
                 f"| {row_label(r, batch_rows)} | {_spread(r['metric_mean'], r['metric_std'])} | {r['runs']} "
                 f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
                 f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} "
+                f"| {_fmt(r['sample_ms_mean'], 2)} | {_fmt(r['sample_ms_vs_exact'], 2)} "
+                f"| {_fmt(r['train_s_mean'], 0)} | {_fmt(r['train_s_vs_exact'], 2)} "
                 f"| {'**best**' if r['best'] else ''} |"
             )
         out.append("")

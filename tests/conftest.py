@@ -26,3 +26,21 @@ def fixed_seeds(monkeypatch):
     monkeypatch.setattr(xconv._layer, "draw_seed", seed)
     monkeypatch.setattr(xconv.batchnorm, "draw_seed", seed)
     return lambda: counter.__setitem__(0, itertools.count(17))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The saved-bytes table of tests/test_xconv_thirdparty.py's models, from the properties each test
+    records: read from the test reports, it is printed under pytest-xdist too (whose workers write
+    nothing to the terminal)."""
+    rows = []
+    for report in terminalreporter.stats.get("passed", []):
+        recorded = dict(getattr(report, "user_properties", ()))
+        if report.when == "call" and "saved_bytes_ratio" in recorded:
+            name = report.nodeid.partition("[")[2].rstrip("]")
+            rows.append((name, recorded["saved_bytes_ratio"], recorded["unconvertible_share"]))
+    if rows:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("saved-for-backward bytes, xconv.convert(model) / torch (train forward + loss), "
+                                    "and the share of the converted model's in modules and ops convert has no layer for:")
+        for name, ratio, unconvertible in sorted(rows):
+            terminalreporter.write_line(f"  {name:<24} {ratio:6.3f}x   unconvertible {unconvertible:6.1%}")
