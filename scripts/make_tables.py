@@ -367,7 +367,7 @@ def markdown(rows: list[dict], batch_rows: bool = False) -> str:
                 f"| {_fmt(r['activation_mib_mean'], 1)} | {_fmt(r['activation_mib_vs_exact'], 2)} "
                 f"| {_fmt(r['peak_mib_mean'], 1)} | {_fmt(r['step_s_mean'], 4)} | {_fmt(r['step_s_vs_exact'], 2)} "
                 f"| {_fmt(r['sample_ms_mean'], 2)} | {_fmt(r['sample_ms_vs_exact'], 2)} "
-                f"| {_fmt(r['train_s_mean'], 0)} | {_fmt(r['train_s_vs_exact'], 2)} "
+                f"| {_fmt(r['train_s_mean'], 1)} | {_fmt(r['train_s_vs_exact'], 2)} "
                 f"| {'**best**' if r['best'] else ''} |"
             )
         out.append("")
