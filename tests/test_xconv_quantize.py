@@ -1,11 +1,15 @@
 """SR low-bit storage (``xconv.quantize``) and the conv layers that keep their input in it."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
 
 import xconv
+from xconv import _native
+from xconv import quantize as quantize_module
 from xconv.memory import saved_tensor_bytes
 from xconv._bits import pack_codes, unpack_codes
 from xconv.quantize import GROUP_SIZE, dequantize, quantize, stored_bytes
@@ -49,11 +53,92 @@ def test_quantize_is_unbiased_and_keeps_the_layout(layout, bits):
 def test_bias_statistic_rejects_deterministic_rounding(monkeypatch):
     """Rounding down (no noise) is biased; the unbiasedness check must catch it."""
     x = torch.randn(4, 64)
+    monkeypatch.setattr(quantize_module, "_native_kernels", lambda *args: None)  # the noise of the torch-op code
     lowest = lambda key, count, device: torch.full((count,), -(1 << 15), dtype=torch.int16)  # u = 2^-17
     monkeypatch.setattr(xconv.rng, "uniform16", lowest)
     draws = torch.stack([dequantize(quantize(x, 4)) + 1e-4 * torch.randn_like(x) for _ in range(100)])
     t, threshold = bias_statistic(draws, x)
     assert t > threshold
+
+
+# (shape, dtype, channels_last, mean in standard deviations: None for a random scale and mean)
+NATIVE_CASES = {
+    "nchw": ((3, 5, 7, 9), torch.float32, False, None),  # rows of 63: one padded group each
+    "channels-last": ((4, 6, 16, 12), torch.float32, True, None),
+    "several-groups": ((2, 3, 33, 31), torch.float32, False, None),  # 16 full groups and a padded one per row
+    "short-rows": ((2, 3, 2, 3), torch.float32, False, None),  # groups of 6: 2-bit codes of one byte span groups
+    "odd-rows": ((5, 1, 1, 3), torch.float32, False, None),  # groups of 3
+    "2-d": ((6, 70), torch.float32, False, None),
+    "1-d": ((130,), torch.float32, False, None),
+    "bf16": ((2, 4, 9, 9), torch.bfloat16, False, None),
+    "fp16": ((2, 4, 9, 9), torch.float16, True, None),
+    # Offsets far above the spread: the grid position (x - lo) / step is then a difference of large
+    # terms, where any other rounding of it (a multiply-add not fused as torch's) changes codes.
+    "far-mean": ((4, 16, 32, 32), torch.float32, False, 1000.0),
+}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=list(NATIVE_CASES))
+def test_native_kernels_store_the_bits_of_the_torch_ops(case, bits, threads, monkeypatch):
+    """The C kernels (eager CPU code) and the torch ops (compiled code, other devices) keep the same
+    codes, offsets and steps, and restore the same tensor, for fresh random inputs of any scale."""
+    lib = _native.kernels()
+    assert lib is not None, "the C kernels of SR storage did not build"
+    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", 1)  # split even small tensors across threads
+    shape, dtype, channels_last, mean = NATIVE_CASES[case]
+    if mean is None:
+        x = torch.randn(shape) * 10.0 ** torch.randint(-4, 5, ()).item() + torch.randn(())
+    else:
+        x = torch.randn(shape) + mean
+    x = x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    key = int(torch.randint(0, 1 << 62, ()))
+    layout = tuple(x.shape), quantize_module._dense_strides(x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native = quantize_module._quantize_native(lib, x, bits, key, *layout)
+        restored = quantize_module._dequantize_native(lib, native)
+    finally:
+        torch.set_num_threads(previous)
+    ops = quantize_module._quantize_ops(x, bits, key, *layout)
+    for got, want in zip(native.tensors(), ops.tensors()):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    want = quantize_module._dequantize_ops(ops)
+    assert restored.dtype == want.dtype and restored.stride() == want.stride() and torch.equal(restored, want)
+
+
+def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
+    calls, native = [], quantize_module._quantize_native
+    monkeypatch.setattr(quantize_module, "_quantize_native", lambda *args: calls.append(args) or native(*args))
+    quantize(torch.randn(2, 64), 4, key=3)
+    assert len(calls) == 1
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xconv")
+    _native.kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build the C kernels"):
+            assert _native.kernels() is None
+        x = torch.randn(3, 70)
+        q = quantize(x, 4, key=5)
+        assert torch.equal(dequantize(q), quantize_module._dequantize_ops(q))
+        assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    finally:
+        _native.kernels.cache_clear()
+
+
+def test_xconv_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("XCONV_NATIVE", "0")
+    _native.kernels.cache_clear()
+    try:
+        assert _native.kernels() is None
+    finally:
+        _native.kernels.cache_clear()
 
 
 def test_constant_and_bf16_exact_groups_are_kept_exactly():

@@ -25,11 +25,28 @@ _BACKWARD = {
 }
 
 
-def _output_coords(out_shape, d: int, device) -> torch.Tensor:
-    """Output coordinate along spatial dim ``d``, shaped to broadcast over ``out_shape``."""
+def _window_starts(out_shape, d: int, stride: int, padding: int, dtype, device) -> torch.Tensor:
+    """Input coordinate of each window's first position along spatial dim ``d``, shaped to broadcast
+    over ``out_shape``."""
     shape = [1] * len(out_shape)
     shape[d] = out_shape[d]
-    return torch.arange(out_shape[d], device=device).view(shape)
+    return (torch.arange(out_shape[d], dtype=dtype, device=device) * stride - padding).view(shape)
+
+
+def _index_dtype(in_shape) -> torch.dtype:
+    """int32 where the in-plane indices fit: its divisions run several times faster than int64's on the CPU."""
+    return torch.int32 if math.prod(in_shape) < 1 << 31 else torch.int64
+
+
+def _digits(value: torch.Tensor, radices) -> list[torch.Tensor]:
+    """The mixed-radix digits of ``value`` (most significant first; the first digit is not reduced):
+    one division per digit but the first."""
+    digits = []
+    for radix in reversed(radices[1:]):
+        quotient = value // radix
+        digits.append(value - quotient * radix)
+        value = quotient
+    return [value, *reversed(digits)]
 
 
 def _memory_format(y: torch.Tensor) -> torch.memory_format:
@@ -54,11 +71,11 @@ class XMaxPoolFunction(torch.autograd.Function):
         dims = len(kernel)
         y, index = _POOL[dims](x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         in_shape, out_shape = x.shape[-dims:], y.shape[-dims:]
-        offset = torch.zeros((), dtype=torch.int64, device=x.device)
-        for d in range(dims):
-            coord = index // math.prod(in_shape[d + 1:]) % in_shape[d]
-            start = _output_coords(out_shape, d, x.device) * stride[d] - padding[d]
-            offset = offset * kernel[d] + (coord - start) // dilation[d]
+        dtype = _index_dtype(in_shape)
+        offset = 0
+        for d, coord in enumerate(_digits(index.to(dtype), in_shape)):
+            position = coord - _window_starts(out_shape, d, stride[d], padding[d], dtype, x.device)
+            offset = offset * kernel[d] + (position // dilation[d] if dilation[d] > 1 else position)
         bits = next(b for b in (2, 4, 8) if math.prod(kernel) <= 1 << b)
         codes = offset.reshape(-1).to(torch.uint8)
         codes = F.pad(codes, (0, -codes.numel() % (8 // bits)))
@@ -75,12 +92,13 @@ class XMaxPoolFunction(torch.autograd.Function):
         kernel, stride, padding, dilation = ctx.geometry
         dims = len(kernel)
         in_shape, out_shape = ctx.x_shape[-dims:], ctx.y_shape[-dims:]
-        code = unpack_codes(packed, ctx.bits)[: math.prod(ctx.y_shape)].view(ctx.y_shape).long()
-        index = torch.zeros((), dtype=torch.int64, device=grad_y.device)
-        for d in range(dims):
-            offset = code // math.prod(kernel[d + 1:]) % kernel[d]
-            start = _output_coords(out_shape, d, grad_y.device) * stride[d] - padding[d]
-            index = index * in_shape[d] + start + offset * dilation[d]
+        dtype = _index_dtype(in_shape)
+        code = unpack_codes(packed, ctx.bits)[: math.prod(ctx.y_shape)].view(ctx.y_shape).to(dtype)
+        index = 0
+        for d, position in enumerate(_digits(code, kernel)):
+            start = _window_starts(out_shape, d, stride[d], padding[d], dtype, grad_y.device)
+            index = index * in_shape[d] + start + position * dilation[d]
+        index = index.long()  # the kernel's index type
         grad_x = torch.empty(ctx.x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.memory_format)
         # torch's own backward kernel, so the sums where windows overlap are torch's on every
         # backend and dtype (on CPU bfloat16 rounds at each add; CUDA accumulates in fp32). It

@@ -21,18 +21,24 @@ this way; this module is our own implementation of the idea.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from . import rng
+from . import _native, rng
 from ._bits import pack_codes, unpack_codes
 
 #: Bits per stored element that :func:`quantize` accepts.
 BITS = (2, 4, 8, 16)
 #: Elements sharing one offset and scale.
 GROUP_SIZE = 64
+# Below this many elements the C kernels run on the calling thread: a thread pool's hand-off
+# would cost more than it saves.
+_PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def check_bits(name: str, bits, allowed=BITS, none_ok: bool = True) -> None:
@@ -177,7 +183,9 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     :func:`xconv.rng.key`), or, if None, of a seed from torch's default CPU generator
     (:func:`xconv.rng.draw_seed`, then :func:`xconv.rng.advance`: the generator moves as for any
     random op, ``torch.manual_seed`` reproduces the noise, and the call traces into
-    ``torch.compile`` graphs). Temporaries: one fp32 copy of ``x``.
+    ``torch.compile`` graphs). Temporaries: one fp32 copy of ``x``. Eagerly on the CPU the C kernels
+    of :mod:`xconv._native` store it in one pass per group; compiled code and other devices run
+    torch ops; both store the same bits.
 
     Raises:
         ValueError: ``bits`` not in :data:`BITS`.
@@ -189,6 +197,60 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
         return Quantized(stochastic_round_bf16(x.detach(), key), None, None, 16, shape, strides, x.dtype)
+    lib = _native_kernels(x.device, x.dtype, x.numel())
+    if lib is not None:
+        return _quantize_native(lib, x, bits, key, shape, strides)
+    return _quantize_ops(x, bits, key, shape, strides)
+
+
+def _native_kernels(device: torch.device, dtype: torch.dtype, numel: int):
+    """The C kernels (:mod:`xconv._native`) where they apply: eager code on CPU tensors of at most
+    32-bit floats; None elsewhere (the torch-op code, traceable and on every device)."""
+    if device.type != "cpu" or dtype == torch.float64 or numel == 0 or torch.compiler.is_compiling():
+        return None
+    return _native.kernels()
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="xconv-sr")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _over_groups(kernel, groups: int, group: int, bits: int) -> None:
+    """Call ``kernel(g0, g1)`` over ``[0, groups)``, split across ``torch.get_num_threads()`` threads
+    for large tensors (ctypes releases the GIL) at groups whose first code starts a byte."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or groups * group < _PARALLEL_MIN_ELEMENTS:
+        kernel(0, groups)
+        return
+    per = 8 // bits
+    chunk = -(-groups // threads)
+    chunk = -(-chunk // per) * per
+    list(_pool(threads).map(lambda g0: kernel(g0, min(g0 + chunk, groups)), range(0, groups, chunk)))
+
+
+def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
+    rows, n = _rows(shape)
+    group = _group_size(n)
+    per_row = -(-n // group)
+    groups = rows * per_row
+    flat = x.detach().to(torch.float32).reshape(rows, n).contiguous()  # a copy for channels_last inputs
+    packed = torch.empty(-(-groups * group * bits // 8), dtype=torch.uint8)
+    lo = torch.empty(groups, dtype=torch.bfloat16)
+    scale = torch.empty(groups, dtype=torch.bfloat16)
+    key = int(key)
+    _over_groups(lambda g0, g1: lib.xconv_sr_quantize(flat.data_ptr(), n, group, per_row, g0, g1, bits, key,
+                                                      packed.data_ptr(), lo.data_ptr(), scale.data_ptr()),
+                 groups, group, bits)
+    return Quantized(packed, lo, scale, bits, shape, strides, x.dtype)
+
+
+def _quantize_ops(x, bits, key, shape, strides) -> Quantized:
+    """:func:`quantize` in torch ops: what compiled code and other devices run; the C kernel stores the same bits."""
     # u = (k + 32768.5) / 2^16 for a uniform int16 k: uniform on [0, 1) at 16-bit resolution, so
     # E[code] is within 2^-17 of a step of t (fp32's rounding of t + u is of that order already).
     # t's own rounding (one addcmul) is up to ~ulp(lo) / 2 in x's units: see the module docstring.
@@ -224,6 +286,25 @@ def dequantize(q: Quantized) -> torch.Tensor:
     """The stored values of :func:`quantize` as a tensor of the original shape, layout and dtype."""
     if q.bits == 16:
         return torch.empty_strided(q.shape, q.strides, dtype=q.dtype, device=q.codes.device).copy_(q.codes)
+    lib = _native_kernels(q.codes.device, q.dtype, math.prod(q.shape))
+    if lib is not None:
+        return _dequantize_native(lib, q)
+    return _dequantize_ops(q)
+
+
+def _dequantize_native(lib, q: Quantized) -> torch.Tensor:
+    rows, n = _rows(q.shape)
+    group = _group_size(n)
+    per_row = -(-n // group)
+    out = torch.empty(rows, n, dtype=torch.float32)
+    codes, lo, scale = (t.contiguous() for t in q.tensors())
+    _over_groups(lambda g0, g1: lib.xconv_sr_dequantize(codes.data_ptr(), lo.data_ptr(), scale.data_ptr(), n, group,
+                                                        per_row, g0, g1, q.bits, out.data_ptr()),
+                 rows * per_row, group, q.bits)
+    return _restore(out, q.shape, q.strides, q.dtype)
+
+
+def _dequantize_ops(q: Quantized) -> torch.Tensor:
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = _group_size(_rows(q.shape)[1])
     codes = unpack_codes(q.codes, q.bits)[: q.lo.shape[0] * group].view(q.lo.shape[0], group).to(compute)

@@ -1,0 +1,72 @@
+"""The C kernels of SR storage (``_sr_kernels.c``): built with the system C compiler at first use.
+
+:func:`kernels` compiles the source once per machine into a cache folder (``$XCONV_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source and the
+build command, and loads it with ``ctypes``. Where no compiler builds it, or with
+``XCONV_NATIVE=0``, it returns None after one warning and :mod:`xconv.quantize` runs its torch-op
+code, which stores the same bits. Builds of several processes at once are safe: each writes its
+own file and renames it into place.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shlex
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("_sr_kernels.c")
+_FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("XCONV_CACHE_DIR"):
+        return Path(os.environ["XCONV_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xconv"
+
+
+def _build(source: bytes) -> Path:
+    command = [*_compiler(), *_FLAGS]
+    digest = hashlib.sha256(source + " ".join(command).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"sr_kernels-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([*command, "-o", partial, str(_SOURCE), "-lm"], check=True, capture_output=True,
+                           text=True, timeout=120)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return target
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, argument types set), or None
+    where they cannot be built or ``XCONV_NATIVE=0``; the reason is warned once."""
+    if os.environ.get("XCONV_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(_SOURCE.read_bytes())))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        warnings.warn(f"xconv: could not build the C kernels of SR storage ({str(detail).strip()[:300]}); "
+                      "using torch ops, which store the same bits more slowly", RuntimeWarning, stacklevel=2)
+        return None
+    lib.xconv_sr_quantize.argtypes = [_P, _I, _I, _I, _I, _I, ctypes.c_int, _I, _P, _P, _P]
+    lib.xconv_sr_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, _P]
+    lib.xconv_sr_quantize.restype = lib.xconv_sr_dequantize.restype = None
+    return lib
