@@ -110,6 +110,23 @@ def test_native_kernels_store_the_bits_of_the_torch_ops(case, bits, threads, mon
     assert restored.dtype == want.dtype and restored.stride() == want.stride() and torch.equal(restored, want)
 
 
+def test_native_kernels_keep_non_finite_groups_as_the_torch_ops_do():
+    """A NaN makes its group's offset and step NaN, an infinity its group's step infinite: those groups
+    restore as non-finite, the others as usual. Codes of a NaN group are not compared: casting NaN
+    to an integer is undefined."""
+    x = torch.randn(2, 3, 16, 16)
+    x[0, 1, 2, 5] = float("nan")
+    x[1, 2, 9, 0] = float("inf")
+    x[1, 0, 0, 0] = -float("inf")
+    native = quantize_module._quantize_native(_native.kernels(), x, 4, 11, tuple(x.shape), x.stride())
+    ops = quantize_module._quantize_ops(x, 4, 11, tuple(x.shape), x.stride())
+    for got, want in [(native.lo, ops.lo), (native.scale, ops.scale),
+                      (dequantize(native), quantize_module._dequantize_ops(ops))]:
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert native.lo.isnan().sum() == 1 and native.scale.isinf().sum() == 2
+    assert (~dequantize(native).isfinite()).sum() == 3 * GROUP_SIZE
+
+
 def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
     calls, native = [], quantize_module._quantize_native
     monkeypatch.setattr(quantize_module, "_quantize_native", lambda *args: calls.append(args) or native(*args))

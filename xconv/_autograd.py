@@ -16,7 +16,7 @@ from . import rng
 from ._contraction import independent_weight_grad, multi_weight_grad
 from ._cost import choose_contraction
 from ._geometry import ConvGeometry
-from ._kernels import bias_grad, input_grad, weight_grad
+from ._kernels import bias_grad, conv_backward, input_grad
 from ._options import SketchConfig, layer_probes
 from ._sketch import SKETCH_BITS_STREAM, ChunkPlan, deflation_basis, sketch_input
 from .probes import dct_basis
@@ -110,15 +110,14 @@ class QuantizedConvFunction(torch.autograd.Function):
         weight, *stored = ctx.saved_tensors
         refuse_double_backward(ctx.layer, f"its input in {ctx.bits}-bit SR storage")
         rng.advance()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = input_grad(grad_y, ctx.x_shape, weight, ctx.geom)
-        if ctx.needs_input_grad[1]:
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if needs_w:  # all three from the restored input in one call, as the torch layer's backward
             x_hat = dequantize(ctx.stored.with_tensors(*stored))
-            grad_w = parameter_layout(weight_grad(grad_y, x_hat, weight, ctx.geom, ctx.geom.groups), weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = bias_grad(grad_y, ctx.x_shape, weight, ctx.geom)
-        return grad_x, grad_w, grad_b, None, None, None, None
+            grad_x, grad_w, grad_b = conv_backward(grad_y, x_hat, weight, ctx.geom, (needs_x, True, needs_b))
+            return grad_x, parameter_layout(grad_w, weight), grad_b, None, None, None, None
+        grad_x = input_grad(grad_y, ctx.x_shape, weight, ctx.geom) if needs_x else None
+        grad_b = bias_grad(grad_y, ctx.x_shape, weight, ctx.geom) if needs_b else None
+        return grad_x, None, grad_b, None, None, None, None
 
 
 def estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: torch.Tensor, layer: str) -> torch.Tensor:

@@ -29,6 +29,17 @@ def weight_grad(grad_out, inp, weight, geom: ConvGeometry, groups: int) -> torch
     )[1]
 
 
+def conv_backward(grad_out, inp, weight, geom: ConvGeometry, output_mask) -> tuple:
+    """``(dL/dX, dL/dW, dL/db)`` of ``conv(inp, W)`` (or its transpose), those ``output_mask`` asks for
+    (None for the others), in one call of torch's own backward kernel: what a plain torch layer's
+    backward runs, given the input (SR storage restores one)."""
+    stride, padding, dilation, transposed, out_pad, groups = geom.conv_args()
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, [grad_out.shape[1]] if output_mask[2] else None, stride, padding, dilation,
+        transposed, out_pad, groups, output_mask,
+    )
+
+
 def input_grad(grad_out, input_shape, weight, geom: ConvGeometry) -> torch.Tensor:
     """``dL/dX`` of ``conv(X, W)`` (or its transpose): the adjoint convolution of ``grad_out``,
     ``[B, C_in, *S_in]`` for ``grad_out [B, C_out, *S_out]``.

@@ -64,8 +64,10 @@ static inline void min_max(const float *v, int64_t G, float *lo, float *hi) {
             mx = v[e] > mx ? v[e] : mx;
         }
     }
-    *lo = mn;
-    *hi = mx;
+    int nan = 0; /* as torch's amin and amax: a NaN makes both NaN (and so the whole group) */
+    for (int64_t e = 0; e < G; e++) nan |= v[e] != v[e];
+    *lo = nan ? NAN : mn;
+    *hi = nan ? NAN : mx;
 }
 
 /* Quantize groups [g0, g1): codes into packed (byte p / per, bits (p % per) * bits, per = 8 / bits),
