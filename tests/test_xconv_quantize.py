@@ -78,7 +78,7 @@ NATIVE_CASES = {
 }
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "clang"))), reason="no C compiler")
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=list(NATIVE_CASES))

@@ -2,9 +2,9 @@
 
 :func:`kernels` compiles the source once per machine into a cache folder (``$XCONV_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source and the
-build command, and loads it with ``ctypes``. Where no compiler builds it, or with
-``XCONV_NATIVE=0``, it returns None after one warning and :mod:`xconv.quantize` runs its torch-op
-code, which stores the same bits. Builds of several processes at once are safe: each writes its
+build command, and loads it with ``ctypes``. Where no compiler builds it, it returns None after
+one warning (with ``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` runs its torch-op code,
+which stores the same bits. Builds of several processes at once are safe: each writes its
 own file and renames it into place.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import functools
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
-import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,7 +26,11 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    """``$CC``, else the first of cc, gcc and clang on the PATH (not Python's build-time compiler,
+    which may be a toolchain this machine lacks)."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    return [next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), "cc")]
 
 
 def _cache_dir() -> Path:
