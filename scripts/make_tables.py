@@ -23,7 +23,9 @@ callbacks may differ between the runs of a row. Per row:
   row: what compares methods that train at different batch sizes (``--batch-rows``), where steps
   hold different numbers of samples;
 - training wall-clock time in seconds (``train_time_s``: the whole fit, validation, data loading
-  and callbacks included; blank for summaries without it) and its ratio to the exact row;
+  and callbacks included) and its ratio to the exact row;
+- memory and time columns are blank where any run of the row lacks them (peak memory on the CPU,
+  ``train_time_s`` in summaries written before it was recorded), not means of the other runs;
 - **best** on the row (rows, if tied) of the table with the best metric mean: the highest or the
   lowest by the metric's direction, which the column's heading names. The direction is each run's
   ``metric_mode`` (its task config's ``task.metric.mode``: ``max``, or ``min`` for the GAN's FID);
@@ -208,6 +210,11 @@ def _name_settings(runs: list[dict]) -> None:
             run["settings"] = " ".join(f"{k}={config[k]}" for k in varying if k in config)
 
 
+# A row's means over its runs (mean and std columns, in this order), and those with a ratio to the exact row.
+MEAN_FIELDS = ("metric", "activation_mib", "peak_mib", "step_s", "sample_ms", "train_s")
+RATIO_FIELDS = ("activation_mib", "step_s", "sample_ms", "train_s")
+
+
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -257,14 +264,17 @@ def summarize(runs: list[dict], batch_rows: bool = False) -> list[dict]:
         row = dict(zip(keys, key))
         row["runs"] = len(members)
         row["seeds"] = " ".join(str(s) for s in sorted(m["seed"] for m in members))
-        for field in ("metric", "activation_mib", "peak_mib", "step_s", "sample_ms", "train_s"):
-            row[f"{field}_mean"], row[f"{field}_std"] = _mean_std([m[field] for m in members])
+        for field in MEAN_FIELDS:
+            values = [m[field] for m in members]
+            if field != "metric" and None in values:  # a mean of some runs would read as the row's
+                values = []
+            row[f"{field}_mean"], row[f"{field}_std"] = _mean_std(values)
         rows.append(row)
     for row in rows:
         # The exact run of the same table (of the smallest batch), with the same ReLU where there is one.
         exact = min((r for r in rows if is_exact(r) and all(r[k] == row[k] for k in tables)),
                     key=lambda r: (r["batch_size"] or 0, r["relu"] != row["relu"]), default=None)
-        for field in ("activation_mib", "step_s", "sample_ms", "train_s"):
+        for field in RATIO_FIELDS:
             base = exact and exact[f"{field}_mean"]
             row[f"{field}_vs_exact"] = row[f"{field}_mean"] / base if base and row[f"{field}_mean"] else None
     _mark_best(rows, runs, tables)

@@ -34,7 +34,7 @@ def pytest_terminal_summary(terminalreporter):
     nothing to the terminal)."""
     rows = []
     for report in terminalreporter.stats.get("passed", []):
-        recorded = dict(getattr(report, "user_properties", ()))
+        recorded = dict(report.user_properties)
         if report.when == "call" and "saved_bytes_ratio" in recorded:
             name = report.nodeid.partition("[")[2].rstrip("]")
             rows.append((name, recorded["saved_bytes_ratio"], recorded["unconvertible_share"]))
