@@ -82,6 +82,7 @@ void xconv_sr_quantize(const float *x, int64_t n, int64_t G, int64_t gpr, int64_
     float v[GMAX];
     uint8_t codes[GMAX];
     uint64_t hashes[GMAX / 4 + 2];
+    int16_t lanes[4 * (GMAX / 4 + 2)];
     for (int64_t g = g0; g < g1; g++) {
         const float *row = x + (g / gpr) * n;
         int64_t start = (g % gpr) * G, m = start + G <= n ? G : n - start, p0 = g * G;
@@ -99,11 +100,12 @@ void xconv_sr_quantize(const float *x, int64_t n, int64_t G, int64_t gpr, int64_
         step_out[g] = step16;
         int64_t h0 = p0 >> 2, h1 = (p0 + G + 3) >> 2;
         for (int64_t h = h0; h < h1; h++) hashes[h - h0] = mix64(((uint64_t)(h + 1) ^ (uint64_t)key) * gamma);
-        const int16_t *noise = (const int16_t *)hashes + (p0 & 3); /* little-endian lanes, as torch's view */
+        memcpy(lanes, hashes, (size_t)(h1 - h0) * sizeof(uint64_t)); /* the int16 lanes in memory order, as torch's view */
+        const int16_t *noise = lanes + (p0 & 3);
         for (int64_t e = 0; e < G; e++) {
             float t = fmaf(v[e], inverse, offset) + (float)noise[e] * 0x1p-16f;
-            t = t < 0 ? 0 : t;
-            t = t > levels ? levels : t;
+            t = t > 0 ? t : 0; /* written so that NaN becomes 0: converting NaN to an integer is undefined */
+            t = t < levels ? t : levels;
             codes[e] = (uint8_t)(int32_t)t; /* t + u in [0, 2^b): truncation is the floor */
         }
         if (per == 1) {
