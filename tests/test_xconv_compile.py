@@ -83,6 +83,18 @@ def test_compiled_streams_are_bit_identical_to_eager():
         assert torch.equal(eager, traced)
 
 
+def test_compiled_sr_storage_is_bit_identical_to_eager():
+    """Inductor's code for quantize stores what the eager C kernels store, for a tensor far from zero:
+    any other rounding of its grid positions (a fused multiply-add) would change codes."""
+    from xconv.quantize import quantize
+
+    x = torch.randn(4, 16, 32, 32) + 1000
+    key = rng.draw_seed()
+    compiled = torch.compile(lambda t: quantize(t, 4, key).tensors(), backend="inductor", fullgraph=True)
+    for got, want in zip(compiled(x), quantize(x, 4, key).tensors(), strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 def _small_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),

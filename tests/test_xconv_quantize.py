@@ -1,7 +1,11 @@
 """SR low-bit storage (``xconv.quantize``) and the conv layers that keep their input in it."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +65,10 @@ def test_bias_statistic_rejects_deterministic_rounding(monkeypatch):
     assert t > threshold
 
 
+needs_kernels = pytest.mark.skipif(
+    not any(map(shutil.which, ("cc", "gcc", "clang"))) or os.environ.get("XCONV_NATIVE") == "0",
+    reason="no C compiler, or XCONV_NATIVE=0")
+
 # (shape, dtype, channels_last, mean in standard deviations: None for a random scale and mean)
 NATIVE_CASES = {
     "nchw": ((3, 5, 7, 9), torch.float32, False, None),  # rows of 63: one padded group each
@@ -78,7 +86,7 @@ NATIVE_CASES = {
 }
 
 
-@pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "clang"))), reason="no C compiler")
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=list(NATIVE_CASES))
@@ -104,29 +112,82 @@ def test_native_kernels_store_the_bits_of_the_torch_ops(case, bits, threads, mon
     finally:
         torch.set_num_threads(previous)
     ops = quantize_module._quantize_ops(x, bits, key, *layout)
-    for got, want in zip(native.tensors(), ops.tensors()):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert_same_storage(native, restored, ops, f"key {key}")
+
+
+def assert_same_storage(native, restored, ops, context=""):
+    """Codes, offsets and steps (their bits: signed zeros and NaNs included) and the restored tensor
+    (layout, dtype, values and signs) of the C kernels equal the torch ops'; codes of NaN groups
+    excepted (the torch ops' cast of NaN to an integer is undefined; the kernel writes 0)."""
+    for name in ("lo", "scale"):
+        got, want = getattr(native, name), getattr(ops, name)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} differs, {context}"
+    codes_ok = torch.equal(native.codes, ops.codes)
+    if not codes_ok and ops.lo.isnan().any():
+        group = native.codes.numel() * 8 // native.bits // native.lo.numel()
+        finite = ~ops.lo.isnan().repeat_interleave(group)
+        codes_ok = torch.equal(unpack_codes(native.codes, native.bits)[: finite.numel()][finite],
+                               unpack_codes(ops.codes, ops.bits)[: finite.numel()][finite])
+    assert codes_ok, f"codes differ, {context}"
     want = quantize_module._dequantize_ops(ops)
-    assert restored.dtype == want.dtype and restored.stride() == want.stride() and torch.equal(restored, want)
+    assert restored.dtype == want.dtype and restored.stride() == want.stride(), context
+    torch.testing.assert_close(restored, want, rtol=0, atol=0, equal_nan=True, msg=f"restored values differ, {context}")
+    assert torch.equal(restored.signbit(), want.signbit()), f"signs differ, {context}"
 
 
+def _both(x, bits=4, key=11):
+    layout = tuple(x.shape), quantize_module._dense_strides(x)
+    native = quantize_module._quantize_native(_native.kernels(), x, bits, key, *layout)
+    return native, dequantize(native), quantize_module._quantize_ops(x, bits, key, *layout)
+
+
+@needs_kernels
 def test_native_kernels_keep_non_finite_groups_as_the_torch_ops_do():
-    """A NaN makes its group's offset and step NaN, an infinity its group's step infinite: those groups
-    restore as non-finite, the others as usual. Codes of a NaN group are not compared: the torch
-    ops' cast of NaN to an integer is undefined (the kernel writes 0)."""
+    """A NaN makes its group's offset and step NaN, an infinity its group's step infinite (an
+    infinite group's step is inf - inf, NaN): those groups restore as non-finite, the others as usual."""
     x = torch.randn(2, 3, 16, 16)
-    x[0, 1, 2, 5] = float("nan")
+    x[0, 1, 2, 5] = -float("nan")
     x[1, 2, 9, 0] = float("inf")
     x[1, 0, 0, 0] = -float("inf")
-    native = quantize_module._quantize_native(_native.kernels(), x, 4, 11, tuple(x.shape), x.stride())
-    ops = quantize_module._quantize_ops(x, 4, 11, tuple(x.shape), x.stride())
-    for got, want in [(native.lo, ops.lo), (native.scale, ops.scale),
-                      (dequantize(native), quantize_module._dequantize_ops(ops))]:
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-    assert native.lo.isnan().sum() == 1 and native.scale.isinf().sum() == 2
-    assert (~dequantize(native).isfinite()).sum() == 3 * GROUP_SIZE
+    x[0, 0, :4] = float("inf")  # a whole group
+    native, restored, ops = _both(x)
+    assert_same_storage(native, restored, ops)
+    assert native.lo.isnan().sum() == 1 and native.scale.isinf().sum() == 2 and native.scale.isnan().sum() == 2
+    assert (~restored.isfinite()).sum() == 4 * GROUP_SIZE
 
 
+@needs_kernels
+def test_zero_extremes_are_kept_as_plus_zero():
+    """-0 and +0 tie in a minimum, and which one a reduction returns depends on its order: both codes
+    keep +0 (relu(-0.0) is -0.0, so such groups occur in real networks)."""
+    x = torch.zeros(4, 2 * GROUP_SIZE)
+    x[0, 0] = x[1, 5] = x[2, GROUP_SIZE - 1] = -0.0
+    x[3] = -0.0
+    x[2, GROUP_SIZE:] = torch.rand(GROUP_SIZE)
+    native, restored, ops = _both(x)
+    assert_same_storage(native, restored, ops)
+    assert not native.lo.signbit().any() and not native.scale.signbit().any()
+
+
+@needs_kernels
+def test_native_kernels_store_the_torch_ops_bits_on_a_cpu_without_vector_units():
+    """torch's default (non-vectorised) kernels round as its AVX2 and AVX-512 kernels do for the ops
+    quantize uses (no multiply-add a CPU may fuse or not): checked in a process that runs them."""
+    script = (
+        "import torch, test_xconv_quantize as t\n"
+        "x = torch.randn(4, 16, 32, 32) + 1000\n"
+        "for bits in (2, 4, 8):\n"
+        "    native, restored, ops = t._both(x, bits, key=123)\n"
+        "    t.assert_same_storage(native, restored, ops, f'bits {bits}')\n"
+        "print('same')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).parent, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "same", result.stderr[-2000:]
+
+
+@needs_kernels
 def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
     calls, native = [], quantize_module._quantize_native
     monkeypatch.setattr(quantize_module, "_quantize_native", lambda *args: calls.append(args) or native(*args))
@@ -136,6 +197,7 @@ def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
 
 def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("XCONV_NATIVE", raising=False)
     monkeypatch.setenv("CC", "no-such-compiler-xconv")
     _native.kernels.cache_clear()
     try:
@@ -145,6 +207,30 @@ def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, tm
         q = quantize(x, 4, key=5)
         assert torch.equal(dequantize(q), quantize_module._dequantize_ops(q))
         assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    finally:
+        _native.kernels.cache_clear()
+
+
+def test_a_malformed_cc_falls_back_too(monkeypatch, tmp_path):
+    monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("XCONV_NATIVE", raising=False)
+    monkeypatch.setenv("CC", 'gcc "')
+    _native.kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build the C kernels"):
+            assert _native.kernels() is None
+    finally:
+        _native.kernels.cache_clear()
+
+
+@needs_kernels
+def test_a_cached_library_that_does_not_load_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
+    _native.kernels.cache_clear()
+    try:
+        built = _native._build(_native._SOURCE.read_bytes())
+        built.write_bytes(b"")  # truncated
+        assert _native.kernels() is not None and built.stat().st_size > 0
     finally:
         _native.kernels.cache_clear()
 

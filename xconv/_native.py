@@ -1,8 +1,9 @@
 """The C kernels of SR storage (``_sr_kernels.c``): built with the system C compiler at first use.
 
 :func:`kernels` compiles the source once per machine into a cache folder (``$XCONV_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source and the
-build command, and loads it with ``ctypes``. Where no compiler builds it, it returns None after
+else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source, the build
+command and the machine type, and loads it with ``ctypes`` (building again where a cached file
+does not load). Where no compiler builds it, it returns None after
 one warning (with ``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` runs its torch-op code,
 which stores the same bits. Builds of several processes at once are safe: each writes its
 own file and renames it into place.
@@ -13,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -39,11 +41,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xconv"
 
 
-def _build(source: bytes) -> Path:
+def _build(source: bytes, rebuild: bool = False) -> Path:
+    """The shared library of ``source`` in the cache folder, compiled first where it is not there
+    (or ``rebuild``)."""
     command = [*_compiler(), *_FLAGS]
-    digest = hashlib.sha256(source + " ".join(command).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"sr_kernels-{digest}.so"
-    if not target.exists():
+    digest = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), platform.machine().encode()]))
+    target = _cache_dir() / f"sr_kernels-{digest.hexdigest()[:16]}.so"
+    if rebuild or not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
@@ -57,6 +61,14 @@ def _build(source: bytes) -> Path:
     return target
 
 
+def _load() -> ctypes.CDLL:
+    source = _SOURCE.read_bytes()
+    try:
+        return ctypes.CDLL(str(_build(source)))
+    except OSError:  # a cached file that does not load (truncated, another machine's): build it again
+        return ctypes.CDLL(str(_build(source, rebuild=True)))
+
+
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, argument types set), or None
@@ -64,8 +76,8 @@ def kernels() -> ctypes.CDLL | None:
     if os.environ.get("XCONV_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_build(_SOURCE.read_bytes())))
-    except (OSError, subprocess.SubprocessError) as err:
+        lib = _load()
+    except (OSError, ValueError, subprocess.SubprocessError) as err:  # ValueError: a $CC shlex cannot split
         detail = getattr(err, "stderr", None) or err
         warnings.warn(f"xconv: could not build the C kernels of SR storage ({str(detail).strip()[:300]}); "
                       "using torch ops, which store the same bits more slowly", RuntimeWarning, stacklevel=2)

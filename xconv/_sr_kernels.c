@@ -15,7 +15,8 @@
 #include <string.h>
 
 /* Whole-function copies for AVX-512 and AVX2 machines, picked at load time: the build does not
- * depend on the machine it runs on. fmaf is the addcmul of the torch code (fused on such machines). */
+ * depend on the machine it runs on. Built with -ffp-contract=off: every product and sum is rounded
+ * on its own, as the torch code's separate ops round them. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -66,8 +67,8 @@ static inline void min_max(const float *v, int64_t G, float *lo, float *hi) {
     }
     int nan = 0; /* as torch's amin and amax: a NaN makes both NaN (and so the whole group) */
     for (int64_t e = 0; e < G; e++) nan |= v[e] != v[e];
-    *lo = nan ? NAN : mn;
-    *hi = nan ? NAN : mx;
+    *lo = nan ? NAN : mn == 0 ? 0.0f : mn; /* zero extremes as +0, as quantize.py's _grid */
+    *hi = nan ? NAN : mx == 0 ? 0.0f : mx;
 }
 
 /* Quantize groups [g0, g1): codes into packed (byte p / per, bits (p % per) * bits, per = 8 / bits),
@@ -103,7 +104,7 @@ void xconv_sr_quantize(const float *x, int64_t n, int64_t G, int64_t gpr, int64_
         memcpy(lanes, hashes, (size_t)(h1 - h0) * sizeof(uint64_t)); /* the int16 lanes in memory order, as torch's view */
         const int16_t *noise = lanes + (p0 & 3);
         for (int64_t e = 0; e < G; e++) {
-            float t = fmaf(v[e], inverse, offset) + (float)noise[e] * 0x1p-16f;
+            float t = v[e] * inverse + offset + (float)noise[e] * 0x1p-16f;
             t = t > 0 ? t : 0; /* written so that NaN becomes 0: converting NaN to an integer is undefined */
             t = t < levels ? t : levels;
             codes[e] = (uint8_t)(int32_t)t; /* t + u in [0, 2^b): truncation is the floor */
@@ -157,6 +158,6 @@ void xconv_sr_dequantize(const uint8_t *packed, const uint16_t *lo_in, const uin
         }
         float lo = bf16_float(lo_in[g]), step = bf16_float(step_in[g]);
         float *o = out + (g / gpr) * n + start;
-        for (int64_t e = 0; e < m; e++) o[e] = fmaf(step, (float)codes[e], lo);
+        for (int64_t e = 0; e < m; e++) o[e] = step * (float)codes[e] + lo; /* an exact product: 8 by 8 bits */
     }
 }

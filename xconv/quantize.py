@@ -9,7 +9,7 @@ group never mixes channels of different scales. Each group keeps an offset ``lo`
 
 so ``E[stored] = x`` (unbiased up to float rounding: ``u`` has 16-bit resolution, four values per
 64-bit hash (:mod:`xconv.rng`), worth ``2^-17`` of a step; ``(x - lo) / scale`` is computed as
-one ``x * (1 / scale) + c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32
+``x * (1 / scale) + c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32
 resolution) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
 ``f`` the fractional part of ``(x - lo) / scale``. ``scale = (max - lo) / (2^b - 1)``: the
 variance falls 4x per bit. 16 bits is bfloat16 with stochastic rounding (no groups). Groups of
@@ -85,8 +85,11 @@ def _round_bf16(x: torch.Tensor, direction: float) -> torch.Tensor:
     cut = bits & -65536
     # Away from zero where bits were cut and the magnitude must grow: below zero going down, above going up.
     away = ((bits & 65535) != 0) & ((x32 < 0) if down else (x32 > 0)) & torch.isfinite(x32)
-    rounded = torch.where(away, cut + 65536, cut).view(torch.float32)
-    return torch.where(torch.isnan(x32), x32, rounded).to(torch.bfloat16)  # a cut NaN could read as inf
+    rounded = torch.where(away, cut + 65536, cut)
+    # bfloat16 is the high half of those bits. A cut NaN could read as inf: every NaN becomes the one
+    # quiet NaN 0x7FC0 (torch's own conversions give 0x7FC0 or 0xFFFF, by kernel).
+    rounded = torch.where(torch.isnan(x32), 0x7FC00000, rounded)
+    return (rounded >> 16).to(torch.int16).view(torch.bfloat16)
 
 
 def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
@@ -159,11 +162,16 @@ def _grid(x: torch.Tensor, bits: int, shift: float = 0.0):
     if pad:  # each row repeats its last element: no new extremes
         flat = torch.cat([flat, flat[:, -1:].expand(rows, pad)], 1)
     groups = flat.reshape(-1, group)
-    lo = _round_bf16(groups.amin(1), -math.inf)  # amin and amax: ~8x faster than aminmax on the CPU
-    scale = _round_bf16((groups.amax(1) - lo.to(compute)) / ((1 << bits) - 1), math.inf)
+    # amin and amax: ~8x faster than aminmax on the CPU. Zero extremes as +0: which of -0 and +0
+    # a reduction returns depends on its order (the C kernels reduce in another).
+    low, high = (torch.where(m == 0, 0.0, m) for m in (groups.amin(1), groups.amax(1)))
+    lo = _round_bf16(low, -math.inf)
+    scale = _round_bf16((high - lo.to(compute)) / ((1 << bits) - 1), math.inf)
     step = scale.to(compute)
     inverse = torch.where(step > 0, 1 / step, 0)
-    t = torch.addcmul((shift - lo.to(compute) * inverse)[:, None], groups, inverse[:, None])
+    # A product and a sum, each rounded once: a multiply-add kernel fuses them on some CPUs and not
+    # on others, and the C kernels must store the same bits everywhere.
+    t = torch.mul(groups, inverse[:, None]).add_((shift - lo.to(compute) * inverse)[:, None])
     return t, lo, scale
 
 
@@ -253,7 +261,7 @@ def _quantize_ops(x, bits, key, shape, strides) -> Quantized:
     """:func:`quantize` in torch ops: what compiled code and other devices run; the C kernel stores the same bits."""
     # u = (k + 32768.5) / 2^16 for a uniform int16 k: uniform on [0, 1) at 16-bit resolution, so
     # E[code] is within 2^-17 of a step of t (fp32's rounding of t + u is of that order already).
-    # t's own rounding (one addcmul) is up to ~ulp(lo) / 2 in x's units: see the module docstring.
+    # t's own rounding is up to ~ulp(lo) / 2 in x's units: see the module docstring.
     t, lo, scale = _grid(x, bits, shift=0.5 + 2.0**-17)
     t.add_(rng.uniform16(key, t.numel(), t.device).view(t.shape), alpha=2.0**-16)
     # t + u is in [0, 2^b): after the clamp (float rounding only), truncation is the floor.
