@@ -97,6 +97,12 @@ def test_tables_average_over_seeds_and_compare_with_exact(sweep):
     assert float(plain["train_s_vs_exact"]) == pytest.approx(151.0 / 60.0)
     assert rows[("32", "8", "dct")]["metric_std"] == ""  # one run has no spread
     assert rows[("32", "8", "dct")]["train_s_mean"] == ""  # a summary without train_time_s
+    # The batch-128 run is its own table: compared with its own exact row, not batch 32's.
+    assert float(rows[("128", "0", "")]["activation_mib_vs_exact"]) == 1.0
+    text = (root / "tables" / "tables.md").read_text()
+    assert text.count("### classification") == 2
+    assert text.index("| exact |") < text.index("| r=8 independent gaussian |")
+    assert "| r=8 independent gaussian deflation=dct k=1 |" in text
 
 
 def test_a_time_some_runs_of_a_row_lack_is_blank_not_their_mean(sweep):
@@ -108,12 +114,6 @@ def test_a_time_some_runs_of_a_row_lack_is_blank_not_their_mean(sweep):
         plain = next(r for r in csv.DictReader(f) if r["probes"] == "8" and not r["deflation"])
     assert plain["runs"] == "4" and plain["train_s_mean"] == "" and plain["train_s_vs_exact"] == ""
     assert float(plain["step_s_mean"]) == pytest.approx(32 / 320)  # recorded by every run
-    # The batch-128 run is its own table: compared with its own exact row, not batch 32's.
-    assert float(rows[("128", "0", "")]["activation_mib_vs_exact"]) == 1.0
-    text = (root / "tables" / "tables.md").read_text()
-    assert text.count("### classification") == 2
-    assert text.index("| exact |") < text.index("| r=8 independent gaussian |")
-    assert "| r=8 independent gaussian deflation=dct k=1 |" in text
 
 
 def test_tables_of_another_metric_and_errors(sweep):
