@@ -95,7 +95,7 @@ def test_native_kernels_store_the_bits_of_the_torch_ops(case, bits, threads, mon
     codes, offsets and steps, and restore the same tensor, for fresh random inputs of any scale."""
     lib = _native.kernels()
     assert lib is not None, "the C kernels of SR storage did not build"
-    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", 1)  # split even small tensors across threads
+    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", dict(quantize=1, dequantize=1))  # even small ones
     shape, dtype, channels_last, mean = NATIVE_CASES[case]
     if mean is None:
         x = torch.randn(shape) * 10.0 ** torch.randint(-4, 5, ()).item() + torch.randn(())
