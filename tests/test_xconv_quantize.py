@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,53 +196,39 @@ def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """:func:`xconv._native.kernels` loaded anew from an empty cache folder (returned), and forgotten after."""
     monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("XCONV_NATIVE", raising=False)
-    monkeypatch.setenv("CC", "no-such-compiler-xconv")
     _native.kernels.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not build the C kernels"):
-            assert _native.kernels() is None
-        x = torch.randn(3, 70)
-        q = quantize(x, 4, key=5)
-        assert torch.equal(dequantize(q), quantize_module._dequantize_ops(q))
-        assert list(tmp_path.iterdir()) == []  # no partial file left behind
-    finally:
-        _native.kernels.cache_clear()
+    yield tmp_path
+    _native.kernels.cache_clear()
 
 
-def test_a_malformed_cc_falls_back_too(monkeypatch, tmp_path):
-    monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("XCONV_NATIVE", raising=False)
-    monkeypatch.setenv("CC", 'gcc "')
-    _native.kernels.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not build the C kernels"):
-            assert _native.kernels() is None
-    finally:
-        _native.kernels.cache_clear()
+@pytest.mark.parametrize("cc", ["no-such-compiler-xconv", 'gcc "'], ids=["missing", "malformed"])
+def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(cc, fresh_kernels, monkeypatch):
+    monkeypatch.setenv("CC", cc)
+    with pytest.warns(RuntimeWarning, match="could not build the C kernels") as record:
+        assert _native.kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.kernels() is None
+        q = quantize(torch.randn(3, 70), 4, key=5)
+    assert len(record) == 1 and torch.equal(dequantize(q), quantize_module._dequantize_ops(q))
+    assert list(fresh_kernels.iterdir()) == []  # no partial file left behind
 
 
 @needs_kernels
-def test_a_cached_library_that_does_not_load_is_built_again(monkeypatch, tmp_path):
-    monkeypatch.setenv("XCONV_CACHE_DIR", str(tmp_path))
-    _native.kernels.cache_clear()
-    try:
-        built = _native._build(_native._SOURCE.read_bytes())
-        built.write_bytes(b"")  # truncated
-        assert _native.kernels() is not None and built.stat().st_size > 0
-    finally:
-        _native.kernels.cache_clear()
+def test_a_cached_library_that_does_not_load_is_built_again(fresh_kernels):
+    built = _native._build(_native._SOURCE.read_bytes())
+    built.write_bytes(b"")  # truncated
+    assert _native.kernels() is not None and built.stat().st_size > 0
 
 
-def test_xconv_native_0_turns_the_kernels_off(monkeypatch):
+def test_xconv_native_0_turns_the_kernels_off(fresh_kernels, monkeypatch):
     monkeypatch.setenv("XCONV_NATIVE", "0")
-    _native.kernels.cache_clear()
-    try:
-        assert _native.kernels() is None
-    finally:
-        _native.kernels.cache_clear()
+    assert _native.kernels() is None
 
 
 def test_constant_and_bf16_exact_groups_are_kept_exactly():
