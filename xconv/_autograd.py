@@ -110,7 +110,8 @@ class QuantizedConvFunction(torch.autograd.Function):
         weight, *stored = ctx.saved_tensors
         refuse_double_backward(ctx.layer, f"its input in {ctx.bits}-bit SR storage")
         rng.advance()
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        needs_b = needs_b and ctx.has_bias
         if needs_w:  # all three from the restored input in one call, as the torch layer's backward
             x_hat = dequantize(ctx.stored.with_tensors(*stored))
             grad_x, grad_w, grad_b = conv_backward(grad_y, x_hat, weight, ctx.geom, (needs_x, True, needs_b))

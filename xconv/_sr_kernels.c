@@ -101,7 +101,8 @@ void xconv_sr_quantize(const float *x, int64_t n, int64_t G, int64_t gpr, int64_
         step_out[g] = step16;
         int64_t h0 = p0 >> 2, h1 = (p0 + G + 3) >> 2;
         for (int64_t h = h0; h < h1; h++) hashes[h - h0] = mix64(((uint64_t)(h + 1) ^ (uint64_t)key) * gamma);
-        memcpy(lanes, hashes, (size_t)(h1 - h0) * sizeof(uint64_t)); /* the int16 lanes in memory order, as torch's view */
+        /* the int16 lanes in memory order, as torch's view of the int64 hashes */
+        memcpy(lanes, hashes, (size_t)(h1 - h0) * sizeof(uint64_t));
         const int16_t *noise = lanes + (p0 & 3);
         for (int64_t e = 0; e < G; e++) {
             float t = v[e] * inverse + offset + (float)noise[e] * 0x1p-16f;
