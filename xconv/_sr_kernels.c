@@ -3,8 +3,9 @@
  * The same storage as xconv/quantize.py's torch-op code, bit for bit (tests/test_xconv_quantize.py
  * compares them): that code makes about ten whole-tensor passes per stored tensor, the main cost
  * of SR storage in a CPU training step (results/bench/README.md, "Low-bit storage"); here each
- * group of (at most 64) elements is read once and its codes written packed. Built at first use by xconv/_native.py and
- * called through ctypes, which releases the GIL, so ranges of groups can run on several threads.
+ * group of (at most 64) elements is read once and its codes written packed. Built at first use by
+ * xconv/_native.py and called through ctypes, which releases the GIL, so ranges of groups can run
+ * on several threads.
  *
  * Layout: the input is fp32 [rows, n], contiguous; groups of G elements tile each row (gpr per
  * row), the last one padded with the row's last element; element p of the padded layout (group
