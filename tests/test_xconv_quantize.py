@@ -158,6 +158,18 @@ def test_native_kernels_keep_non_finite_groups_as_the_torch_ops_do():
 
 
 @needs_kernels
+def test_a_restore_that_overflows_is_inf_in_both():
+    """code * step overflows while lo + code * step would not: a fused multiply-add would round the
+    sum of the exact product (finite); the product and the sum rounded apart give inf, in both."""
+    x = torch.zeros(2, 64)
+    x[:, 0] = -1.0035671368176115e38
+    x[:, 1] = x[:, 0] + torch.finfo(torch.float32).max * 0.99999988
+    native, restored, ops = _both(x, bits=2, key=9)
+    assert_same_storage(native, restored, ops)
+    assert restored[:, 1].isinf().all()
+
+
+@needs_kernels
 def test_zero_extremes_are_kept_as_plus_zero():
     """-0 and +0 tie in a minimum, and which one a reduction returns depends on its order: both codes
     keep +0 (relu(-0.0) is -0.0, so such groups occur in real networks)."""

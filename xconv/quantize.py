@@ -12,7 +12,9 @@ so ``E[stored] = x`` (unbiased up to float rounding: ``u`` has 16-bit resolution
 ``x * (1 / scale) + c``, off by up to about half an ulp of ``lo``, below ``x``'s own fp32
 resolution) with per-element variance ``scale^2 f (1 - f) <= scale^2 / 4``,
 ``f`` the fractional part of ``(x - lo) / scale``. ``scale = (max - lo) / (2^b - 1)``: the
-variance falls 4x per bit. 16 bits is bfloat16 with stochastic rounding (no groups). Groups of
+variance falls 4x per bit. Not unbiased at float32's ends, far from any activation: a group whose
+range is below about 1e-36 (``1 / scale`` overflows) restores as ``lo``, one whose range exceeds
+float32's maximum as NaN. 16 bits is bfloat16 with stochastic rounding (no groups). Groups of
 64 (:data:`GROUP_SIZE`) cost 0.5 bit per element for ``lo`` and ``scale``; the measurement behind
 the choice is in ``results/bench/README.md`` ("Low-bit storage").
 
@@ -317,5 +319,7 @@ def _dequantize_ops(q: Quantized) -> torch.Tensor:
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = _group_size(_rows(q.shape)[1])
     codes = unpack_codes(q.codes, q.bits)[: q.lo.shape[0] * group].view(q.lo.shape[0], group).to(compute)
-    values = torch.addcmul(q.lo.to(compute)[:, None], q.scale.to(compute)[:, None], codes)
+    # A product and a sum, as in _grid: the product is exact (8 by 8 bits) unless it overflows, where
+    # a fused multiply-add would give a finite value and the C kernels inf.
+    values = torch.mul(codes, q.scale.to(compute)[:, None]).add_(q.lo.to(compute)[:, None])
     return _restore(values, q.shape, q.strides, q.dtype)
