@@ -35,18 +35,20 @@ def _compiler() -> list[str]:
     return [next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), "cc")]
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("XCONV_CACHE_DIR"):
-        return Path(os.environ["XCONV_CACHE_DIR"])
+def default_cache_dir() -> Path:
+    """xconv's cache folder: ``$XDG_CACHE_HOME/xconv``, by default ``~/.cache/xconv`` (the kernels'
+    default, and the GAN task's FID classifier's)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xconv"
 
 
-def _build(source: bytes, rebuild: bool = False) -> Path:
-    """The shared library of ``source`` in the cache folder, compiled first where it is not there
-    (or ``rebuild``)."""
+def _build(rebuild: bool = False) -> Path:
+    """The shared library of ``_sr_kernels.c`` in ``$XCONV_CACHE_DIR`` (else :func:`default_cache_dir`),
+    compiled first where it is not there (or ``rebuild``)."""
     command = [*_compiler(), *_FLAGS]
-    digest = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), platform.machine().encode()]))
-    target = _cache_dir() / f"sr_kernels-{digest.hexdigest()[:16]}.so"
+    key = [_SOURCE.read_bytes(), " ".join(command).encode(), platform.machine().encode()]
+    folder = Path(os.environ["XCONV_CACHE_DIR"]) if os.environ.get("XCONV_CACHE_DIR") else default_cache_dir()
+    digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:16]
+    target = folder / f"sr_kernels-{digest}.so"
     if rebuild or not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -62,11 +64,10 @@ def _build(source: bytes, rebuild: bool = False) -> Path:
 
 
 def _load() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
     try:
-        return ctypes.CDLL(str(_build(source)))
+        return ctypes.CDLL(str(_build()))
     except OSError:  # a cached file that does not load (truncated, another machine's): build it again
-        return ctypes.CDLL(str(_build(source, rebuild=True)))
+        return ctypes.CDLL(str(_build(rebuild=True)))
 
 
 @functools.cache

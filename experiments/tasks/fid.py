@@ -34,11 +34,6 @@ CLASSIFIER_FEATURES = 64
 CLASSIFIER_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/xconv``, by default ``~/.cache/xconv``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xconv"
-
-
 class InceptionFeatures(nn.Module):
     """Images [B, C, H, W] in [0, 1], C = 1 or 3 -> Inception-v3 pool features [B, 2048] (torch-fidelity's FID network).
 

@@ -11,7 +11,9 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_logits
 from torchvision.utils import make_grid, save_image
 
-from .fid import check_fid_options, default_cache_dir, fid_metric
+from xconv._native import default_cache_dir
+
+from .fid import check_fid_options, fid_metric
 from .base import XConvTask
 
 # The fixed latent codes of the sample grid come from this seed, so grids of different epochs
