@@ -67,6 +67,14 @@ def _group_size(n: int) -> int:
     return max(1, min(GROUP_SIZE, n))
 
 
+def _tiling(shape) -> tuple[int, int, int, int]:
+    """``(rows, n, group, per_row)``: :func:`_rows` of ``shape``, the elements of each group and the
+    groups of each row (its last one padded)."""
+    rows, n = _rows(shape)
+    group = _group_size(n)
+    return rows, n, group, -(-n // group)
+
+
 def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
     """Strides of a dense tensor in ``x``'s own dimension order (``channels_last`` stays so)."""
     return torch.empty_like(x, device="meta", memory_format=torch.preserve_format).stride()
@@ -147,9 +155,8 @@ def stored_bytes(shape, bits: int) -> int:
     """Bytes :func:`quantize` keeps for a tensor of ``shape`` at ``bits``."""
     if bits == 16:
         return 2 * math.prod(shape)
-    rows, n = _rows(shape)
-    group = _group_size(n)
-    groups = rows * -(-n // group)
+    rows, _, group, per_row = _tiling(shape)
+    groups = rows * per_row
     return -(-groups * group * bits // 8) + 4 * groups
 
 
@@ -245,9 +252,7 @@ def _over_groups(kernel, groups: int, group: int, bits: int, work: str) -> None:
 
 
 def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
-    rows, n = _rows(shape)
-    group = _group_size(n)
-    per_row = -(-n // group)
+    rows, n, group, per_row = _tiling(shape)
     groups = rows * per_row
     flat = x.detach().to(torch.float32).reshape(rows, n).contiguous()  # a copy for channels_last inputs
     packed = torch.empty(-(-groups * group * bits // 8), dtype=torch.uint8)
@@ -304,9 +309,7 @@ def dequantize(q: Quantized) -> torch.Tensor:
 
 
 def _dequantize_native(lib, q: Quantized) -> torch.Tensor:
-    rows, n = _rows(q.shape)
-    group = _group_size(n)
-    per_row = -(-n // group)
+    rows, n, group, per_row = _tiling(q.shape)
     out = torch.empty(rows, n, dtype=torch.float32)
     codes, lo, scale = (t.contiguous() for t in q.tensors())
     _over_groups(lambda g0, g1: lib.xconv_sr_dequantize(codes.data_ptr(), lo.data_ptr(), scale.data_ptr(), n, group,
