@@ -1,6 +1,8 @@
 """Statistical checks for randomized gradient estimators (shared by the estimator tests)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from scipy.stats import chi2
 
@@ -38,3 +40,16 @@ def total_variance(samples: torch.Tensor) -> float:
     """``tr(C_hat)``: the summed per-entry variance of ``[N, *shape]`` draws."""
     flat = samples.reshape(samples.shape[0], -1).double()
     return flat.var(0).sum().item()
+
+
+def assert_sum_to_rounding(got: torch.Tensor, terms: torch.Tensor, dims) -> None:
+    """``got`` is ``terms`` summed over ``dims`` up to float rounding: within the error bound of
+    pairwise summation in ``terms``' dtype, ``ceil(log2 n) * u * sum |terms|`` (Higham, "Accuracy and
+    Stability of Numerical Algorithms", 2002, section 4.2), taken with ``eps = 2u`` for torch's cascade
+    sum, plus the rounding of the result to ``got``'s dtype; the exact sum is taken in float64."""
+    n = terms.numel() // got.numel()
+    exact = terms.double().sum(dims)
+    bound = (math.ceil(math.log2(max(n, 2))) * torch.finfo(terms.dtype).eps * terms.double().abs().sum(dims)
+             + torch.finfo(got.dtype).eps * exact.abs())
+    error = (got.double() - exact).abs()
+    assert (error <= bound).all(), f"sum off by {(error / bound).max():.2f}x its rounding bound"

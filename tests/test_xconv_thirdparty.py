@@ -68,9 +68,10 @@ CASES = {
 # (smp MAnet; r3d_18, Inception-v3, Unet++ and PAN 4e-7 to 3e-6; the others bit for bit).
 # Gradients that are zero up to cancellation (the bias of a conv followed by BatchNorm) are
 # rounding noise sized by the terms summed, not by the result: FLOOR, a fraction of the model's
-# largest parameter gradient, covers them (measured: 4e-10 of it, smp PAN). The worst case uses
-# 4% of the tolerance.
-RELATIVE, FLOOR = 1e-4, 1e-7
+# largest parameter gradient, covers them (measured: 2.7e-7 of it, the bias of smp Linknet's
+# transposed conv before a BatchNorm, where xconv sums the output gradient and torch's layer takes
+# oneDNN's sum: xconv's is 8e-5 from the float64 sum, torch's 5.5e-4).
+RELATIVE, FLOOR = 1e-4, 1e-6
 
 
 def _pair(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:

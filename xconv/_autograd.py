@@ -81,7 +81,7 @@ class XConvFunction(torch.autograd.Function):
                 grad_w = multi_weight_grad(grad_y, sketch, cfg, seed, ctx.plan, ctx.x_shape, weight.shape, geom)
             grad_w = parameter_layout(grad_w, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = bias_grad(grad_y, ctx.x_shape, weight, geom)
+            grad_b = bias_grad(grad_y)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -117,7 +117,7 @@ class QuantizedConvFunction(torch.autograd.Function):
             grad_x, grad_w, grad_b = conv_backward(grad_y, x_hat, weight, ctx.geom, (needs_x, True, needs_b))
             return grad_x, parameter_layout(grad_w, weight), grad_b, None, None, None, None
         grad_x = input_grad(grad_y, ctx.x_shape, weight, ctx.geom) if needs_x else None
-        grad_b = bias_grad(grad_y, ctx.x_shape, weight, ctx.geom) if needs_b else None
+        grad_b = bias_grad(grad_y) if needs_b else None
         return grad_x, None, grad_b, None, None, None, None
 
 

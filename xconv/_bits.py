@@ -52,16 +52,25 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    if torch.compiler.is_compiling():
-        # Eight strided slices vectorise in inductor's code (35x faster than the word multiply,
-        # whose bytes-as-int64 view it cannot); eagerly the word multiply is faster.
-        bits = flat.view(-1, 8).to(torch.int32)
-        packed = bits[:, 0]
-        for j in range(1, 8):
-            packed = packed | (bits[:, j] << j)
-        return packed.to(torch.uint8)
     words = flat.view(torch.uint8).view(torch.int64)
     return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
+
+
+@torch.library.custom_op("xconv::sign_bits", mutates_args=())
+def sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
+    """The 1-bit (leaky) ReLU's mask of ``x [*]``, packed by :func:`pack_bits` (``uint8 [ceil(numel / 8)]``):
+    where ``x > 0`` (``leaky``), else where ``x <= 0`` is false (a NaN passes the gradient, as in
+    torch's ReLU backward, and not in its leaky one).
+
+    A custom op so that ``torch.compile`` keeps its result for backward: as plain ops, the partitioner
+    recomputed the mask and its packing from the saved BatchNorm input inside the BatchNorm backward
+    kernel, in code that does not vectorise (``results/bench/README.md``, "torch.compile")."""
+    return pack_bits(x > 0 if leaky else (x <= 0).logical_not_())
+
+
+@sign_bits.register_fake
+def _(x: torch.Tensor, leaky: bool) -> torch.Tensor:
+    return x.new_empty(-(-x.numel() // 8), dtype=torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,6 +95,36 @@ def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool, st
     return bits.view(-1)[offset : offset + count].view(shape)
 
 
+@torch.library.custom_op("xconv::sign_bits_backward", mutates_args=())
+def sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
+    """The (leaky) ReLU's input gradient from the output gradient ``grad [B, *]`` and the :func:`sign_bits`
+    mask of its input: ``grad`` where the mask is set, else 0 (``negative_slope`` None) or
+    ``negative_slope * grad``. A custom op, so that compiled code runs these vectorised kernels too
+    (inductor's unpacking, fused into the next kernel, was slower: ``results/bench/README.md``)."""
+    # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
+    # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of
+    # the gradient's dtype: the mask is unpacked straight into that dtype a few samples at
+    # a time, so no mask-sized temporary exists (1.7 ms less per 8x64x64x64 than unpacking
+    # to bool and casting).
+    grad_x = torch.empty_like(grad)
+    per_sample = math.prod(grad.shape[1:])
+    step = max(1, SIGN_CHUNK_ELEMENTS // max(1, per_sample))
+    for b0 in range(0, grad.shape[0], step):
+        b1 = min(grad.shape[0], b0 + step)
+        sign = unpack_bits(packed, (b1 - b0, *grad.shape[1:]), grad.dtype, start=b0 * per_sample)
+        if negative_slope is None:
+            torch.ops.aten.threshold_backward.grad_input(grad[b0:b1], sign, 0, grad_input=grad_x[b0:b1])
+        else:
+            torch.ops.aten.leaky_relu_backward.grad_input(grad[b0:b1], sign, negative_slope, False,
+                                                          grad_input=grad_x[b0:b1])
+    return grad_x
+
+
+@sign_bits_backward.register_fake
+def _(grad: torch.Tensor, packed: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
 class BitLeakyReLUFunction(torch.autograd.Function):
     """(Leaky) ReLU that keeps a 1-bit sign mask for backward instead of a tensor.
 
@@ -97,7 +136,7 @@ class BitLeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, negative_slope: float | None, inplace: bool):
         relu = negative_slope is None
-        mask = (x <= 0).logical_not_() if relu else x > 0
+        packed = sign_bits(x, not relu)  # before an in-place ReLU overwrites x
         if inplace:
             ctx.mark_dirty(x)
             x.relu_() if relu else torch.nn.functional.leaky_relu_(x, negative_slope)
@@ -105,7 +144,7 @@ class BitLeakyReLUFunction(torch.autograd.Function):
         else:
             y = x.relu() if relu else torch.nn.functional.leaky_relu(x, negative_slope)
         ctx.shape, ctx.negative_slope = x.shape, negative_slope
-        ctx.save_for_backward(pack_bits(mask))
+        ctx.save_for_backward(packed)
         return y
 
     @staticmethod
@@ -119,27 +158,5 @@ class BitLeakyReLUFunction(torch.autograd.Function):
             mask = unpack_bits(packed, shape)
             other = 0.0 if ctx.negative_slope is None else grad * ctx.negative_slope
             return torch.where(mask, grad, other).view(grad_y.shape), None, None
-        # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
-        # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of
-        # the gradient's dtype: the mask is unpacked straight into that dtype a few samples at
-        # a time, so no mask-sized temporary exists (1.7 ms less per 8x64x64x64 than unpacking
-        # to bool and casting).
-        if torch.compiler.is_compiling():  # whole: the compiler fuses the unpacking into the kernel
-            sign = unpack_bits(packed, shape, grad.dtype)
-            if ctx.negative_slope is None:
-                grad_x = torch.ops.aten.threshold_backward(grad, sign, 0)
-            else:
-                grad_x = torch.ops.aten.leaky_relu_backward(grad, sign, ctx.negative_slope, False)
-            return grad_x.view(grad_y.shape), None, None
-        grad_x = torch.empty_like(grad)
-        per_sample = math.prod(shape[1:])
-        step = max(1, SIGN_CHUNK_ELEMENTS // max(1, per_sample))
-        for b0 in range(0, shape[0], step):
-            b1 = min(shape[0], b0 + step)
-            sign = unpack_bits(packed, (b1 - b0, *shape[1:]), grad.dtype, start=b0 * per_sample)
-            if ctx.negative_slope is None:
-                torch.ops.aten.threshold_backward.grad_input(grad[b0:b1], sign, 0, grad_input=grad_x[b0:b1])
-            else:
-                torch.ops.aten.leaky_relu_backward.grad_input(grad[b0:b1], sign, ctx.negative_slope, False,
-                                                              grad_input=grad_x[b0:b1])
-        return grad_x.view(grad_y.shape), None, None
+        return sign_bits_backward(grad, packed, ctx.negative_slope).view(grad_y.shape), None, None
+

@@ -84,10 +84,11 @@ def independent_weight_grad(grad_y, sketch, cfg, seed, x_shape, weight, geom, or
             u_b = _probe_taps(z[b0:b1].flatten(0, 1), taps, geom).view(b1 - b0, r, k, p)
         for t0 in range(0, k, tap_block):
             t1 = min(k, t0 + tap_block)
-            if cfg.per_sample:
-                a = torch.bmm(d[b0:b1], u_b[:, :, t0:t1].reshape(b1 - b0, -1, p).transpose(1, 2))
-            else:
-                a = d[b0:b1] @ u[:, t0:t1].reshape(-1, p).t()
+            # [B, r |K|, C_out] with the pixels as the rows of the right operand, read as sketch_input
+            # reads its input: a channels_last D needs no transposed copy.
+            taps_block = u_b[:, :, t0:t1].reshape(b1 - b0, -1, p) if cfg.per_sample else \
+                u[:, t0:t1].reshape(-1, p).expand(b1 - b0, -1, -1)
+            a = torch.bmm(taps_block, d[b0:b1].transpose(1, 2)).transpose(1, 2)
             part = torch.einsum(equation, a.float().view(b1 - b0, g, c_out // g, r, t1 - t0), s[b0:b1])
             if whole:
                 dw = part

@@ -70,14 +70,12 @@ def input_grad(grad_out, input_shape, weight, geom: ConvGeometry) -> torch.Tenso
     return torch.ops.aten.convolution(grad_out, weight, None, stride, padding, dilation, True, out_pad, groups)
 
 
-def bias_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """The conv bias gradient ``[C_out]``: ``grad_y [B, C_out, *S_out]`` summed over all but dim 1, by
-    torch's own kernel, so it equals the torch layer's bit for bit (a plain ``sum`` differs by rounding:
-    up to 1e-5 on a transposed 3-d conv, which the exactness tests resolve). The kernel reads only the
-    input's shape: a zero-stride stand-in, bias-only, makes no input-sized buffer."""
-    stride, padding, dilation, transposed, out_pad, groups = geom.conv_args()
-    stand_in = grad_y.new_empty(1).expand(x_shape)
-    return torch.ops.aten.convolution_backward(
-        grad_y, stand_in, weight, [grad_y.shape[1]], stride, padding, dilation, transposed, out_pad, groups,
-        (False, False, True),
-    )[2]
+def bias_grad(grad_y: torch.Tensor) -> torch.Tensor:
+    """The conv bias gradient ``[C_out]``: ``grad_y [B, C_out, *S_out]`` summed over all but dim 1,
+    accumulated in float32 (float64 for float64) and returned in ``grad_y``'s dtype. It differs from
+    the torch layer's by float rounding only. Not torch's own bias-only ``convolution_backward``: on
+    CPU oneDNN computes the weight gradient with it and drops it, which cost as much as the exact
+    weight and bias gradients together (``results/bench/README.md``, "torch.compile")."""
+    dims = [0, *range(2, grad_y.dim())]
+    accumulate = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    return grad_y.sum(dims, dtype=accumulate).to(grad_y.dtype)

@@ -105,8 +105,13 @@ def sketch_input(x: torch.Tensor, cfg: SketchConfig, seed: torch.Tensor, plan: C
     batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
     if cfg.mode == "independent":
         z = independent_probes(cfg, seed, batch, spatial, x.dtype, x.device, basis).flatten(-len(spatial))
-        xf = x.flatten(2)  # [B, C_in, n]
-        return torch.bmm(xf, z.transpose(1, 2)) if cfg.per_sample else xf @ z.t()
+        if not cfg.per_sample:
+            z = z.expand(batch, *z.shape)
+        # Z^T X computed as [B, r, C_in] with the pixels as the rows of the right operand, which reads a
+        # channels_last input (what inductor's layout optimisation makes conv inputs on CPU) contiguously
+        # and a contiguous one as a transposed operand; X [B C_in, n] as the left operand would need a
+        # transposed copy of a channels_last input (results/bench/README.md, "torch.compile").
+        return torch.bmm(z, x.flatten(2).transpose(1, 2)).transpose(1, 2)
     sketch = x.new_zeros(batch, cfg.probes)
     for p0, p1, c0, c1, z in plan.blocks(cfg, seed, spatial, x.dtype, x.device):
         sketch[:, p0:p1] += x[:, c0:c1].flatten(1) @ z.flatten(1).t()
