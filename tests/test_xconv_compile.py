@@ -83,17 +83,39 @@ def test_compiled_streams_are_bit_identical_to_eager():
         assert torch.equal(eager, traced)
 
 
-def test_compiled_sr_storage_is_bit_identical_to_eager():
-    """Inductor's code for quantize stores what the eager C kernels store, for a tensor far from zero:
-    any other rounding of its grid positions (a fused multiply-add) would change codes."""
-    from xconv.quantize import quantize
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernels", "torch-ops"])
+def test_compiled_sr_storage_is_bit_identical_to_eager(native, monkeypatch):
+    """Compiled quantize stores what eager quantize (the C kernels) stores, for a tensor far from zero,
+    calling the C kernels as custom ops or (as on other devices) running inductor's code for the torch
+    ops: there any other rounding of the grid positions (a fused multiply-add) would change codes."""
+    import xconv.quantize as quantize_module
 
     x = torch.randn(4, 16, 32, 32) + 1000
     key = rng.draw_seed()
-    compiled = torch.compile(lambda t: quantize(t, 4, key).tensors(), backend="inductor", fullgraph=True)
-    for got, want in zip(compiled(x), quantize(x, 4, key).tensors(), strict=True):
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    want = quantize_module.quantize(x, 4, key).tensors()
+    if not native:
+        monkeypatch.setattr(quantize_module, "_native_applies", lambda *args: False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: quantize_module.quantize(t, 4, key).tensors(), backend="inductor",
+                             fullgraph=True)
+    for got, expected in zip(compiled(x), want, strict=True):
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
+
+
+@pytest.mark.parametrize("negative_slope", [None, 0.1], ids=["relu", "leaky"])
+def test_bit_relu_custom_ops_pass_opcheck(negative_slope):
+    """The 1-bit ReLU's custom ops (what compiled graphs keep and call): schema, fake outputs of the real
+    ones' shape, dtype and strides (channels_last, a length not a multiple of 8), autograd
+    registration and tracing, as ``torch.library.opcheck`` checks them."""
+    from xconv._bits import sign_bits, sign_bits_backward
+
+    x = torch.randn(3, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, -1.0])
+    leaky = negative_slope is not None
+    torch.library.opcheck(sign_bits, (x, leaky))
+    packed = sign_bits(x, leaky)
+    torch.library.opcheck(sign_bits_backward, (torch.randn_like(x), packed, negative_slope))
 
 def _small_cnn():
     return nn.Sequential(

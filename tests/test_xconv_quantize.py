@@ -58,7 +58,7 @@ def test_quantize_is_unbiased_and_keeps_the_layout(layout, bits):
 def test_bias_statistic_rejects_deterministic_rounding(monkeypatch):
     """Rounding down (no noise) is biased; the unbiasedness check must catch it."""
     x = torch.randn(4, 64)
-    monkeypatch.setattr(quantize_module, "_native_kernels", lambda *args: None)  # the noise of the torch-op code
+    monkeypatch.setattr(quantize_module, "_native_applies", lambda *args: None)  # the noise of the torch-op code
     lowest = lambda key, count, device: torch.full((count,), -(1 << 15), dtype=torch.int16)  # u = 2^-17
     monkeypatch.setattr(xconv.rng, "uniform16", lowest)
     draws = torch.stack([dequantize(quantize(x, 4)) + 1e-4 * torch.randn_like(x) for _ in range(100)])
@@ -207,6 +207,20 @@ def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
     quantize(torch.randn(2, 64), 4, key=3)
     assert len(calls) == 1
 
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_sr_custom_ops_pass_opcheck(bits):
+    """The C kernels as custom ops (what compiled code calls): schema, fake outputs of the real ones'
+    shapes, dtypes and strides (channels_last, padded groups), tracing, as ``torch.library.opcheck``
+    checks them."""
+    x = torch.randn(3, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    key = torch.tensor(12345)
+    torch.library.opcheck(quantize_module.sr_quantize, (x, bits, key))
+    codes, lo, scale = quantize_module.sr_quantize(x, bits, key)
+    torch.library.opcheck(quantize_module.sr_dequantize,
+                          (codes, lo, scale, bits, list(x.shape), list(x.stride()), x.dtype))
 
 @pytest.fixture
 def fresh_kernels(monkeypatch, tmp_path):

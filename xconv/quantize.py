@@ -201,9 +201,9 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     :func:`xconv.rng.key`), or, if None, of a seed from torch's default CPU generator
     (:func:`xconv.rng.draw_seed`, then :func:`xconv.rng.advance`: the generator moves as for any
     random op, ``torch.manual_seed`` reproduces the noise, and the call traces into
-    ``torch.compile`` graphs). Temporaries: one fp32 copy of ``x``. Eagerly on the CPU the C kernels
-    of :mod:`xconv._native` store it in one pass per group; compiled code and other devices run
-    torch ops; both store the same bits.
+    ``torch.compile`` graphs). Temporaries: one fp32 copy of ``x``. On the CPU the C kernels of
+    :mod:`xconv._native` store it in one pass per group (custom ops, called by compiled code too);
+    other devices, and CPUs without them, run torch ops; both store the same bits.
 
     Raises:
         ValueError: ``bits`` not in :data:`BITS`.
@@ -215,18 +215,51 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
         return Quantized(stochastic_round_bf16(x.detach(), key), None, None, 16, shape, strides, x.dtype)
-    lib = _native_kernels(x.device, x.dtype, x.numel())
-    if lib is not None:
-        return _quantize_native(lib, x, bits, key, shape, strides)
+    if _native_applies(x.device, x.dtype, x.numel()):
+        codes, lo, scale = sr_quantize(x.detach(), bits, torch.as_tensor(key))
+        return Quantized(codes, lo, scale, bits, shape, strides, x.dtype)
     return _quantize_ops(x, bits, key, shape, strides)
 
 
-def _native_kernels(device: torch.device, dtype: torch.dtype, numel: int):
-    """The C kernels (:mod:`xconv._native`) where they apply: eager code on CPU tensors of at most
-    32-bit floats; None elsewhere (the torch-op code, traceable and on every device)."""
-    if device.type != "cpu" or dtype == torch.float64 or numel == 0 or torch.compiler.is_compiling():
-        return None
-    return _native.kernels()
+def _native_applies(device: torch.device, dtype: torch.dtype, numel: int) -> bool:
+    """Whether the C kernels (:mod:`xconv._native`) apply: CPU tensors of at most 32-bit floats, where
+    they load; elsewhere the torch-op code runs, on every device."""
+    return device.type == "cpu" and dtype != torch.float64 and numel > 0 and _native_loaded()
+
+
+@torch.compiler.assume_constant_result
+def _native_loaded() -> bool:
+    """Whether the C kernels load here; traced code takes the answer as a constant (loading reads files)."""
+    return _native.kernels() is not None
+
+
+# The C kernels as custom ops: compiled code then calls them too, where it would run inductor's code
+# for the torch ops (slower: results/bench/README.md, "torch.compile").
+@torch.library.custom_op("xconv::sr_quantize", mutates_args=())
+def sr_quantize(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors :func:`quantize` keeps (codes, ``lo``, ``scale``) for a CPU tensor ``x``, by the C kernels."""
+    shape = tuple(x.shape)
+    return _quantize_native(_native.kernels(), x, bits, key, shape, shape).tensors()
+
+
+@sr_quantize.register_fake
+def _(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, _, group, per_row = _tiling(x.shape)
+    groups = rows * per_row
+    return (x.new_empty(-(-groups * group * bits // 8), dtype=torch.uint8),
+            x.new_empty(groups, dtype=torch.bfloat16), x.new_empty(groups, dtype=torch.bfloat16))
+
+
+@torch.library.custom_op("xconv::sr_dequantize", mutates_args=())
+def sr_dequantize(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, shape: list[int],
+                  strides: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize` of the stored tensors of a CPU tensor of ``shape``, ``strides`` and ``dtype``, by the C kernels."""
+    return _dequantize_native(_native.kernels(), Quantized(codes, lo, scale, bits, tuple(shape), tuple(strides), dtype))
+
+
+@sr_dequantize.register_fake
+def _(codes, lo, scale, bits: int, shape: list[int], strides: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(shape, strides, dtype=dtype, device=codes.device)
 
 
 @functools.cache
@@ -302,9 +335,8 @@ def dequantize(q: Quantized) -> torch.Tensor:
     """The stored values of :func:`quantize` as a tensor of the original shape, layout and dtype."""
     if q.bits == 16:
         return torch.empty_strided(q.shape, q.strides, dtype=q.dtype, device=q.codes.device).copy_(q.codes)
-    lib = _native_kernels(q.codes.device, q.dtype, math.prod(q.shape))
-    if lib is not None:
-        return _dequantize_native(lib, q)
+    if _native_applies(q.codes.device, q.dtype, math.prod(q.shape)):
+        return sr_dequantize(q.codes, q.lo, q.scale, q.bits, list(q.shape), list(q.strides), q.dtype)
     return _dequantize_ops(q)
 
 
