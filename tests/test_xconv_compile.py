@@ -117,6 +117,7 @@ def test_bit_relu_custom_ops_pass_opcheck(negative_slope):
     packed = sign_bits(x, leaky)
     torch.library.opcheck(sign_bits_backward, (torch.randn_like(x), packed, negative_slope))
 
+
 def _small_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
