@@ -85,7 +85,8 @@ def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool, st
     count = math.prod(shape)
     first, end = start // 8, -(-(start + count) // 8)
     if torch.compiler.is_compiling():
-        # Shifts of int32 words vectorise in inductor's code (the table gather does not: 8x slower
+        # Traced only by a double backward (create_graph=True; the first-order backward is a custom op):
+        # shifts of int32 words vectorise in inductor's code, the table gather does not (8x slower
         # fused into a BatchNorm backward); eagerly the table is faster.
         shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
         bits = ((packed[first:end].to(torch.int32)[:, None] >> shifts) & 1).to(dtype)

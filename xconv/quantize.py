@@ -212,6 +212,8 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     if key is None:
         key = rng.draw_seed()
         rng.advance()
+    elif isinstance(key, int):  # its low 64 bits, as the int64 tensors the C kernels and torch ops take
+        key = rng._int64(key)
     shape, strides = tuple(x.shape), _dense_strides(x)
     if bits == 16:
         return Quantized(stochastic_round_bf16(x.detach(), key), None, None, 16, shape, strides, x.dtype)
@@ -299,7 +301,8 @@ def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
 
 
 def _quantize_ops(x, bits, key, shape, strides) -> Quantized:
-    """:func:`quantize` in torch ops: what compiled code and other devices run; the C kernel stores the same bits."""
+    """:func:`quantize` in torch ops: what other devices (and CPUs without the C kernels) run, eagerly and
+    compiled; the C kernels store the same bits."""
     # u = (k + 32768.5) / 2^16 for a uniform int16 k: uniform on [0, 1) at 16-bit resolution, so
     # E[code] is within 2^-17 of a step of t (fp32's rounding of t + u is of that order already).
     # t's own rounding is up to ~ulp(lo) / 2 in x's units: see the module docstring.
