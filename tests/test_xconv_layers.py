@@ -93,6 +93,26 @@ def test_no_grad_keeps_no_sketch_and_matches_torch():
         torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("options", [dict(probes=4), dict(probes=4, per_sample=True), dict(probes=4, mode="multi"),
+                                     dict(storage="quantized", bits=4)],
+                         ids=["sketch", "per-sample", "multi", "quantized"])
+@pytest.mark.parametrize("torch_class", [nn.Conv2d, nn.ConvTranspose2d], ids=["conv", "transposed"])
+def test_an_empty_batch_runs_as_torch_s_layer(options, torch_class):
+    """Batch size 0 (an empty last batch, a filtered one): output and gradients are the torch layer's."""
+    ref = torch_class(3, 4, 3, padding=1)
+    layer = xconv.convert(copy.deepcopy(ref), **options)
+    outs, grads = [], []
+    for module in (ref, layer):
+        x = torch.randn(0, 3, 8, 8, requires_grad=True)
+        y = module(x)
+        y.sum().backward()
+        outs.append(y)
+        grads.append((x.grad, module.weight.grad, module.bias.grad))
+    assert outs[1].shape == outs[0].shape
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(got, want)
+
 def test_saved_bytes_are_the_sketch():
     layer = xconv.XConv2d(16, 16, 3, padding=1, probes=8, bias=False)
     x = torch.randn(4, 16, 32, 32, requires_grad=True)

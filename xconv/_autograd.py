@@ -140,6 +140,8 @@ def estimate(x, weight, bias, geom: ConvGeometry, cfg: SketchConfig, seed: torch
 def _apply(x, weight, bias, geom, cfg, seed, layer):
     if not torch.compiler.is_compiling() and torch.is_anomaly_enabled():
         _warn_if_not_finite(x, cfg, layer)  # after autocast's cast: what the sketch is made of
+    if x.numel() == 0:  # an empty batch keeps nothing: torch's conv, whose gradients are exact (zeros)
+        return torch.ops.aten.convolution(x, weight, bias, *geom.conv_args())
     if cfg.storage == "quantized":
         return QuantizedConvFunction.apply(x, weight, bias, geom, cfg.bits, seed, layer)
     probes = layer_probes(cfg, x.shape)
