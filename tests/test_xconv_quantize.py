@@ -208,13 +208,12 @@ def test_quantize_runs_the_native_kernels_on_the_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-
-
 def test_an_int_key_is_taken_modulo_2_to_the_64():
     """Keys beyond int64 are their low 64 bits on every path (the C kernels take int64 tensors)."""
     x = torch.randn(2, 3, 8, 8)
     for wide, narrow in [(2**63, -(2**63)), (2**64 - 1, -1), (2**64 + 5, 5)]:
         assert torch.equal(quantize(x, 4, wide).codes, quantize(x, 4, narrow).codes)
+
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -228,6 +227,7 @@ def test_sr_custom_ops_pass_opcheck(bits):
     codes, lo, scale = quantize_module.sr_quantize(x, bits, key)
     torch.library.opcheck(quantize_module.sr_dequantize,
                           (codes, lo, scale, bits, list(x.shape), list(x.stride()), x.dtype))
+
 
 @pytest.fixture
 def fresh_kernels(monkeypatch, tmp_path):

@@ -160,4 +160,3 @@ class BitLeakyReLUFunction(torch.autograd.Function):
             other = 0.0 if ctx.negative_slope is None else grad * ctx.negative_slope
             return torch.where(mask, grad, other).view(grad_y.shape), None, None
         return sign_bits_backward(grad, packed, ctx.negative_slope).view(grad_y.shape), None, None
-

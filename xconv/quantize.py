@@ -155,9 +155,16 @@ def stored_bytes(shape, bits: int) -> int:
     """Bytes :func:`quantize` keeps for a tensor of ``shape`` at ``bits``."""
     if bits == 16:
         return 2 * math.prod(shape)
+    code_bytes, groups = _code_bytes_and_groups(shape, bits)
+    return code_bytes + 4 * groups
+
+
+def _code_bytes_and_groups(shape, bits: int) -> tuple[int, int]:
+    """Bytes of the packed codes and number of groups (one bfloat16 ``lo`` and ``scale`` each) that
+    :func:`quantize` keeps for a tensor of ``shape`` at ``bits`` below 16."""
     rows, _, group, per_row = _tiling(shape)
     groups = rows * per_row
-    return -(-groups * group * bits // 8) + 4 * groups
+    return -(-groups * group * bits // 8), groups
 
 
 def _grid(x: torch.Tensor, bits: int, shift: float = 0.0):
@@ -240,15 +247,13 @@ def _native_loaded() -> bool:
 @torch.library.custom_op("xconv::sr_quantize", mutates_args=())
 def sr_quantize(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensors :func:`quantize` keeps (codes, ``lo``, ``scale``) for a CPU tensor ``x``, by the C kernels."""
-    shape = tuple(x.shape)
-    return _quantize_native(_native.kernels(), x, bits, key, shape, shape).tensors()
+    return _quantize_native(_native.kernels(), x, bits, key, tuple(x.shape), x.stride()).tensors()
 
 
 @sr_quantize.register_fake
 def _(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, _, group, per_row = _tiling(x.shape)
-    groups = rows * per_row
-    return (x.new_empty(-(-groups * group * bits // 8), dtype=torch.uint8),
+    code_bytes, groups = _code_bytes_and_groups(x.shape, bits)
+    return (x.new_empty(code_bytes, dtype=torch.uint8),
             x.new_empty(groups, dtype=torch.bfloat16), x.new_empty(groups, dtype=torch.bfloat16))
 
 
@@ -288,9 +293,9 @@ def _over_groups(kernel, groups: int, group: int, bits: int, work: str) -> None:
 
 def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
     rows, n, group, per_row = _tiling(shape)
-    groups = rows * per_row
+    code_bytes, groups = _code_bytes_and_groups(shape, bits)
     flat = x.detach().to(torch.float32).reshape(rows, n).contiguous()  # a copy for channels_last inputs
-    packed = torch.empty(-(-groups * group * bits // 8), dtype=torch.uint8)
+    packed = torch.empty(code_bytes, dtype=torch.uint8)
     lo = torch.empty(groups, dtype=torch.bfloat16)
     scale = torch.empty(groups, dtype=torch.bfloat16)
     key = int(key)
