@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import xconv
 import xconv._bits
 from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
+from kernels import needs_kernels
 from stats import bias_statistic
 
 # An XConv layer saves its probe seed as an int64 tensor (so activation recomputation hands
@@ -399,6 +400,37 @@ def test_bit_relu_keeps_one_bit_per_element():
     bit = saved_tensor_bytes(xconv.BitReLU(), x * 1.0).total_bytes
     assert fp32 == x.numel() * 4
     assert bit * 32 == fp32
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("numel", [1, 8, 945, 4096 + 5])
+@pytest.mark.parametrize("negative_slope", [None, 0.2, 0.0], ids=["relu", "leaky", "leaky-0"])
+def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, threads, monkeypatch):
+    """The C kernels of the 1-bit (leaky) ReLU (contiguous fp32 CPU tensors) keep the mask bits and
+    return the input gradient bits of the torch-op code, on fresh inputs with zeros of both signs,
+    infinities and NaNs, any length (a last partial mask byte), split across threads or not."""
+    from xconv._bits import sign_bits, sign_bits_backward
+
+    assert xconv._native.kernels() is not None, "xconv's C kernels did not build"
+    monkeypatch.setattr(xconv._bits, "_PARALLEL_MIN_ELEMENTS", 1)  # threads even for small tensors
+    x, grad = torch.randn(numel), torch.randn(numel) * 10.0 ** torch.randint(-30, 30, ()).item()
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    for tensor in (x, grad):
+        where = torch.randperm(numel)[: min(numel, 24)]
+        tensor[where] = specials[torch.randint(0, len(specials), where.shape)]
+    leaky = negative_slope is not None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed = sign_bits(x, leaky)
+        grad_x = sign_bits_backward(grad, packed, negative_slope)
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(xconv._bits, "_native_for", lambda tensor: None)  # the torch-op code
+    want = sign_bits(x, leaky)
+    assert torch.equal(packed, want)
+    assert torch.equal(grad_x.view(torch.int32), sign_bits_backward(grad, want, negative_slope).view(torch.int32))
 
 
 def test_pack_bits_roundtrip_odd_length():

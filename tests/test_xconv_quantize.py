@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -16,8 +15,9 @@ import xconv
 from xconv import _native
 from xconv import quantize as quantize_module
 from xconv.memory import saved_tensor_bytes
-from xconv._bits import pack_codes, unpack_codes
+from xconv._bits import pack_bits, pack_codes, sign_bits, unpack_codes
 from xconv.quantize import GROUP_SIZE, dequantize, quantize, stored_bytes
+from kernels import needs_kernels
 from stats import bias_statistic, total_variance
 
 
@@ -65,10 +65,6 @@ def test_bias_statistic_rejects_deterministic_rounding(monkeypatch):
     t, threshold = bias_statistic(draws, x)
     assert t > threshold
 
-
-needs_kernels = pytest.mark.skipif(
-    not any(map(shutil.which, ("cc", "gcc", "clang"))) or os.environ.get("XCONV_NATIVE") == "0",
-    reason="no C compiler, or XCONV_NATIVE=0")
 
 # (shape, dtype, channels_last, mean in standard deviations: None for a random scale and mean)
 NATIVE_CASES = {
@@ -242,13 +238,16 @@ def fresh_kernels(monkeypatch, tmp_path):
 @pytest.mark.parametrize("cc", ["no-such-compiler-xconv", 'gcc "'], ids=["missing", "malformed"])
 def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(cc, fresh_kernels, monkeypatch):
     monkeypatch.setenv("CC", cc)
-    with pytest.warns(RuntimeWarning, match="could not build the C kernels") as record:
+    with pytest.warns(RuntimeWarning, match="could not build its C kernels") as record:
         assert _native.kernels() is None
+    x = torch.randn(3, 70)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _native.kernels() is None
-        q = quantize(torch.randn(3, 70), 4, key=5)
+        q = quantize(x, 4, key=5)
+        mask = sign_bits(x, False)
     assert len(record) == 1 and torch.equal(dequantize(q), quantize_module._dequantize_ops(q))
+    assert torch.equal(mask, pack_bits(x > 0))
     assert list(fresh_kernels.iterdir()) == []  # no partial file left behind
 
 

@@ -6,11 +6,15 @@ import math
 
 import torch
 
+from . import _native
+
 # The 1-bit activations' backward unpacks at most this many mask elements (or one sample) at once.
 SIGN_CHUNK_ELEMENTS = 2**20
 # Multiplying eight 0/1 bytes read as one little-endian int64 by this constant gathers
 # byte i into bit i of the top byte: no two partial products meet there or carry into it.
 _GATHER_BITS = 0x0102040810204080
+# Below these many elements the C kernels run on the calling thread (a hand-off to the pool costs more).
+_PARALLEL_MIN_ELEMENTS = 1 << 21
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,6 +60,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
+def _native_for(x: torch.Tensor):
+    """The C kernels where they apply to ``x`` (CPU, fp32, contiguous, not empty, kernels loaded), else None."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0:
+        return _native.kernels()
+    return None
+
+
 @torch.library.custom_op("xconv::sign_bits", mutates_args=())
 def sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
     """The 1-bit (leaky) ReLU's mask of ``x [*]``, packed by :func:`pack_bits` (``uint8 [ceil(numel / 8)]``):
@@ -64,8 +75,15 @@ def sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
 
     A custom op so that ``torch.compile`` keeps its result for backward: as plain ops, the partitioner
     recomputed the mask and its packing from the saved BatchNorm input inside the BatchNorm backward
-    kernel, in code that does not vectorise (``results/bench/README.md``, "torch.compile")."""
-    return pack_bits(x > 0 if leaky else (x <= 0).logical_not_())
+    kernel, in code that does not vectorise (``results/bench/README.md``, "torch.compile"). Contiguous
+    fp32 CPU tensors run :mod:`xconv._native`'s C kernel (one pass; the same bits as the torch ops)."""
+    lib = _native_for(x)
+    if lib is None:
+        return pack_bits(x > 0 if leaky else (x <= 0).logical_not_())
+    packed = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
+    _native.run_split(lambda b0, b1: lib.xconv_sign_bits(x.data_ptr(), x.numel(), b0, b1, leaky, packed.data_ptr()),
+                      packed.numel(), 8, _PARALLEL_MIN_ELEMENTS)
+    return packed
 
 
 @sign_bits.register_fake
@@ -102,6 +120,15 @@ def sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope:
     mask of its input: ``grad`` where the mask is set, else 0 (``negative_slope`` None) or
     ``negative_slope * grad``. A custom op, so that compiled code runs these vectorised kernels too
     (inductor's unpacking, fused into the next kernel, was slower: ``results/bench/README.md``)."""
+    lib = _native_for(grad)
+    if lib is not None:  # one pass, the same values as aten's kernels below
+        grad_x = torch.empty_like(grad)
+        slope = 0.0 if negative_slope is None else negative_slope
+        _native.run_split(lambda b0, b1: lib.xconv_sign_bits_backward(grad.data_ptr(), packed.data_ptr(), grad.numel(),
+                                                                      b0, b1, negative_slope is None, slope,
+                                                                      grad_x.data_ptr()),
+                          packed.numel(), 8, _PARALLEL_MIN_ELEMENTS)
+        return grad_x
     # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
     # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of
     # the gradient's dtype: the mask is unpacked straight into that dtype a few samples at

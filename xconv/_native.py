@@ -1,11 +1,12 @@
-"""The C kernels of SR storage (``_sr_kernels.c``): built with the system C compiler at first use.
+"""xconv's C kernels (``_native.c``: SR storage, the 1-bit ReLU's mask): built with the system C compiler
+at first use.
 
 :func:`kernels` compiles the source once per machine into a cache folder (``$XCONV_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source, the build
 command and the machine type, and loads it with ``ctypes`` (building again where a cached file
 does not load). Where no compiler builds it, it returns None after
-one warning (with ``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` runs its torch-op code,
-which stores the same bits. Builds of several processes at once are safe: each writes its
+one warning (with ``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` and :mod:`xconv._bits`
+run their torch-op code, which computes the same bits. Builds of several processes at once are safe: each writes its
 own file and renames it into place.
 """
 from __future__ import annotations
@@ -20,9 +21,12 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("_sr_kernels.c")
+import torch
+
+_SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -42,13 +46,13 @@ def default_cache_dir() -> Path:
 
 
 def _build(rebuild: bool = False) -> Path:
-    """The shared library of ``_sr_kernels.c`` in ``$XCONV_CACHE_DIR`` (else :func:`default_cache_dir`),
+    """The shared library of ``_native.c`` in ``$XCONV_CACHE_DIR`` (else :func:`default_cache_dir`),
     compiled first where it is not there (or ``rebuild``)."""
     command = [*_compiler(), *_FLAGS]
     key = [_SOURCE.read_bytes(), " ".join(command).encode(), platform.machine().encode()]
     folder = Path(os.environ["XCONV_CACHE_DIR"]) if os.environ.get("XCONV_CACHE_DIR") else default_cache_dir()
     digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:16]
-    target = folder / f"sr_kernels-{digest}.so"
+    target = folder / f"native-{digest}.so"
     if rebuild or not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -72,18 +76,44 @@ def _load() -> ctypes.CDLL:
 
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
-    """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, argument types set), or None
-    where they cannot be built or ``XCONV_NATIVE=0``; the reason is warned once."""
+    """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, ``xconv_sign_bits``,
+    ``xconv_sign_bits_backward``, argument types set), or None where they cannot be built or
+    ``XCONV_NATIVE=0``; the reason is warned once."""
     if os.environ.get("XCONV_NATIVE", "1") == "0":
         return None
     try:
         lib = _load()
     except (OSError, ValueError, subprocess.SubprocessError) as err:  # ValueError: a $CC shlex cannot split
         detail = getattr(err, "stderr", None) or err
-        warnings.warn(f"xconv: could not build the C kernels of SR storage ({str(detail).strip()[:300]}); "
-                      "using torch ops, which store the same bits more slowly", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"xconv: could not build its C kernels ({str(detail).strip()[:300]}); using torch ops, "
+                      "which compute the same bits more slowly", RuntimeWarning, stacklevel=2)
         return None
     lib.xconv_sr_quantize.argtypes = [_P, _I, _I, _I, _I, _I, ctypes.c_int, _I, _P, _P, _P]
     lib.xconv_sr_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, _P]
-    lib.xconv_sr_quantize.restype = lib.xconv_sr_dequantize.restype = None
+    lib.xconv_sign_bits.argtypes = [_P, _I, _I, _I, ctypes.c_int, _P]
+    lib.xconv_sign_bits_backward.argtypes = [_P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_float, _P]
+    for name in ("xconv_sr_quantize", "xconv_sr_dequantize", "xconv_sign_bits", "xconv_sign_bits_backward"):
+        getattr(lib, name).restype = None
     return lib
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="xconv-native")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def run_split(kernel, units: int, elements: int, min_elements: int, align: int = 1) -> None:
+    """Call ``kernel(u0, u1)`` over ``[0, units)``: on the calling thread where the work is below
+    ``min_elements`` elements (``elements`` per unit), else split across ``torch.get_num_threads()``
+    threads (ctypes releases the GIL) at multiples of ``align`` units."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or units * elements < min_elements:
+        kernel(0, units)
+        return
+    chunk = -(-units // threads)
+    chunk = -(-chunk // align) * align
+    list(_pool(threads).map(lambda u0: kernel(u0, min(u0 + chunk, units)), range(0, units, chunk)))

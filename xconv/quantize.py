@@ -23,10 +23,7 @@ this way; this module is our own implementation of the idea.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -269,28 +266,6 @@ def _(codes, lo, scale, bits: int, shape: list[int], strides: list[int], dtype: 
     return torch.empty_strided(shape, strides, dtype=dtype, device=codes.device)
 
 
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="xconv-sr")
-
-
-if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
-    os.register_at_fork(after_in_child=_pool.cache_clear)
-
-
-def _over_groups(kernel, groups: int, group: int, bits: int, work: str) -> None:
-    """Call ``kernel(g0, g1)`` over ``[0, groups)``, split across ``torch.get_num_threads()`` threads
-    for large tensors (ctypes releases the GIL) at groups whose first code starts a byte."""
-    threads = torch.get_num_threads()
-    if threads <= 1 or groups * group < _PARALLEL_MIN_ELEMENTS[work]:
-        kernel(0, groups)
-        return
-    per = 8 // bits
-    chunk = -(-groups // threads)
-    chunk = -(-chunk // per) * per
-    list(_pool(threads).map(lambda g0: kernel(g0, min(g0 + chunk, groups)), range(0, groups, chunk)))
-
-
 def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
     rows, n, group, per_row = _tiling(shape)
     code_bytes, groups = _code_bytes_and_groups(shape, bits)
@@ -299,9 +274,10 @@ def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
     lo = torch.empty(groups, dtype=torch.bfloat16)
     scale = torch.empty(groups, dtype=torch.bfloat16)
     key = int(key)
-    _over_groups(lambda g0, g1: lib.xconv_sr_quantize(flat.data_ptr(), n, group, per_row, g0, g1, bits, key,
-                                                      packed.data_ptr(), lo.data_ptr(), scale.data_ptr()),
-                 groups, group, bits, "quantize")
+    # threads split at groups whose first code starts a byte
+    _native.run_split(lambda g0, g1: lib.xconv_sr_quantize(flat.data_ptr(), n, group, per_row, g0, g1, bits, key,
+                                                           packed.data_ptr(), lo.data_ptr(), scale.data_ptr()),
+                      groups, group, _PARALLEL_MIN_ELEMENTS["quantize"], align=8 // bits)
     return Quantized(packed, lo, scale, bits, shape, strides, x.dtype)
 
 
@@ -352,9 +328,9 @@ def _dequantize_native(lib, q: Quantized) -> torch.Tensor:
     rows, n, group, per_row = _tiling(q.shape)
     out = torch.empty(rows, n, dtype=torch.float32)
     codes, lo, scale = (t.contiguous() for t in q.tensors())
-    _over_groups(lambda g0, g1: lib.xconv_sr_dequantize(codes.data_ptr(), lo.data_ptr(), scale.data_ptr(), n, group,
-                                                        per_row, g0, g1, q.bits, out.data_ptr()),
-                 rows * per_row, group, q.bits, "dequantize")
+    _native.run_split(lambda g0, g1: lib.xconv_sr_dequantize(codes.data_ptr(), lo.data_ptr(), scale.data_ptr(), n,
+                                                             group, per_row, g0, g1, q.bits, out.data_ptr()),
+                      rows * per_row, group, _PARALLEL_MIN_ELEMENTS["dequantize"], align=8 // q.bits)
     return _restore(out, q.shape, q.strides, q.dtype)
 
 

@@ -1,0 +1,266 @@
+/* xconv's C kernels: stochastic rounding to 2, 4 or 8 bits and its inverse, one pass per group of
+ * elements; the 1-bit (leaky) ReLU's mask and masked gradient, one pass each.
+ *
+ * The same bits as the torch-op code they replace (xconv/quantize.py, xconv/_bits.py; the tests
+ * compare them): that code makes several whole-tensor passes (about ten per SR-stored tensor, the
+ * main cost of SR storage in a CPU training step: results/bench/README.md, "Low-bit storage").
+ * Built at first use by xconv/_native.py and called through ctypes, which releases the GIL, so
+ * ranges of groups (mask bytes) can run on several threads.
+ *
+ * SR layout: the input is fp32 [rows, n], contiguous; groups of G elements tile each row (gpr per
+ * row), the last one padded with the row's last element; element p of the padded layout (group
+ * p / G) takes 16-bit lane p % 4 of splitmix64 hash p / 4 of the key, as xconv/rng.py's uniform16.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Whole-function copies for AVX-512 and AVX2 machines, picked at load time: the build does not
+ * depend on the machine it runs on. Built with -ffp-contract=off: every product and sum is rounded
+ * on its own, as the torch code's separate ops round them. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+/* Helpers are inlined into each copy: one called from a copy would run the baseline build. */
+#define INLINE static inline __attribute__((always_inline))
+
+#define GMAX 64
+
+typedef float v4sf __attribute__((vector_size(16)));
+typedef int32_t v4si __attribute__((vector_size(16)));
+
+INLINE uint64_t mix64(uint64_t z) {
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ULL;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+INLINE uint32_t float_bits(float v) { uint32_t u; memcpy(&u, &v, 4); return u; }
+INLINE float bits_float(uint32_t u) { float v; memcpy(&v, &u, 4); return v; }
+INLINE float bf16_float(uint16_t b) { return bits_float((uint32_t)b << 16); }
+
+/* bfloat16 bits of v rounded towards -inf (down) or +inf where not exact: quantize.py's _round_bf16. */
+INLINE uint16_t bf16_directed(float v, int down) {
+    if (isnan(v)) return 0x7FC0;
+    uint32_t b = float_bits(v), cut = b & 0xFFFF0000u;
+    int away = (b & 0xFFFFu) && (down ? v < 0 : v > 0) && isfinite(v);
+    return (uint16_t)((away ? cut + 0x10000u : cut) >> 16);
+}
+
+/* a where the lane of mask (a vector comparison: all ones or zero) is set, else b */
+INLINE v4sf blend(v4si mask, v4sf a, v4sf b) { return (v4sf)(((v4si)a & mask) | ((v4si)b & ~mask)); }
+
+INLINE void min_max(const float *v, int64_t G, float *lo, float *hi) {
+    float mn = v[0], mx = v[0];
+    if (G % 8 == 0) { /* eight lanes in two vectors (GCC's vector types: a loop of scalars did not vectorise) */
+        v4sf lo4[2], hi4[2], w;
+        memcpy(lo4, v, sizeof lo4);
+        memcpy(hi4, v, sizeof hi4);
+        for (int64_t e = 8; e < G; e += 8)
+            for (int j = 0; j < 2; j++) {
+                memcpy(&w, v + e + 4 * j, sizeof w);
+                lo4[j] = blend(w < lo4[j], w, lo4[j]);
+                hi4[j] = blend(w > hi4[j], w, hi4[j]);
+            }
+        for (int k = 0; k < 8; k++) {
+            mn = lo4[k / 4][k % 4] < mn ? lo4[k / 4][k % 4] : mn;
+            mx = hi4[k / 4][k % 4] > mx ? hi4[k / 4][k % 4] : mx;
+        }
+    } else {
+        for (int64_t e = 1; e < G; e++) {
+            mn = v[e] < mn ? v[e] : mn;
+            mx = v[e] > mx ? v[e] : mx;
+        }
+    }
+    int nan = 0; /* as torch's amin and amax: a NaN makes both NaN (and so the whole group) */
+    for (int64_t e = 0; e < G; e++) nan |= v[e] != v[e];
+    *lo = nan ? NAN : mn == 0 ? 0.0f : mn; /* zero extremes as +0, as quantize.py's _grid */
+    *hi = nan ? NAN : mx == 0 ? 0.0f : mx;
+}
+
+/* The bfloat16 grid of a group with extremes mn, mx: its offset and step bits, and the inverse step
+ * and offset that map an element onto it. */
+INLINE void grid(float mn, float mx, float levels, float shift, uint16_t *lo_out, uint16_t *step_out,
+                 float *inverse, float *offset) {
+    uint16_t lo16 = bf16_directed(mn, 1);
+    float lo = bf16_float(lo16);
+    uint16_t step16 = bf16_directed((mx - lo) / levels, 0);
+    float step = bf16_float(step16);
+    *inverse = step > 0 ? 1.0f / step : 0.0f;
+    *offset = shift - lo * *inverse;
+    *lo_out = lo16;
+    *step_out = step16;
+}
+
+/* The G codes of elements v (element p0 first) with their noise, packed into packed. */
+INLINE void codes_packed(const float *v, int64_t G, int64_t p0, float inverse, float offset, float levels,
+                         uint64_t key, int bits, uint8_t *packed) {
+    const uint64_t gamma = 0x9E3779B97F4A7C15ULL;
+    const int per = 8 / bits;
+    uint8_t codes[GMAX];
+    uint64_t hashes[GMAX / 4 + 2];
+    int16_t lanes[4 * (GMAX / 4 + 2)];
+    int64_t h0 = p0 >> 2, count = ((p0 & 3) + G + 3) >> 2;
+    for (int64_t h = 0; h < count; h++) hashes[h] = mix64(((uint64_t)(h0 + h + 1) ^ key) * gamma);
+    /* the int16 lanes in memory order, as torch's view of the int64 hashes */
+    memcpy(lanes, hashes, (size_t)count * sizeof(uint64_t));
+    const int16_t *noise = lanes + (p0 & 3);
+    for (int64_t e = 0; e < G; e++) {
+        float t = v[e] * inverse + offset + (float)noise[e] * 0x1p-16f;
+        t = t > 0 ? t : 0; /* written so that NaN becomes 0: converting NaN to an integer is undefined */
+        t = t < levels ? t : levels;
+        codes[e] = (uint8_t)(int32_t)t; /* t + u in [0, 2^b): truncation is the floor */
+    }
+    if (per == 1) {
+        memcpy(packed + p0, codes, (size_t)G);
+    } else if (p0 % per == 0 && G % per == 0) {
+        /* the codes of one byte read as one little-endian word: shifts move code j to bits j * bits
+         * of the low byte (as xconv/_bits.py's pack_codes), which vectorises where byte gathers did not */
+        uint8_t *out = packed + p0 / per;
+        if (per == 2) {
+            uint16_t words[GMAX / 2];
+            memcpy(words, codes, (size_t)G);
+            for (int64_t e = 0; e < G / 2; e++) out[e] = (uint8_t)(words[e] | words[e] >> 4);
+        } else {
+            uint32_t words[GMAX / 4];
+            memcpy(words, codes, (size_t)G);
+            for (int64_t e = 0; e < G / 4; e++)
+                out[e] = (uint8_t)(words[e] | words[e] >> 6 | words[e] >> 12 | words[e] >> 18);
+        }
+    } else {
+        for (int64_t e = 0; e < G; e++) {
+            int64_t p = p0 + e;
+            int shift_bits = (int)(p % per) * bits;
+            packed[p / per] = shift_bits ? packed[p / per] | (uint8_t)(codes[e] << shift_bits) : codes[e];
+        }
+    }
+}
+
+/* Groups [g0, g0 + nb) of GMAX elements each, rows a multiple of GMAX long (most feature maps): each
+ * group's extremes and grid form a latency chain, which the nb independent groups overlap when computed
+ * a phase at a time; the constant group size lets every loop compile to whole vectors. */
+#define BLOCK 16
+INLINE void quantize_whole_groups(const float *x, int64_t n, int64_t gpr, int64_t g0, int nb, int bits, float levels,
+                                  float shift, uint64_t key, uint8_t *packed, uint16_t *lo_out, uint16_t *step_out) {
+    float mn[BLOCK], mx[BLOCK], inverse[BLOCK], offset[BLOCK];
+    const float *v[BLOCK];
+    for (int b = 0; b < nb; b++) {
+        v[b] = x + ((g0 + b) / gpr) * n + ((g0 + b) % gpr) * GMAX;
+        min_max(v[b], GMAX, &mn[b], &mx[b]);
+    }
+    for (int b = 0; b < nb; b++)
+        grid(mn[b], mx[b], levels, shift, &lo_out[g0 + b], &step_out[g0 + b], &inverse[b], &offset[b]);
+    for (int b = 0; b < nb; b++) {
+        int64_t p0 = (g0 + b) * GMAX;
+        if (p0 & 3) __builtin_unreachable(); /* so the noise count and offset are constants too */
+        codes_packed(v[b], GMAX, p0, inverse[b], offset[b], levels, key, bits, packed);
+    }
+}
+
+/* Quantize groups [g0, g1): codes into packed (byte p / per, bits (p % per) * bits, per = 8 / bits),
+ * offsets and steps as bfloat16 bits. Threads must split at groups whose first element starts a byte. */
+CLONES
+void xconv_sr_quantize(const float *x, int64_t n, int64_t G, int64_t gpr, int64_t g0, int64_t g1, int bits,
+                       int64_t key, uint8_t *packed, uint16_t *lo_out, uint16_t *step_out) {
+    const float levels = (float)((1 << bits) - 1);
+    const float shift = 0.5f + 0x1p-17f; /* u = (k + 32768.5) / 2^16 for the int16 k: see quantize.py */
+    if (G == GMAX && n % GMAX == 0) {
+        for (int64_t g = g0; g < g1; g += BLOCK)
+            quantize_whole_groups(x, n, gpr, g, (int)(g1 - g < BLOCK ? g1 - g : BLOCK), bits, levels, shift,
+                                  (uint64_t)key, packed, lo_out, step_out);
+        return;
+    }
+    float v[GMAX];
+    for (int64_t g = g0; g < g1; g++) {
+        const float *row = x + (g / gpr) * n;
+        int64_t start = (g % gpr) * G, m = start + G <= n ? G : n - start;
+        memcpy(v, row + start, (size_t)m * sizeof(float));
+        for (int64_t e = m; e < G; e++) v[e] = row[n - 1];
+        float mn, mx, inverse, offset;
+        min_max(v, G, &mn, &mx);
+        grid(mn, mx, levels, shift, &lo_out[g], &step_out[g], &inverse, &offset);
+        codes_packed(v, G, g * G, inverse, offset, levels, (uint64_t)key, bits, packed);
+    }
+}
+
+/* Dequantize groups [g0, g1) into out, fp32 [rows, n] (padding dropped). */
+CLONES
+void xconv_sr_dequantize(const uint8_t *packed, const uint16_t *lo_in, const uint16_t *step_in, int64_t n, int64_t G,
+                         int64_t gpr, int64_t g0, int64_t g1, int bits, float *out) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    uint8_t codes[GMAX];
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t start = (g % gpr) * G, m = start + G <= n ? G : n - start, p0 = g * G;
+        if (per == 1) {
+            memcpy(codes, packed + p0, (size_t)G);
+        } else if (p0 % per == 0 && G % per == 0) {
+            const uint8_t *in = packed + p0 / per;
+            if (per == 2)
+                for (int64_t e = 0; e < G / 2; e++) {
+                    codes[2 * e] = in[e] & 15;
+                    codes[2 * e + 1] = in[e] >> 4;
+                }
+            else
+                for (int64_t e = 0; e < G / 4; e++) {
+                    codes[4 * e] = in[e] & 3;
+                    codes[4 * e + 1] = (in[e] >> 2) & 3;
+                    codes[4 * e + 2] = (in[e] >> 4) & 3;
+                    codes[4 * e + 3] = in[e] >> 6;
+                }
+        } else {
+            for (int64_t e = 0; e < G; e++) codes[e] = (packed[(p0 + e) / per] >> (((p0 + e) % per) * bits)) & mask;
+        }
+        float lo = bf16_float(lo_in[g]), step = bf16_float(step_in[g]);
+        float *o = out + (g / gpr) * n + start;
+        for (int64_t e = 0; e < m; e++) o[e] = step * (float)codes[e] + lo; /* an exact product: 8 by 8 bits */
+    }
+}
+
+/* Whether the 1-bit (leaky) ReLU passes x's gradient: x > 0 (leaky), else !(x <= 0) (a NaN passes). */
+INLINE uint8_t passes(float x, int leaky) { return leaky ? x > 0 : !(x <= 0); }
+
+/* The 1-bit (leaky) ReLU's mask of elements [8 b0, min(8 b1, n)) of x, fp32 [n] contiguous: bit i % 8
+ * of byte i / 8 is passes(x[i]), as xconv/_bits.py's sign_bits. */
+CLONES
+void xconv_sign_bits(const float *x, int64_t n, int64_t b0, int64_t b1, int leaky, uint8_t *packed) {
+    int64_t whole = n / 8 < b1 ? n / 8 : b1;
+    for (int64_t b = b0; b < whole; b++) {
+        uint8_t set[8];
+        uint64_t word;
+        for (int k = 0; k < 8; k++) set[k] = passes(x[8 * b + k], leaky);
+        /* the eight 0/1 bytes as one little-endian word: the product gathers byte k into bit 56 + k,
+         * where no two partial products meet (a loop of shifts does not vectorise) */
+        memcpy(&word, set, 8);
+        packed[b] = (uint8_t)((word * 0x0102040810204080ULL) >> 56);
+    }
+    if (whole < b1) { /* the last, partial byte */
+        uint8_t byte = 0;
+        for (int64_t i = 8 * whole; i < n; i++) byte |= (uint8_t)(passes(x[i], leaky) << (i & 7));
+        packed[whole] = byte;
+    }
+}
+
+/* grad where bit is 1, else 0 (relu) or slope * grad: selected by bit masks, integer ops that
+ * vectorise (a conditional per lane does not); the values of aten's threshold_backward and
+ * leaky_relu_backward. */
+INLINE float masked(float grad, uint32_t bit, int relu, float slope) {
+    uint32_t keep = -bit, other = relu ? 0 : float_bits(grad * slope);
+    return bits_float((float_bits(grad) & keep) | (other & ~keep));
+}
+
+/* The (leaky) ReLU's input gradient of elements [8 b0, min(8 b1, n)) from grad and the xconv_sign_bits
+ * mask, into out (fp32 [n], contiguous). */
+CLONES
+void xconv_sign_bits_backward(const float *grad, const uint8_t *packed, int64_t n, int64_t b0, int64_t b1, int relu,
+                              float slope, float *out) {
+    int64_t whole = n / 8 < b1 ? n / 8 : b1;
+    for (int64_t b = b0; b < whole; b++)
+        for (int k = 0; k < 8; k++) out[8 * b + k] = masked(grad[8 * b + k], (packed[b] >> k) & 1, relu, slope);
+    for (int64_t i = 8 * whole; i < n && whole < b1; i++) /* the last, partial byte */
+        out[i] = masked(grad[i], (packed[whole] >> (i & 7)) & 1, relu, slope);
+}
