@@ -433,6 +433,32 @@ def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, t
     assert torch.equal(grad_x.view(torch.int32), sign_bits_backward(grad, want, negative_slope).view(torch.int32))
 
 
+@needs_kernels
+def test_native_kernels_on_pool_threads_keep_the_callers_flush_denormal_mode(monkeypatch):
+    """torch.set_flush_denormal sets a per-thread mode: the C kernels' pool threads, started before it
+    was set, compute in the calling thread's mode, as torch's own kernels do (a denormal leaky-ReLU
+    gradient flushed to zero)."""
+    from xconv._bits import sign_bits, sign_bits_backward
+
+    monkeypatch.setattr(xconv._bits, "_PARALLEL_MIN_ELEMENTS", 1)
+    x, grad = -torch.rand(4099), -torch.rand(4099) * 1e-37  # times 0.01: denormal
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        packed = sign_bits(x, True)  # starts the pool's threads
+        if not torch.set_flush_denormal(True):
+            pytest.skip("torch has no flush-denormal mode on this CPU")
+        try:
+            got = sign_bits_backward(grad, packed, 0.01)
+            want = torch.ops.aten.leaky_relu_backward(grad, x, 0.01, False)
+        finally:
+            torch.set_flush_denormal(False)
+    finally:
+        torch.set_num_threads(previous)
+    assert (want == 0).all()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_pack_bits_roundtrip_odd_length():
     mask = torch.rand(3, 7, 5) > 0.5
     packed = xconv._bits.pack_bits(mask)

@@ -186,4 +186,6 @@ class BitLeakyReLUFunction(torch.autograd.Function):
             mask = unpack_bits(packed, shape)
             other = 0.0 if ctx.negative_slope is None else grad * ctx.negative_slope
             return torch.where(mask, grad, other).view(grad_y.shape), None, None
-        return sign_bits_backward(grad, packed, ctx.negative_slope).view(grad_y.shape), None, None
+        grad_x = sign_bits_backward(grad, packed, ctx.negative_slope)
+        # not a view where it need not be: autograd sums a non-view gradient into another in place
+        return (grad_x if grad_x.shape == grad_y.shape else grad_x.view(grad_y.shape)), None, None

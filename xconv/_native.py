@@ -92,7 +92,10 @@ def kernels() -> ctypes.CDLL | None:
     lib.xconv_sr_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, _P]
     lib.xconv_sign_bits.argtypes = [_P, _I, _I, _I, ctypes.c_int, _P]
     lib.xconv_sign_bits_backward.argtypes = [_P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_float, _P]
-    for name in ("xconv_sr_quantize", "xconv_sr_dequantize", "xconv_sign_bits", "xconv_sign_bits_backward"):
+    lib.xconv_set_fp_mode.argtypes = [ctypes.c_uint]
+    lib.xconv_fp_mode.restype = ctypes.c_uint
+    for name in ("xconv_sr_quantize", "xconv_sr_dequantize", "xconv_sign_bits", "xconv_sign_bits_backward",
+                 "xconv_set_fp_mode"):
         getattr(lib, name).restype = None
     return lib
 
@@ -109,11 +112,19 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's p
 def run_split(kernel, units: int, elements: int, min_elements: int, align: int = 1) -> None:
     """Call ``kernel(u0, u1)`` over ``[0, units)``: on the calling thread where the work is below
     ``min_elements`` elements (``elements`` per unit), else split across ``torch.get_num_threads()``
-    threads (ctypes releases the GIL) at multiples of ``align`` units."""
+    threads (ctypes releases the GIL) at multiples of ``align`` units, each in the calling thread's
+    floating-point mode (``torch.set_flush_denormal`` sets it per thread)."""
     threads = torch.get_num_threads()
     if threads <= 1 or units * elements < min_elements:
         kernel(0, units)
         return
     chunk = -(-units // threads)
     chunk = -(-chunk // align) * align
-    list(_pool(threads).map(lambda u0: kernel(u0, min(u0 + chunk, units)), range(0, units, chunk)))
+    lib = kernels()
+    mode = lib.xconv_fp_mode()
+
+    def part(u0: int) -> None:
+        lib.xconv_set_fp_mode(mode)
+        kernel(u0, min(u0 + chunk, units))
+
+    list(_pool(threads).map(part, range(0, units, chunk)))
