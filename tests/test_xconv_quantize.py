@@ -139,6 +139,36 @@ def _both(x, bits=4, key=11):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(1,), (8, 65537), (2, 3, 5, 7), "channels-last"])
+def test_native_bf16_rounding_stores_the_bits_of_the_torch_ops(shape, threads, monkeypatch):
+    """16-bit SR (stochastic rounding to bfloat16) in the C kernel and in torch ops: the same bits for
+    fresh inputs with NaNs (also those whose noisy bits read as inf or wrap to zero), infinities, the
+    largest floats, denormals and zeros of both signs; NaNs compared as NaNs (torch's conversions
+    write 0x7FC0 or 0xFFFF, by kernel)."""
+    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", dict(quantize=1, dequantize=1))
+    x = torch.randn((2, 6, 5, 7) if shape == "channels-last" else shape) * 10.0 ** torch.randint(-30, 30, ()).item()
+    specials = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, 0x7FC00000, 0x7F800000, 0x7F7FFFFF, 1, -(1 << 31),
+                             -0x7F800001], dtype=torch.int32).view(torch.float32)
+    where = torch.randperm(x.numel())[: min(x.numel(), 3 * len(specials))]
+    x.view(-1)[where] = specials[torch.randint(0, len(specials), where.shape)]
+    if shape == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    key = torch.randint(-(1 << 62), 1 << 62, ())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = quantize_module.stochastic_round_bf16(x, key)
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(quantize_module, "_native_applies", lambda *args: False)
+    want = quantize_module.stochastic_round_bf16(x, key)
+    assert got.shape == want.shape and got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.view(torch.int16)[~got.isnan()], want.view(torch.int16)[~want.isnan()])
+
+
+@needs_kernels
 def test_native_kernels_keep_non_finite_groups_as_the_torch_ops_do():
     """A NaN makes its group's offset and step NaN, an infinity its group's step infinite (an
     infinite group's step is inf - inf, NaN): those groups restore as non-finite, the others as usual."""

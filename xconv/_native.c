@@ -221,6 +221,29 @@ void xconv_sr_dequantize(const uint8_t *packed, const uint16_t *lo_in, const uin
     }
 }
 
+/* bfloat16 bits of fp32 bits plus noise (an int16 lane k of a hash): k + 2^15 added to the bits, which
+ * are then cut to their high 16 (a NaN sum becomes 0x7FC0), as quantize.py's stochastic_round_bf16. */
+INLINE uint16_t bf16_noisy(float v, uint64_t hash, int k) {
+    uint32_t sum = (float_bits(v) + (uint32_t)((int32_t)(int16_t)(uint16_t)(hash >> (16 * k)) + 32768)) & 0xFFFF0000u;
+    return (sum & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0 : (uint16_t)(sum >> 16);
+}
+
+/* x (fp32 [n], contiguous) stochastically rounded to bfloat16, elements [4 h0, min(4 h1, n)): element p
+ * takes 16-bit lane p % 4 of splitmix64 hash p / 4 of the key, as the SR codes' noise. */
+CLONES
+void xconv_sr_bf16(const float *x, int64_t n, int64_t h0, int64_t h1, int64_t key, uint16_t *out) {
+    const uint64_t gamma = 0x9E3779B97F4A7C15ULL;
+    int64_t whole = n / 4 < h1 ? n / 4 : h1;
+    for (int64_t h = h0; h < whole; h++) {
+        uint64_t hash = mix64(((uint64_t)(h + 1) ^ (uint64_t)key) * gamma);
+        for (int k = 0; k < 4; k++) out[4 * h + k] = bf16_noisy(x[4 * h + k], hash, k);
+    }
+    if (whole < h1) { /* the last, partial hash */
+        uint64_t hash = mix64(((uint64_t)(whole + 1) ^ (uint64_t)key) * gamma);
+        for (int64_t p = 4 * whole; p < n; p++) out[p] = bf16_noisy(x[p], hash, (int)(p - 4 * whole));
+    }
+}
+
 /* Whether the 1-bit (leaky) ReLU passes x's gradient: x > 0 (leaky), else !(x <= 0) (a NaN passes). */
 INLINE uint8_t passes(float x, int leaky) { return leaky ? x > 0 : !(x <= 0); }
 

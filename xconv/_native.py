@@ -76,8 +76,8 @@ def _load() -> ctypes.CDLL:
 
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
-    """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, ``xconv_sign_bits``,
-    ``xconv_sign_bits_backward``, argument types set), or None where they cannot be built or
+    """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, ``xconv_sr_bf16``,
+    ``xconv_sign_bits``, ``xconv_sign_bits_backward``, argument types set), or None where they cannot be built or
     ``XCONV_NATIVE=0``; the reason is warned once."""
     if os.environ.get("XCONV_NATIVE", "1") == "0":
         return None
@@ -92,10 +92,11 @@ def kernels() -> ctypes.CDLL | None:
     lib.xconv_sr_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, _P]
     lib.xconv_sign_bits.argtypes = [_P, _I, _I, _I, ctypes.c_int, _P]
     lib.xconv_sign_bits_backward.argtypes = [_P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_float, _P]
+    lib.xconv_sr_bf16.argtypes = [_P, _I, _I, _I, _I, _P]
     lib.xconv_set_fp_mode.argtypes = [ctypes.c_uint]
     lib.xconv_fp_mode.restype = ctypes.c_uint
-    for name in ("xconv_sr_quantize", "xconv_sr_dequantize", "xconv_sign_bits", "xconv_sign_bits_backward",
-                 "xconv_set_fp_mode"):
+    for name in ("xconv_sr_quantize", "xconv_sr_dequantize", "xconv_sr_bf16", "xconv_sign_bits",
+                 "xconv_sign_bits_backward", "xconv_set_fp_mode"):
         getattr(lib, name).restype = None
     return lib
 

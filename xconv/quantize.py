@@ -105,11 +105,23 @@ def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor | int) -> torch.Ten
 
     Unbiased (``E = x``) for finite ``x``: a uniform 16-bit integer (stream ``key``,
     :mod:`xconv.rng`) is added to the magnitude bits of the fp32 value before they are cut to
-    bfloat16's 16.
+    bfloat16's 16. Eagerly on the CPU :mod:`xconv._native`'s C kernel does it in one pass, with the
+    same bits (a NaN as 0x7FC0; torch's conversions give 0x7FC0 or 0xFFFF, by kernel).
     """
+    if not torch.compiler.is_compiling() and _native_applies(x.device, x.dtype, x.numel()):
+        return _round_bf16_native(_native.kernels(), x, key)
     bits = x.float().contiguous().view(torch.int32)
     noise = rng.uniform16(key, bits.numel(), x.device).view(bits.shape).to(torch.int32) + (1 << 15)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _round_bf16_native(lib, x: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+    flat = x.float().contiguous()
+    out = torch.empty(flat.shape, dtype=torch.bfloat16)
+    key = int(key)
+    _native.run_split(lambda h0, h1: lib.xconv_sr_bf16(flat.data_ptr(), flat.numel(), h0, h1, key, out.data_ptr()),
+                      -(-flat.numel() // 4), 4, _PARALLEL_MIN_ELEMENTS["dequantize"])
+    return out
 
 
 @dataclass
