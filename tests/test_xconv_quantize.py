@@ -146,7 +146,7 @@ def test_native_bf16_rounding_stores_the_bits_of_the_torch_ops(shape, threads, m
     fresh inputs with NaNs (also those whose noisy bits read as inf or wrap to zero), infinities, the
     largest floats, denormals and zeros of both signs; NaNs compared as NaNs (torch's conversions
     write 0x7FC0 or 0xFFFF, by kernel)."""
-    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", dict(quantize=1, dequantize=1))
+    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", dict(bf16=1))  # threads even for small ones
     x = torch.randn((2, 6, 5, 7) if shape == "channels-last" else shape) * 10.0 ** torch.randint(-30, 30, ()).item()
     specials = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, 0x7FC00000, 0x7F800000, 0x7F7FFFFF, 1, -(1 << 31),
                              -0x7F800001], dtype=torch.int32).view(torch.float32)

@@ -207,9 +207,10 @@ void xconv_sr_dequantize(const uint8_t *packed, const uint16_t *lo_in, const uin
                 }
             } else { /* as the packing, by words (faster here; not for 4 bits): code j to byte j of a word */
                 uint32_t words[GMAX / 4];
-                for (int64_t e = 0; e < G / 4; e++)
-                    words[e] = ((uint32_t)in[e] | (uint32_t)in[e] << 6 | (uint32_t)in[e] << 12 | (uint32_t)in[e] << 18) &
-                               0x03030303u;
+                for (int64_t e = 0; e < G / 4; e++) {
+                    uint32_t byte = in[e];
+                    words[e] = (byte | byte << 6 | byte << 12 | byte << 18) & 0x03030303u;
+                }
                 memcpy(codes, words, (size_t)G);
             }
         } else {

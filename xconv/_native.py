@@ -1,13 +1,13 @@
-"""xconv's C kernels (``_native.c``: SR storage, the 1-bit ReLU's mask): built with the system C compiler
-at first use.
+"""xconv's C kernels (``_native.c``: SR storage, the 1-bit ReLU's mask and gradient): built with the
+system C compiler at first use.
 
 :func:`kernels` compiles the source once per machine into a cache folder (``$XCONV_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source, the build
 command and the machine type, and loads it with ``ctypes`` (building again where a cached file
-does not load). Where no compiler builds it, it returns None after
-one warning (with ``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` and :mod:`xconv._bits`
-run their torch-op code, which computes the same bits. Builds of several processes at once are safe: each writes its
-own file and renames it into place.
+does not load). Where no compiler builds it, it returns None after one warning (with
+``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` and :mod:`xconv._bits` run their torch-op
+code, which computes the same bits. Builds of several processes at once are safe: each writes its
+own file and renames it into place. :func:`run_split` runs a kernel over ranges on torch's threads.
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def _load() -> ctypes.CDLL:
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, ``xconv_sr_bf16``,
-    ``xconv_sign_bits``, ``xconv_sign_bits_backward``, argument types set), or None where they cannot be built or
-    ``XCONV_NATIVE=0``; the reason is warned once."""
+    ``xconv_sign_bits``, ``xconv_sign_bits_backward``, argument types set), or None where they cannot
+    be built or ``XCONV_NATIVE=0``; the reason is warned once."""
     if os.environ.get("XCONV_NATIVE", "1") == "0":
         return None
     try:

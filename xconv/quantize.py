@@ -37,8 +37,8 @@ BITS = (2, 4, 8, 16)
 GROUP_SIZE = 64
 # Below these many elements the C kernels run on the calling thread: a thread pool's hand-off would
 # cost more than it saves (restoring costs about a quarter of quantizing per element; measured with
-# two threads on 8x256x16x16 and 8x64x64x64 tensors).
-_PARALLEL_MIN_ELEMENTS = {"quantize": 1 << 18, "dequantize": 1 << 21}
+# two threads on 8x256x16x16 and 8x64x64x64 tensors; bfloat16 rounding, a pass like restoring's, as it).
+_PARALLEL_MIN_ELEMENTS = {"quantize": 1 << 18, "dequantize": 1 << 21, "bf16": 1 << 21}
 
 
 def check_bits(name: str, bits, allowed=BITS, none_ok: bool = True) -> None:
@@ -120,7 +120,7 @@ def _round_bf16_native(lib, x: torch.Tensor, key: torch.Tensor | int) -> torch.T
     out = torch.empty(flat.shape, dtype=torch.bfloat16)
     key = int(key)
     _native.run_split(lambda h0, h1: lib.xconv_sr_bf16(flat.data_ptr(), flat.numel(), h0, h1, key, out.data_ptr()),
-                      -(-flat.numel() // 4), 4, _PARALLEL_MIN_ELEMENTS["dequantize"])
+                      -(-flat.numel() // 4), 4, _PARALLEL_MIN_ELEMENTS["bf16"])
     return out
 
 
