@@ -155,11 +155,8 @@ INLINE void quantize_whole_groups(const float *x, int64_t n, int64_t gpr, int64_
     }
     for (int b = 0; b < nb; b++)
         grid(mn[b], mx[b], levels, shift, &lo_out[g0 + b], &step_out[g0 + b], &inverse[b], &offset[b]);
-    for (int b = 0; b < nb; b++) {
-        int64_t p0 = (g0 + b) * GMAX;
-        if (p0 & 3) __builtin_unreachable(); /* so the noise count and offset are constants too */
-        codes_packed(v[b], GMAX, p0, inverse[b], offset[b], levels, key, bits, packed);
-    }
+    for (int b = 0; b < nb; b++)
+        codes_packed(v[b], GMAX, (g0 + b) * GMAX, inverse[b], offset[b], levels, key, bits, packed);
 }
 
 /* Quantize groups [g0, g1): codes into packed (byte p / per, bits (p % per) * bits, per = 8 / bits),
