@@ -409,13 +409,15 @@ def test_bit_relu_keeps_one_bit_per_element():
 def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, threads, monkeypatch):
     """The C kernels of the 1-bit (leaky) ReLU (contiguous fp32 CPU tensors) keep the mask bits and
     return the input gradient bits of the torch-op code, on fresh inputs with zeros of both signs,
-    infinities and NaNs, any length (a last partial mask byte), split across threads or not."""
+    infinities, quiet and signalling NaNs (aten's leaky backward quiets a passed-on one) and
+    denormals, any length (a last partial mask byte), split across threads or not."""
     from xconv._bits import sign_bits, sign_bits_backward
 
     assert xconv._native.kernels() is not None, "xconv's C kernels did not build"
     monkeypatch.setattr(xconv._bits, "_PARALLEL_MIN_ELEMENTS", 1)  # threads even for small tensors
     x, grad = torch.randn(numel), torch.randn(numel) * 10.0 ** torch.randint(-30, 30, ()).item()
-    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-40, -1e-45])
+    specials = torch.cat([specials, torch.tensor([0x7F800001, -0x7F800001], dtype=torch.int32).view(torch.float32)])
     for tensor in (x, grad):
         where = torch.randperm(numel)[: min(numel, 24)]
         tensor[where] = specials[torch.randint(0, len(specials), where.shape)]
@@ -430,18 +432,24 @@ def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, t
     monkeypatch.setattr(xconv._bits, "_native_for", lambda tensor: None)  # the torch-op code
     want = sign_bits(x, leaky)
     assert torch.equal(packed, want)
-    assert torch.equal(grad_x.view(torch.int32), sign_bits_backward(grad, want, negative_slope).view(torch.int32))
+    want_x = sign_bits_backward(grad, want, negative_slope)
+    # NaNs as NaNs: aten's leaky backward quiets a passed-on signalling NaN in its vectorised body and
+    # not in its scalar tail (the kernel always does, as a product by one)
+    assert torch.equal(grad_x.isnan(), want_x.isnan())
+    assert torch.equal(grad_x.view(torch.int32)[~grad_x.isnan()], want_x.view(torch.int32)[~want_x.isnan()])
 
 
 @needs_kernels
 def test_native_kernels_on_pool_threads_keep_the_callers_flush_denormal_mode(monkeypatch):
     """torch.set_flush_denormal sets a per-thread mode: the C kernels' pool threads, started before it
-    was set, compute in the calling thread's mode, as torch's own kernels do (a denormal leaky-ReLU
-    gradient flushed to zero)."""
+    was set, compute in the calling thread's mode, as torch's own kernels do (denormal leaky-ReLU
+    gradients flushed to zero, passed on or scaled)."""
     from xconv._bits import sign_bits, sign_bits_backward
 
     monkeypatch.setattr(xconv._bits, "_PARALLEL_MIN_ELEMENTS", 1)
-    x, grad = -torch.rand(4099), -torch.rand(4099) * 1e-37  # times 0.01: denormal
+    # denormal, passed on (x > 0) or times 0.01; a multiple of the vector width: aten's scalar tail
+    # passes a gradient on without flushing it, its vectorised body (and the kernel) flush
+    x, grad = torch.randn(4096), -torch.rand(4096) * 1e-38
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

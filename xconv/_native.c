@@ -268,10 +268,12 @@ void xconv_sign_bits(const float *x, int64_t n, int64_t b0, int64_t b1, int leak
 
 /* grad where bit is 1, else 0 (relu) or slope * grad: selected by bit masks, integer ops that
  * vectorise (a conditional per lane does not); the values of aten's threshold_backward and
- * leaky_relu_backward. */
-INLINE float masked(float grad, uint32_t bit, int relu, float slope) {
+ * leaky_relu_backward, which passes grad on as a product (one, here: a signalling NaN comes out
+ * quiet, a denormal flushed where torch.set_flush_denormal is on). */
+INLINE float masked(float grad, uint32_t bit, int relu, float slope, float one) {
     uint32_t keep = -bit, other = relu ? 0 : float_bits(grad * slope);
-    return bits_float((float_bits(grad) & keep) | (other & ~keep));
+    uint32_t passed = relu ? float_bits(grad) : float_bits(grad * one);
+    return bits_float((passed & keep) | (other & ~keep));
 }
 
 /* The (leaky) ReLU's input gradient of elements [8 b0, min(8 b1, n)) from grad and the xconv_sign_bits
@@ -279,11 +281,14 @@ INLINE float masked(float grad, uint32_t bit, int relu, float slope) {
 CLONES
 void xconv_sign_bits_backward(const float *grad, const uint8_t *packed, int64_t n, int64_t b0, int64_t b1, int relu,
                               float slope, float *out) {
+    static volatile float unit = 1.0f; /* read at run time: a product by a literal one would be folded away */
+    const float one = unit;
     int64_t whole = n / 8 < b1 ? n / 8 : b1;
     for (int64_t b = b0; b < whole; b++)
-        for (int k = 0; k < 8; k++) out[8 * b + k] = masked(grad[8 * b + k], (packed[b] >> k) & 1, relu, slope);
+        for (int k = 0; k < 8; k++)
+            out[8 * b + k] = masked(grad[8 * b + k], (packed[b] >> k) & 1, relu, slope, one);
     for (int64_t i = 8 * whole; i < n && whole < b1; i++) /* the last, partial byte */
-        out[i] = masked(grad[i], (packed[whole] >> (i & 7)) & 1, relu, slope);
+        out[i] = masked(grad[i], (packed[whole] >> (i & 7)) & 1, relu, slope, one);
 }
 
 /* The calling thread's floating-point mode (SSE's MXCSR: flush-to-zero, denormals-are-zero, rounding),
