@@ -1,11 +1,14 @@
-"""The skip marker of tests that need xconv's C kernels (``xconv/_native.c``) to build."""
+"""The skip marker of tests that need xconv's C kernels (``xconv/_native.c``) to build, and a
+context that runs them on several threads."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 
 import pytest
+import torch
 
 
 def _compiler_found() -> bool:
@@ -18,3 +21,14 @@ def _compiler_found() -> bool:
 
 needs_kernels = pytest.mark.skipif(not _compiler_found() or os.environ.get("XCONV_NATIVE") == "0",
                                    reason="no C compiler ($CC, cc, gcc or clang), or XCONV_NATIVE=0")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Within the block torch (and so the kernels' thread split) uses ``threads`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

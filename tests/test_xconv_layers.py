@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import xconv
 import xconv._bits
 from xconv.memory import cuda_peak_memory_bytes, peak_tensor_bytes, saved_tensor_bytes
-from kernels import needs_kernels
+from kernels import needs_kernels, torch_threads
 from stats import bias_statistic
 
 # An XConv layer saves its probe seed as an int64 tensor (so activation recomputation hands
@@ -422,13 +422,9 @@ def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, t
         where = torch.randperm(numel)[: min(numel, 24)]
         tensor[where] = specials[torch.randint(0, len(specials), where.shape)]
     leaky = negative_slope is not None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         packed = sign_bits(x, leaky)
         grad_x = sign_bits_backward(grad, packed, negative_slope)
-    finally:
-        torch.set_num_threads(previous)
     monkeypatch.setattr(xconv._bits, "_native_for", lambda tensor: None)  # the torch-op code
     want = sign_bits(x, leaky)
     assert torch.equal(packed, want)
@@ -450,9 +446,7 @@ def test_native_kernels_on_pool_threads_keep_the_callers_flush_denormal_mode(mon
     # denormal, passed on (x > 0) or times 0.01; a multiple of the vector width: aten's scalar tail
     # passes a gradient on without flushing it, its vectorised body (and the kernel) flush
     x, grad = torch.randn(4096), -torch.rand(4096) * 1e-38
-    previous = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         packed = sign_bits(x, True)  # starts the pool's threads
         if not torch.set_flush_denormal(True):
             pytest.skip("torch has no flush-denormal mode on this CPU")
@@ -461,8 +455,6 @@ def test_native_kernels_on_pool_threads_keep_the_callers_flush_denormal_mode(mon
             want = torch.ops.aten.leaky_relu_backward(grad, x, 0.01, False)
         finally:
             torch.set_flush_denormal(False)
-    finally:
-        torch.set_num_threads(previous)
     assert (want == 0).all()
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 

@@ -17,7 +17,7 @@ from xconv import quantize as quantize_module
 from xconv.memory import saved_tensor_bytes
 from xconv._bits import pack_bits, pack_codes, sign_bits, unpack_codes
 from xconv.quantize import GROUP_SIZE, dequantize, quantize, stored_bytes
-from kernels import needs_kernels
+from kernels import needs_kernels, torch_threads
 from stats import bias_statistic, total_variance
 
 
@@ -101,13 +101,9 @@ def test_native_kernels_store_the_bits_of_the_torch_ops(case, bits, threads, mon
     x = x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     key = int(torch.randint(0, 1 << 62, ()))
     layout = tuple(x.shape), quantize_module._dense_strides(x)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         native = quantize_module._quantize_native(lib, x, bits, key, *layout)
         restored = quantize_module._dequantize_native(lib, native)
-    finally:
-        torch.set_num_threads(previous)
     ops = quantize_module._quantize_ops(x, bits, key, *layout)
     assert_same_storage(native, restored, ops, f"key {key}")
 
@@ -155,12 +151,8 @@ def test_native_bf16_rounding_stores_the_bits_of_the_torch_ops(shape, threads, m
     if shape == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
     key = torch.randint(-(1 << 62), 1 << 62, ())
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = quantize_module.stochastic_round_bf16(x, key)
-    finally:
-        torch.set_num_threads(previous)
     monkeypatch.setattr(quantize_module, "_native_applies", lambda *args: False)
     want = quantize_module.stochastic_round_bf16(x, key)
     assert got.shape == want.shape and got.dtype == want.dtype == torch.bfloat16

@@ -40,6 +40,11 @@ INLINE uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+/* Hash i (from 0) of stream key: xconv/rng.py's random_bits, the noise of every SR kernel. */
+INLINE uint64_t stream_hash(int64_t i, uint64_t key) {
+    return mix64(((uint64_t)(i + 1) ^ key) * 0x9E3779B97F4A7C15ULL);
+}
+
 INLINE uint32_t float_bits(float v) { uint32_t u; memcpy(&u, &v, 4); return u; }
 INLINE float bits_float(uint32_t u) { float v; memcpy(&v, &u, 4); return v; }
 INLINE float bf16_float(uint16_t b) { return bits_float((uint32_t)b << 16); }
@@ -100,13 +105,12 @@ INLINE void grid(float mn, float mx, float levels, float shift, uint16_t *lo_out
 /* The G codes of elements v (element p0 first) with their noise, packed into packed. */
 INLINE void codes_packed(const float *v, int64_t G, int64_t p0, float inverse, float offset, float levels,
                          uint64_t key, int bits, uint8_t *packed) {
-    const uint64_t gamma = 0x9E3779B97F4A7C15ULL;
     const int per = 8 / bits;
     uint8_t codes[GMAX];
     uint64_t hashes[GMAX / 4 + 2];
     int16_t lanes[4 * (GMAX / 4 + 2)];
     int64_t h0 = p0 >> 2, count = ((p0 & 3) + G + 3) >> 2;
-    for (int64_t h = 0; h < count; h++) hashes[h] = mix64(((uint64_t)(h0 + h + 1) ^ key) * gamma);
+    for (int64_t h = 0; h < count; h++) hashes[h] = stream_hash(h0 + h, key);
     /* the int16 lanes in memory order, as torch's view of the int64 hashes */
     memcpy(lanes, hashes, (size_t)count * sizeof(uint64_t));
     const int16_t *noise = lanes + (p0 & 3);
@@ -230,14 +234,13 @@ INLINE uint16_t bf16_noisy(float v, uint64_t hash, int k) {
  * takes 16-bit lane p % 4 of splitmix64 hash p / 4 of the key, as the SR codes' noise. */
 CLONES
 void xconv_sr_bf16(const float *x, int64_t n, int64_t h0, int64_t h1, int64_t key, uint16_t *out) {
-    const uint64_t gamma = 0x9E3779B97F4A7C15ULL;
     int64_t whole = n / 4 < h1 ? n / 4 : h1;
     for (int64_t h = h0; h < whole; h++) {
-        uint64_t hash = mix64(((uint64_t)(h + 1) ^ (uint64_t)key) * gamma);
+        uint64_t hash = stream_hash(h, (uint64_t)key);
         for (int k = 0; k < 4; k++) out[4 * h + k] = bf16_noisy(x[4 * h + k], hash, k);
     }
     if (whole < h1) { /* the last, partial hash */
-        uint64_t hash = mix64(((uint64_t)(whole + 1) ^ (uint64_t)key) * gamma);
+        uint64_t hash = stream_hash(whole, (uint64_t)key);
         for (int64_t p = 4 * whole; p < n; p++) out[p] = bf16_noisy(x[p], hash, (int)(p - 4 * whole));
     }
 }
