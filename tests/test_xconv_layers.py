@@ -414,7 +414,7 @@ def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, t
     from xconv._bits import sign_bits, sign_bits_backward
 
     assert xconv._native.kernels() is not None, "xconv's C kernels did not build"
-    monkeypatch.setattr(xconv._bits, "_PARALLEL_MIN_ELEMENTS", 1)  # threads even for small tensors
+    monkeypatch.setattr(xconv._native, "PARALLEL_MIN_ELEMENTS", 1)  # threads even for small tensors
     x, grad = torch.randn(numel), torch.randn(numel) * 10.0 ** torch.randint(-30, 30, ()).item()
     specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-40, -1e-45])
     specials = torch.cat([specials, torch.tensor([0x7F800001, -0x7F800001], dtype=torch.int32).view(torch.float32)])
@@ -442,7 +442,7 @@ def test_native_kernels_on_pool_threads_keep_the_callers_flush_denormal_mode(mon
     gradients flushed to zero, passed on or scaled)."""
     from xconv._bits import sign_bits, sign_bits_backward
 
-    monkeypatch.setattr(xconv._bits, "_PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(xconv._native, "PARALLEL_MIN_ELEMENTS", 1)
     # denormal, passed on (x > 0) or times 0.01; a multiple of the vector width: aten's scalar tail
     # passes a gradient on without flushing it, its vectorised body (and the kernel) flush
     x, grad = torch.randn(4096), -torch.rand(4096) * 1e-38

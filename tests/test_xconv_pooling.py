@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from kernels import needs_kernels, torch_threads
+from xconv import _native, pooling
 from xconv.memory import saved_tensor_bytes
 from xconv.pooling import MAXPOOL_CLASSES, XMaxPool2d
 
@@ -136,3 +138,72 @@ def test_same_repr_and_state_as_torch():
         assert isinstance(layer, base)
         assert repr(layer) == repr(ref).replace(base.__name__, cls.__name__)
         assert layer.state_dict() == ref.state_dict() == {}
+
+
+# +-0 and +-1e-40 by their bits: a conversion from Python floats flushes denormals under torch.set_flush_denormal
+ZEROS_AND_DENORMALS = torch.tensor([0, -(2**31), 0x116C2, -(2**31) + 0x116C2], dtype=torch.int32).view(torch.float32)
+
+
+def random_pool_2d(generator):
+    """A fresh 2-d pool geometry torch accepts (padding at most half the kernel) and an input ``[B, C, H, W]``
+    (C > 1: with one channel the input is also channels-last) or ``[C, H, W]`` of whole and half
+    numbers (ties), NaNs, infinities, zeros of both signs and denormals."""
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    kernel, dilation = (draw(1, 4), draw(1, 4)), (draw(1, 2), draw(1, 2))
+    padding = (draw(0, kernel[0] // 2), draw(0, kernel[1] // 2))
+    stride = (draw(1, 3), draw(1, 3))
+    size = [draw((k - 1) * d + 1, 40) for k, d in zip(kernel, dilation)]
+    shape = [draw(1, 3), *size] if draw(0, 1) else [draw(1, 2), draw(2, 3), *size]
+    x = (torch.randn(shape, generator=generator) * 2).round() / 2
+    specials = torch.cat([torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")]), ZEROS_AND_DENORMALS])
+    where = torch.randperm(x.numel(), generator=generator)[: x.numel() // 8]
+    x.view(-1)[where] = specials[torch.randint(0, len(specials), where.shape, generator=generator)]
+    return dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
+                ceil_mode=bool(draw(0, 1))), x.requires_grad_()
+
+
+@needs_kernels
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["denormals", "flush-denormal"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_pool_computes_torch_s_bits(threads, flush_denormal, monkeypatch):
+    """The C kernels (eager fp32 contiguous 2-d pools) give torch's output bits (the last NaN of a
+    window, -inf where nothing beats it) and its input gradient (the winner of each window: the first
+    maximum; sums in torch's order) for 60 fresh random geometries, strides 1-3 taking the vector
+    path and the scalar one at the plane's edges, on 1 or 3 threads, in the calling thread's
+    floating-point mode (denormals compare as zeros under ``torch.set_flush_denormal``: each geometry
+    also pools an input of only zeros and denormals of both signs, whose winners then change). torch's
+    reference runs on one thread: its OpenMP workers do not take the calling thread's mode."""
+    assert _native.kernels() is not None, "xconv's C kernels did not build"
+    monkeypatch.setattr(_native, "PARALLEL_MIN_ELEMENTS", 1)  # threads even for small inputs
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    with torch_threads(threads):
+        XMaxPool2d(2)(torch.zeros(4, 2, 4, 4, requires_grad=True))  # starts the pool's threads before the mode is set
+    assert torch.set_flush_denormal(flush_denormal) or not flush_denormal
+    try:
+        for _ in range(60):
+            kwargs, x = random_pool_2d(generator)
+            tiny = ZEROS_AND_DENORMALS[torch.randint(0, 4, x.shape, generator=generator)]
+            ref, layer = nn.MaxPool2d(**kwargs), XMaxPool2d(**kwargs)
+            geometry = [(v, v) if isinstance(v, int) else v for v in
+                        (layer.kernel_size, layer.stride, layer.padding, layer.dilation)]
+            assert pooling._native_pool(x, *geometry, layer.ceil_mode) is not None, kwargs
+            grad_y = torch.randn(ref(x).shape, generator=generator)
+            for x in (x, tiny.requires_grad_()):
+                with torch_threads(1):
+                    y_ref, gx_ref = run(ref, x, grad_y)
+                with torch_threads(threads):
+                    y, gx = run(layer, x, grad_y)
+                assert torch.equal(y.view(torch.int32), y_ref.view(torch.int32)), kwargs
+                assert y.stride() == y_ref.stride(), kwargs
+                assert torch.equal(gx.view(torch.int32), gx_ref.view(torch.int32)), kwargs
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_windows_wholly_in_padding_run_torch_s_kernels():
+    """A window with no position in the plane (height 1, kernel 2, dilation 2, padding 1: rows -1 and 1)
+    is left to torch's kernels, whose index for it the C kernel would not reproduce."""
+    assert pooling._native_out_size((1, 5), (2, 2), (1, 1), (1, 1), (2, 2), False) is None
+    assert pooling._native_out_size((3, 5), (2, 2), (1, 1), (1, 1), (2, 2), False) == (3, 5)

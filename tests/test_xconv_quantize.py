@@ -92,7 +92,8 @@ def test_native_kernels_store_the_bits_of_the_torch_ops(case, bits, threads, mon
     codes, offsets and steps, and restore the same tensor, for fresh random inputs of any scale."""
     lib = _native.kernels()
     assert lib is not None, "the C kernels of SR storage did not build"
-    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", dict(quantize=1, dequantize=1))  # even small ones
+    monkeypatch.setattr(quantize_module, "_QUANTIZE_PARALLEL_MIN_ELEMENTS", 1)  # threads even for small ones
+    monkeypatch.setattr(_native, "PARALLEL_MIN_ELEMENTS", 1)
     shape, dtype, channels_last, mean = NATIVE_CASES[case]
     if mean is None:
         x = torch.randn(shape) * 10.0 ** torch.randint(-4, 5, ()).item() + torch.randn(())
@@ -142,7 +143,7 @@ def test_native_bf16_rounding_stores_the_bits_of_the_torch_ops(shape, threads, m
     fresh inputs with NaNs (also those whose noisy bits read as inf or wrap to zero), infinities, the
     largest floats, denormals and zeros of both signs; NaNs compared as NaNs (torch's conversions
     write 0x7FC0 or 0xFFFF, by kernel)."""
-    monkeypatch.setattr(quantize_module, "_PARALLEL_MIN_ELEMENTS", dict(bf16=1))  # threads even for small ones
+    monkeypatch.setattr(_native, "PARALLEL_MIN_ELEMENTS", 1)  # threads even for small ones
     x = torch.randn((2, 6, 5, 7) if shape == "channels-last" else shape) * 10.0 ** torch.randint(-30, 30, ()).item()
     specials = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, 0x7FC00000, 0x7F800000, 0x7F7FFFFF, 1, -(1 << 31),
                              -0x7F800001], dtype=torch.int32).view(torch.float32)

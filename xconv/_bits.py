@@ -13,8 +13,6 @@ SIGN_CHUNK_ELEMENTS = 2**20
 # Multiplying eight 0/1 bytes read as one little-endian int64 by this constant gathers
 # byte i into bit i of the top byte: no two partial products meet there or carry into it.
 _GATHER_BITS = 0x0102040810204080
-# Below these many elements the C kernels run on the calling thread (a hand-off to the pool costs more).
-_PARALLEL_MIN_ELEMENTS = 1 << 21
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -82,7 +80,7 @@ def sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
         return pack_bits(x > 0 if leaky else (x <= 0).logical_not_())
     packed = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
     _native.run_split(lambda b0, b1: lib.xconv_sign_bits(x.data_ptr(), x.numel(), b0, b1, leaky, packed.data_ptr()),
-                      packed.numel(), 8, _PARALLEL_MIN_ELEMENTS)
+                      packed.numel(), 8)
     return packed
 
 
@@ -127,7 +125,7 @@ def sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope:
         _native.run_split(lambda b0, b1: lib.xconv_sign_bits_backward(grad.data_ptr(), packed.data_ptr(), grad.numel(),
                                                                       b0, b1, negative_slope is None, slope,
                                                                       grad_x.data_ptr()),
-                          packed.numel(), 8, _PARALLEL_MIN_ELEMENTS)
+                          packed.numel(), 8)
         return grad_x
     # aten's (leaky) ReLU backward kernels are vectorised where torch.where is not (3x
     # faster on CPU, 8x64x64x64 floats: 3.9 vs 12.5 ms) but read the sign from a tensor of

@@ -294,6 +294,127 @@ void xconv_sign_bits_backward(const float *grad, const uint8_t *packed, int64_t 
         out[i] = masked(grad[i], (packed[whole] >> (i & 7)) & 1, relu, slope, one);
 }
 
+/* First window position along a dimension (kernel k, dilation d) at or after start that lies in [0, size),
+ * as aten's `while (start < 0) start += d`: k where there is none (a window wholly in padding). */
+INLINE int64_t first_inside(int64_t start, int64_t k, int64_t d, int64_t size) {
+    int64_t first = start < 0 ? (-start + d - 1) / d : 0;
+    return first < k && start + first * d < size ? first : k;
+}
+
+typedef float v8sf __attribute__((vector_size(32)));
+typedef int32_t v8si __attribute__((vector_size(32)));
+
+/* p[0], p[s], .., p[7 s], reading no further than p[7 s] */
+INLINE v8sf load_strided(const float *p, int64_t s) {
+    v8sf v, w;
+    if (s == 1) {
+        memcpy(&v, p, sizeof v);
+    } else if (s == 2) { /* p[0..7] and p[7..14], interleaved lanes picked */
+        memcpy(&v, p, sizeof v);
+        memcpy(&w, p + 7, sizeof w);
+        v = __builtin_shuffle(v, w, (v8si){0, 2, 4, 6, 9, 11, 13, 15});
+    } else {
+        for (int i = 0; i < 8; i++) v[i] = p[i * s];
+    }
+    return v;
+}
+
+/* The max of one window and its winner's code: aten's cpu_max_pool, which starts from -inf at the
+ * window's first position inside the plane (kept where nothing beats it) and scans the window row by
+ * row, a value replacing the max where greater, or NaN. top, left: the window's first position. */
+INLINE void pool_window(const float *plane, int64_t H, int64_t W, int64_t top, int64_t left, int64_t kh, int64_t kw,
+                        int64_t dh, int64_t dw, float *y, uint8_t *code) {
+    int64_t ki0 = first_inside(top, kh, dh, H), kj0 = first_inside(left, kw, dw, W);
+    float best = -INFINITY;
+    uint8_t winner = (uint8_t)(ki0 * kw + kj0);
+    for (int64_t ki = ki0; ki < kh && top + ki * dh < H; ki++)
+        for (int64_t kj = kj0; kj < kw && left + kj * dw < W; kj++) {
+            float v = plane[(top + ki * dh) * W + left + kj * dw];
+            if (v > best || v != v) {
+                best = v;
+                winner = (uint8_t)(ki * kw + kj);
+            }
+        }
+    *y = best;
+    *code = winner;
+}
+
+/* pool_window for the eight outputs whose windows start at left, left + sw, .., all of whose columns lie
+ * inside the plane: the scan in vector lanes. */
+INLINE void pool_windows8(const float *plane, int64_t H, int64_t W, int64_t top, int64_t left, int64_t kh,
+                          int64_t kw, int64_t sw, int64_t dh, int64_t dw, float *y, uint8_t *code) {
+    int64_t ki0 = first_inside(top, kh, dh, H);
+    v8sf best = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v8si winner = (v8si){0, 0, 0, 0, 0, 0, 0, 0} + (int32_t)(ki0 * kw);
+    for (int64_t ki = ki0; ki < kh && top + ki * dh < H; ki++)
+        for (int64_t kj = 0; kj < kw; kj++) {
+            v8sf v = load_strided(plane + (top + ki * dh) * W + left + kj * dw, sw);
+            v8si take = (v > best) | (v != v);
+            best = (v8sf)(((v8si)v & take) | ((v8si)best & ~take));
+            winner = ((int32_t)(ki * kw + kj) & take) | (winner & ~take);
+        }
+    memcpy(y, &best, sizeof best);
+    for (int i = 0; i < 8; i++) code[i] = (uint8_t)winner[i];
+}
+
+/* 2-d max pooling of planes [p0, p1) of x (fp32 [planes, H, W], contiguous) into y (fp32 [planes, OH, OW])
+ * and, per output, its winner's window position ki * kw + kj (xconv/pooling.py's code) instead of aten's
+ * int64 index: pool_window's values and winners. Every window must have a position in the plane. */
+CLONES
+void xconv_max_pool2d(const float *x, int64_t H, int64_t W, int64_t p0, int64_t p1, int64_t OH, int64_t OW,
+                      int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                      float *y, uint8_t *codes) {
+    /* outputs [lo, hi) have every window column inside the plane */
+    int64_t lo = 0, hi;
+    while (lo < OW && lo * sw - pw < 0) lo++;
+    for (hi = OW; hi > lo && (hi - 1) * sw - pw + (kw - 1) * dw >= W; hi--) {}
+    for (int64_t p = p0; p < p1; p++) {
+        const float *plane = x + p * H * W;
+        for (int64_t oh = 0; oh < OH; oh++) {
+            int64_t top = oh * sh - ph, o = (p * OH + oh) * OW, ow = 0;
+            for (; ow < lo; ow++)
+                pool_window(plane, H, W, top, ow * sw - pw, kh, kw, dh, dw, y + o + ow, codes + o + ow);
+            for (int64_t next = ow; next < hi && hi - lo >= 8; next += 8) {
+                ow = next + 8 <= hi ? next : hi - 8; /* the last eight overlap the previous: written again, the same */
+                if (sw == 2) /* the common strides as constants, so their loads are vector loads */
+                    pool_windows8(plane, H, W, top, ow * 2 - pw, kh, kw, 2, dh, dw, y + o + ow, codes + o + ow);
+                else if (sw == 1)
+                    pool_windows8(plane, H, W, top, ow - pw, kh, kw, 1, dh, dw, y + o + ow, codes + o + ow);
+                else
+                    pool_windows8(plane, H, W, top, ow * sw - pw, kh, kw, sw, dh, dw, y + o + ow, codes + o + ow);
+                ow += 8;
+            }
+            for (; ow < OW; ow++)
+                pool_window(plane, H, W, top, ow * sw - pw, kh, kw, dh, dw, y + o + ow, codes + o + ow);
+        }
+    }
+}
+
+/* Max pooling's input gradient for planes [p0, p1): grad_x (fp32 [planes, H, W]) zeroed, then each
+ * output's gradient (grad_y, fp32 [planes, OH, OW]) added at its winner, rebuilt from its code, in output
+ * order: aten's cpu_max_pool_backward's sums, in its order. */
+CLONES
+void xconv_max_pool2d_backward(const float *grad_y, const uint8_t *codes, int64_t H, int64_t W, int64_t p0,
+                               int64_t p1, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                               int64_t ph, int64_t pw, int64_t dh, int64_t dw, float *grad_x) {
+    int64_t drow[256] = {0}, dcol[256] = {0}; /* each code's winner relative to its window's start */
+    for (int64_t c = 0; c < kh * kw && c < 256; c++) {
+        drow[c] = (c / kw) * dh;
+        dcol[c] = (c % kw) * dw;
+    }
+    memset(grad_x + p0 * H * W, 0, (size_t)((p1 - p0) * H * W) * sizeof(float));
+    for (int64_t p = p0; p < p1; p++) {
+        float *plane = grad_x + p * H * W;
+        const float *g = grad_y + p * OH * OW;
+        const uint8_t *code = codes + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; oh++)
+            for (int64_t ow = 0; ow < OW; ow++) {
+                int64_t o = oh * OW + ow;
+                plane[(oh * sh - ph + drow[code[o]]) * W + ow * sw - pw + dcol[code[o]]] += g[o];
+            }
+    }
+}
+
 /* The calling thread's floating-point mode (SSE's MXCSR: flush-to-zero, denormals-are-zero, rounding),
  * and setting it: torch.set_flush_denormal sets it per thread, and xconv's pool threads take the
  * caller's before each kernel call, so their results are the caller's. Elsewhere no mode is passed

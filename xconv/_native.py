@@ -1,12 +1,12 @@
-"""xconv's C kernels (``_native.c``: SR storage, the 1-bit ReLU's mask and gradient): built with the
-system C compiler at first use.
+"""xconv's C kernels (``_native.c``: SR storage, the 1-bit ReLU's mask and gradient, 2-d max pooling):
+built with the system C compiler at first use.
 
 :func:`kernels` compiles the source once per machine into a cache folder (``$XCONV_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the source, the build
 command and the machine type, and loads it with ``ctypes`` (building again where a cached file
 does not load). Where no compiler builds it, it returns None after one warning (with
-``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize` and :mod:`xconv._bits` run their torch-op
-code, which computes the same bits. Builds of several processes at once are safe: each writes its
+``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize`, :mod:`xconv._bits` and :mod:`xconv.pooling`
+run their torch-op code, which computes the same bits. Builds of several processes at once are safe: each writes its
 own file and renames it into place. :func:`run_split` runs a kernel over ranges on torch's threads.
 """
 from __future__ import annotations
@@ -29,6 +29,9 @@ import torch
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+# Below this many elements a kernel runs on the calling thread: a hand-off to the pool would cost more
+# than it saves (a one-pass kernel over fp32; measured with two threads on 8x256x16x16 and 8x64x64x64).
+PARALLEL_MIN_ELEMENTS = 1 << 21
 
 
 def _compiler() -> list[str]:
@@ -77,8 +80,9 @@ def _load() -> ctypes.CDLL:
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """The loaded kernels (``xconv_sr_quantize``, ``xconv_sr_dequantize``, ``xconv_sr_bf16``,
-    ``xconv_sign_bits``, ``xconv_sign_bits_backward``, argument types set), or None where they cannot
-    be built or ``XCONV_NATIVE=0``; the reason is warned once."""
+    ``xconv_sign_bits``, ``xconv_sign_bits_backward``, ``xconv_max_pool2d``, ``xconv_max_pool2d_backward``,
+    argument types set), or None where they cannot be built or ``XCONV_NATIVE=0``; the reason is warned
+    once."""
     if os.environ.get("XCONV_NATIVE", "1") == "0":
         return None
     try:
@@ -93,10 +97,12 @@ def kernels() -> ctypes.CDLL | None:
     lib.xconv_sign_bits.argtypes = [_P, _I, _I, _I, ctypes.c_int, _P]
     lib.xconv_sign_bits_backward.argtypes = [_P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_float, _P]
     lib.xconv_sr_bf16.argtypes = [_P, _I, _I, _I, _I, _P]
+    lib.xconv_max_pool2d.argtypes = [_P, *[_I] * 14, _P, _P]
+    lib.xconv_max_pool2d_backward.argtypes = [_P, _P, *[_I] * 14, _P]
     lib.xconv_set_fp_mode.argtypes = [ctypes.c_uint]
     lib.xconv_fp_mode.restype = ctypes.c_uint
     for name in ("xconv_sr_quantize", "xconv_sr_dequantize", "xconv_sr_bf16", "xconv_sign_bits",
-                 "xconv_sign_bits_backward", "xconv_set_fp_mode"):
+                 "xconv_sign_bits_backward", "xconv_max_pool2d", "xconv_max_pool2d_backward", "xconv_set_fp_mode"):
         getattr(lib, name).restype = None
     return lib
 
@@ -110,13 +116,13 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's p
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def run_split(kernel, units: int, elements: int, min_elements: int, align: int = 1) -> None:
+def run_split(kernel, units: int, elements: int, min_elements: int | None = None, align: int = 1) -> None:
     """Call ``kernel(u0, u1)`` over ``[0, units)``: on the calling thread where the work is below
-    ``min_elements`` elements (``elements`` per unit), else split across ``torch.get_num_threads()``
-    threads (ctypes releases the GIL) at multiples of ``align`` units, each in the calling thread's
-    floating-point mode (``torch.set_flush_denormal`` sets it per thread)."""
+    ``min_elements`` elements (``elements`` per unit; default :data:`PARALLEL_MIN_ELEMENTS`), else split
+    across ``torch.get_num_threads()`` threads (ctypes releases the GIL) at multiples of ``align`` units,
+    each in the calling thread's floating-point mode (``torch.set_flush_denormal`` sets it per thread)."""
     threads = torch.get_num_threads()
-    if threads <= 1 or units * elements < min_elements:
+    if threads <= 1 or units * elements < (PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements):
         kernel(0, units)
         return
     chunk = -(-units // threads)

@@ -35,10 +35,9 @@ from ._bits import pack_codes, unpack_codes
 BITS = (2, 4, 8, 16)
 #: Elements sharing one offset and scale.
 GROUP_SIZE = 64
-# Below these many elements the C kernels run on the calling thread: a thread pool's hand-off would
-# cost more than it saves (restoring costs about a quarter of quantizing per element; measured with
-# two threads on 8x256x16x16 and 8x64x64x64 tensors; bfloat16 rounding, a pass like restoring's, as it).
-_PARALLEL_MIN_ELEMENTS = {"quantize": 1 << 18, "dequantize": 1 << 21, "bf16": 1 << 21}
+# SR quantizing costs about four times a one-pass kernel per element (restoring, bfloat16 rounding),
+# so it goes to the threads from smaller tensors than :data:`xconv._native.PARALLEL_MIN_ELEMENTS`.
+_QUANTIZE_PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def check_bits(name: str, bits, allowed=BITS, none_ok: bool = True) -> None:
@@ -121,7 +120,7 @@ def _round_bf16_native(lib, x: torch.Tensor, key: torch.Tensor | int) -> torch.T
     out = torch.empty(flat.shape, dtype=torch.bfloat16)
     key = int(key)
     _native.run_split(lambda h0, h1: lib.xconv_sr_bf16(flat.data_ptr(), flat.numel(), h0, h1, key, out.data_ptr()),
-                      -(-flat.numel() // 4), 4, _PARALLEL_MIN_ELEMENTS["bf16"])
+                      -(-flat.numel() // 4), 4)
     return out
 
 
@@ -290,7 +289,7 @@ def _quantize_native(lib, x, bits, key, shape, strides) -> Quantized:
     # threads split at groups whose first code starts a byte
     _native.run_split(lambda g0, g1: lib.xconv_sr_quantize(flat.data_ptr(), n, group, per_row, g0, g1, bits, key,
                                                            packed.data_ptr(), lo.data_ptr(), scale.data_ptr()),
-                      groups, group, _PARALLEL_MIN_ELEMENTS["quantize"], align=8 // bits)
+                      groups, group, _QUANTIZE_PARALLEL_MIN_ELEMENTS, align=8 // bits)
     return Quantized(packed, lo, scale, bits, shape, strides, x.dtype)
 
 
@@ -343,7 +342,7 @@ def _dequantize_native(lib, q: Quantized) -> torch.Tensor:
     codes, lo, scale = (t.contiguous() for t in q.tensors())
     _native.run_split(lambda g0, g1: lib.xconv_sr_dequantize(codes.data_ptr(), lo.data_ptr(), scale.data_ptr(), n,
                                                              group, per_row, g0, g1, q.bits, out.data_ptr()),
-                      rows * per_row, group, _PARALLEL_MIN_ELEMENTS["dequantize"], align=8 // q.bits)
+                      rows * per_row, group, align=8 // q.bits)
     return _restore(out, q.shape, q.strides, q.dtype)
 
 
