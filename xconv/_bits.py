@@ -65,8 +65,7 @@ def _native_for(x: torch.Tensor):
     return None
 
 
-@torch.library.custom_op("xconv::sign_bits", mutates_args=())
-def sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
+def _sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
     """The 1-bit (leaky) ReLU's mask of ``x [*]``, packed by :func:`pack_bits` (``uint8 [ceil(numel / 8)]``):
     where ``x > 0`` (``leaky``), else where ``x <= 0`` is false (a NaN passes the gradient, as in
     torch's ReLU backward, and not in its leaky one).
@@ -82,6 +81,9 @@ def sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
     _native.run_split(lambda b0, b1: lib.xconv_sign_bits(x.data_ptr(), x.numel(), b0, b1, leaky, packed.data_ptr()),
                       packed.numel(), 8)
     return packed
+
+
+sign_bits = torch.library.custom_op("xconv::sign_bits", _sign_bits, mutates_args=())
 
 
 @sign_bits.register_fake
@@ -112,8 +114,7 @@ def unpack_bits(packed: torch.Tensor, shape, dtype: torch.dtype = torch.bool, st
     return bits.view(-1)[offset : offset + count].view(shape)
 
 
-@torch.library.custom_op("xconv::sign_bits_backward", mutates_args=())
-def sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
+def _sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
     """The (leaky) ReLU's input gradient from the output gradient ``grad [B, *]`` and the :func:`sign_bits`
     mask of its input: ``grad`` where the mask is set, else 0 (``negative_slope`` None) or
     ``negative_slope * grad``. A custom op, so that compiled code runs these vectorised kernels too
@@ -146,6 +147,9 @@ def sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope:
     return grad_x
 
 
+sign_bits_backward = torch.library.custom_op("xconv::sign_bits_backward", _sign_bits_backward, mutates_args=())
+
+
 @sign_bits_backward.register_fake
 def _(grad: torch.Tensor, packed: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
     return torch.empty_like(grad)
@@ -162,7 +166,7 @@ class BitLeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, negative_slope: float | None, inplace: bool):
         relu = negative_slope is None
-        packed = sign_bits(x, not relu)  # before an in-place ReLU overwrites x
+        packed = _native.direct(sign_bits, _sign_bits, x)(x, not relu)  # before an in-place ReLU overwrites x
         if inplace:
             ctx.mark_dirty(x)
             x.relu_() if relu else torch.nn.functional.leaky_relu_(x, negative_slope)
@@ -184,6 +188,6 @@ class BitLeakyReLUFunction(torch.autograd.Function):
             mask = unpack_bits(packed, shape)
             other = 0.0 if ctx.negative_slope is None else grad * ctx.negative_slope
             return torch.where(mask, grad, other).view(grad_y.shape), None, None
-        grad_x = sign_bits_backward(grad, packed, ctx.negative_slope)
+        grad_x = _native.direct(sign_bits_backward, _sign_bits_backward, grad)(grad, packed, ctx.negative_slope)
         # not a view where it need not be: autograd sums a non-view gradient into another in place
         return (grad_x if grad_x.shape == grad_y.shape else grad_x.view(grad_y.shape)), None, None

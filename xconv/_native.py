@@ -107,6 +107,13 @@ def kernels() -> ctypes.CDLL | None:
     return lib
 
 
+def direct(op, fn, x: torch.Tensor):
+    """``fn`` itself where calling it is calling the custom op ``op`` that wraps it: eagerly, on a plain
+    tensor ``x``; else ``op`` (traced code, fake and other tensor subclasses). The op's dispatch
+    costs ~8 us a call, ~1 ms of a U-Net training step's (160 calls)."""
+    return fn if type(x) is torch.Tensor and not torch.compiler.is_compiling() else op
+
+
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="xconv-native")

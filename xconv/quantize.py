@@ -234,7 +234,7 @@ def quantize(x: torch.Tensor, bits: int, key: torch.Tensor | int | None = None) 
     if bits == 16:
         return Quantized(stochastic_round_bf16(x.detach(), key), None, None, 16, shape, strides, x.dtype)
     if _native_applies(x.device, x.dtype, x.numel()):
-        codes, lo, scale = sr_quantize(x.detach(), bits, torch.as_tensor(key))
+        codes, lo, scale = _native.direct(sr_quantize, _sr_quantize, x)(x.detach(), bits, torch.as_tensor(key))
         return Quantized(codes, lo, scale, bits, shape, strides, x.dtype)
     return _quantize_ops(x, bits, key, shape, strides)
 
@@ -253,10 +253,12 @@ def _native_loaded() -> bool:
 
 # The C kernels as custom ops: compiled code then calls them too, where it would run inductor's code
 # for the torch ops (slower: results/bench/README.md, "torch.compile").
-@torch.library.custom_op("xconv::sr_quantize", mutates_args=())
-def sr_quantize(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sr_quantize(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensors :func:`quantize` keeps (codes, ``lo``, ``scale``) for a CPU tensor ``x``, by the C kernels."""
     return _quantize_native(_native.kernels(), x, bits, key, tuple(x.shape), x.stride()).tensors()
+
+
+sr_quantize = torch.library.custom_op("xconv::sr_quantize", _sr_quantize, mutates_args=())
 
 
 @sr_quantize.register_fake
@@ -266,11 +268,13 @@ def _(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torc
             x.new_empty(groups, dtype=torch.bfloat16), x.new_empty(groups, dtype=torch.bfloat16))
 
 
-@torch.library.custom_op("xconv::sr_dequantize", mutates_args=())
-def sr_dequantize(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, shape: list[int],
+def _sr_dequantize(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, shape: list[int],
                   strides: list[int], dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize` of the stored tensors of a CPU tensor of ``shape``, ``strides`` and ``dtype``, by the C kernels."""
     return _dequantize_native(_native.kernels(), Quantized(codes, lo, scale, bits, tuple(shape), tuple(strides), dtype))
+
+
+sr_dequantize = torch.library.custom_op("xconv::sr_dequantize", _sr_dequantize, mutates_args=())
 
 
 @sr_dequantize.register_fake
@@ -332,7 +336,8 @@ def dequantize(q: Quantized) -> torch.Tensor:
     if q.bits == 16:
         return torch.empty_strided(q.shape, q.strides, dtype=q.dtype, device=q.codes.device).copy_(q.codes)
     if _native_applies(q.codes.device, q.dtype, math.prod(q.shape)):
-        return sr_dequantize(q.codes, q.lo, q.scale, q.bits, list(q.shape), list(q.strides), q.dtype)
+        restore = _native.direct(sr_dequantize, _sr_dequantize, q.codes)
+        return restore(q.codes, q.lo, q.scale, q.bits, list(q.shape), list(q.strides), q.dtype)
     return _dequantize_ops(q)
 
 
