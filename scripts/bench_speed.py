@@ -27,15 +27,24 @@ instead of timing, to see where a ratio comes from. On CUDA, cuDNN runs fp32 con
 TF32 by default while matmuls (XConv's contractions) stay fp32; ``--matmul-tf32`` lets the
 matmuls use TF32 too.
 
+On the CPU, glibc's malloc returns large freed blocks to the system and takes them back with page
+faults (zeroed pages) at their next use: 0 to ~37,000 faults (up to ~90 ms) per U-Net step, by how
+the blocks of the models timed in one process happen to fall, which moves single ratios by up to
+10%. ``--keep-freed-memory`` tells it to keep freed memory (as jemalloc and tcmalloc do), so every
+variant times its compute without those faults.
+
 Usage:
     python scripts/bench_speed.py [--probes 4 8 16 32] [--storage-bits 8 4] [--budgets 0.25] [--min-run-time 1.0]
                                   [--only layers|steps] [--compile none inductor]
                                   [--compile-mode reduce-overhead] [--batch-scale 1] [--small]
-                                  [--device cuda] [--csv results/bench/speed_cpu.csv | --profile]
+                                  [--device cuda] [--keep-freed-memory]
+                                  [--csv results/bench/speed_cpu.csv | --profile]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import math
 import statistics
 import time
@@ -65,6 +74,21 @@ STEPS = [
     ("U-Net(resnet18) b{b} 128x128", lambda: smp.Unet("resnet18", encoder_weights=None, classes=2), (8, 3, 128, 128)),
     ("resnet18 b{b} 32x32", lambda: torchvision.models.resnet18(num_classes=10), (64, 3, 32, 32)),
 ]
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep the memory this process frees (never trim the heap; blocks up to
+    32 MiB, glibc's limit, from the heap rather than their own mappings).
+
+    Raises:
+        OSError: the C library is not glibc (no ``mallopt``) or refuses the settings.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        raise OSError("--keep-freed-memory needs glibc's mallopt, which this C library lacks")
+    trim_threshold, mmap_threshold = -1, -3  # glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    if not (libc.mallopt(trim_threshold, 2**31 - 1) and libc.mallopt(mmap_threshold, 32 * 2**20)):
+        raise OSError("glibc's mallopt refused the settings of --keep-freed-memory")
 
 
 def scaled(cases, batch_scale: int, small: bool = False):
@@ -291,6 +315,8 @@ def main(argv=None):
                         help="let CUDA matmuls use TF32, as cuDNN convolutions do by default (cudnn.allow_tf32)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, print torch.profiler operator tables of 10 iterations")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc: keep freed memory in the process (no page faults of reused blocks in the timings)")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.batch_scale < 1:
@@ -312,9 +338,15 @@ def main(argv=None):
         if backend != "none" and backend not in backends:
             parser.error(f"--compile must be none or one of torch.compiler.list_backends(exclude_tags=()): "
                          f"{', '.join(backends)}; got {backend!r}")
+    if args.keep_freed_memory:
+        try:
+            keep_freed_memory()
+        except OSError as err:
+            parser.error(str(err))
     torch.backends.cuda.matmul.allow_tf32 = args.matmul_tf32
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"matmul TF32 {args.matmul_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
+          f"matmul TF32 {args.matmul_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}, "
+          f"freed memory kept {args.keep_freed_memory}")
     layer_variants = [*args.probes, *(f"sr{b}" for b in args.storage_bits)]
     kinds = [("layer", scaled(LAYERS, args.batch_scale, args.small), layer_timers, layer_variants),
              ("step", scaled(STEPS, args.batch_scale, args.small), step_timers,

@@ -6,6 +6,7 @@ import copy
 import csv
 import os
 import json
+import platform
 import shutil
 import statistics
 import subprocess
@@ -524,6 +525,33 @@ def test_bench_speed_times_and_profiles_scaled_cases(bench_speed):
     assert "XConvFunction" in xconv_part
     text = bench_speed.profile("layer", cases, bench_speed.layer_timers, ["sr2"], "cpu", iterations=2)
     assert "QuantizedConvFunction" in text.split("## layer conv3x3 8->8 12x12 b6, SR 2-bit")[1]
+
+
+_FAULTS_OF_REUSED_BLOCKS = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import bench_speed
+if sys.argv[2] == "keep":
+    bench_speed.keep_freed_memory()
+def rounds():
+    for _ in range(3):
+        blocks = [torch.ones(2**20) for _ in range(16)]  # 16 blocks of 4 MiB, touched, then all freed
+        del blocks
+rounds()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_memory_stops_the_page_faults_of_reused_blocks():
+    """``--keep-freed-memory``: glibc's malloc hands the pages of 64 MiB freed at the heap's top back to the system,
+    and the next round faults them in again (16,384 faults a round); told to keep them, it faults none."""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS_OF_REUSED_BLOCKS, str(SCRIPTS), mode],
+                                       capture_output=True, text=True, check=True).stdout.split()[-1])
+              for mode in ("default", "keep")}
+    assert faults["default"] > 3 * 8192 and faults["keep"] < 100, faults
 
 
 def test_bench_speed_times_the_planner_on_training_steps(bench_speed):
