@@ -6,8 +6,9 @@ else ``$XDG_CACHE_HOME/xconv`` or ``~/.cache/xconv``), named by a hash of the so
 command and the machine type, and loads it with ``ctypes`` (building again where a cached file
 does not load). Where no compiler builds it, it returns None after one warning (with
 ``XCONV_NATIVE=0``, silently) and :mod:`xconv.quantize`, :mod:`xconv._bits` and :mod:`xconv.pooling`
-run their torch-op code, which computes the same bits. Builds of several processes at once are safe: each writes its
-own file and renames it into place. :func:`run_split` runs a kernel over ranges on torch's threads.
+run their torch-op code, which computes the same bits. Builds of several processes at once are safe:
+each writes its own file and renames it into place. :func:`run_split` runs a kernel over ranges on
+torch's threads.
 """
 from __future__ import annotations
 

@@ -126,8 +126,8 @@ class XMaxPoolFunction(torch.autograd.Function):
     prod(kernel[d+1:])`` with ``o_d = (i_d - (p_d * stride_d - padding_d)) / dilation_d`` for
     input index ``i`` and output index ``p``. Eager fp32 2-d pools of contiguous CPU inputs run
     :mod:`xconv._native`'s kernels, which find the offsets directly (torch's values, winners and
-    gradient sums; 12x faster than torch's ``cpu_max_pool`` with indices on the ResNet stem's
-    8x64x64x64, ``results/bench/README.md``); everything else runs torch's kernels.
+    gradient sums; on the ResNet stem's 8x64x64x64 ~10x faster than torch's ``cpu_max_pool`` with
+    indices, ~5x with backward: ``results/bench/README.md``); everything else runs torch's kernels.
     """
 
     @staticmethod

@@ -269,7 +269,7 @@ def _(x: torch.Tensor, bits: int, key: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _sr_dequantize(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, shape: list[int],
-                  strides: list[int], dtype: torch.dtype) -> torch.Tensor:
+                   strides: list[int], dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize` of the stored tensors of a CPU tensor of ``shape``, ``strides`` and ``dtype``, by the C kernels."""
     return _dequantize_native(_native.kernels(), Quantized(codes, lo, scale, bits, tuple(shape), tuple(strides), dtype))
 
