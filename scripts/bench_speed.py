@@ -83,7 +83,8 @@ def keep_freed_memory() -> None:
     Raises:
         OSError: the C library is not glibc (no ``mallopt``) or refuses the settings.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
     if not hasattr(libc, "mallopt"):
         raise OSError("--keep-freed-memory needs glibc's mallopt, which this C library lacks")
     trim_threshold, mmap_threshold = -1, -3  # glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD

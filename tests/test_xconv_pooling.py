@@ -207,3 +207,15 @@ def test_windows_wholly_in_padding_run_torch_s_kernels():
     is left to torch's kernels, whose index for it the C kernel would not reproduce."""
     assert pooling._native_out_size((1, 5), (2, 2), (1, 1), (1, 1), (2, 2), False) is None
     assert pooling._native_out_size((3, 5), (2, 2), (1, 1), (1, 1), (2, 2), False) == (3, 5)
+
+
+def test_fake_inputs_run_torch_s_kernels():
+    """Under ``FakeTensorMode`` (memory planning, export) the pool takes torch's path: the C kernels
+    must not write through a fake tensor's pointer (they crashed the process)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 3, 8, 8)).requires_grad_()
+        y = XMaxPool2d(3, 2, 1)(x)
+        y.sum().backward()
+    assert type(y).__name__ == "FakeTensor" and y.shape == (2, 3, 4, 4) and x.grad.shape == x.shape

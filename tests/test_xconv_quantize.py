@@ -401,3 +401,26 @@ def test_batchnorm_groups_do_not_mix_channels_of_different_scales():
         xl = x.contiguous(memory_format=layout)
         error = (dequantize(quantize(xl, 4)) - xl)[:, 0].square().mean().sqrt() / xl[:, 0].square().mean().sqrt()
         assert error < 0.2
+
+
+def test_tracers_modes_and_fake_tensors_see_the_custom_ops():
+    """Eagerly xconv calls its ops' functions directly on plain tensors (the op's dispatch costs ~8 us);
+    under a dispatch mode they stay ops: ``make_fx`` records ``xconv::sr_quantize``/``sr_dequantize``
+    (whose graph then replays ``f`` on a new input), and ``FakeTensorMode`` with real inputs gets fake
+    results from the ops' fake kernels (the C kernels writing through a fake tensor's pointer crashed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(t):
+        return dequantize(quantize(t, 4, key=7))
+
+    graph = make_fx(f)(torch.randn(2, 3, 8, 8))
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert {"xconv.sr_quantize.default", "xconv.sr_dequantize.default"} <= targets, targets
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(graph(x), f(x))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        stored = [quantize(torch.randn(2, 3, 16, 16), bits, key=3) for bits in (4, 16)]
+        mask = sign_bits(torch.randn(2, 3, 8, 8), False)
+        y = xconv.nn.BitReLU()(torch.randn(2, 3, 8, 8, requires_grad=True))
+    assert all(type(t).__name__ == "FakeTensor" for t in [*stored[0].tensors(), stored[1].codes, mask, y])

@@ -72,12 +72,12 @@ def _native_out_size(in_size, kernel, stride, padding, dilation, ceil_mode) -> t
 
 
 def _native_pool(x: torch.Tensor, kernel, stride, padding, dilation, ceil_mode):
-    """``(kernels, (OH, OW))`` where the C kernels pool ``x`` as torch's CPU kernel would: eagerly, 2-d
-    windows, fp32 CPU input ``[B, C, H, W]`` or ``[C, H, W]`` in the contiguous layout (torch's
+    """``(kernels, (OH, OW))`` where the C kernels pool ``x`` as torch's CPU kernel would: eagerly on a
+    plain tensor (:func:`xconv._native.plain_eager`), 2-d windows, fp32 CPU input ``[B, C, H, W]`` or ``[C, H, W]`` in the contiguous layout (torch's
     ``cpu_max_pool``; not also channels-last, whose kernel lays out the output otherwise), every
     window with a position in the plane; else None."""
     if (len(kernel) != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() not in (3, 4)
-            or x.numel() == 0 or not x.is_contiguous() or torch.compiler.is_compiling()
+            or x.numel() == 0 or not x.is_contiguous() or not _native.plain_eager(x)
             or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None
     lib = _native.kernels()
@@ -161,7 +161,7 @@ class XMaxPoolFunction(torch.autograd.Function):
         dims = len(kernel)
         in_shape, out_shape = ctx.x_shape[-dims:], ctx.y_shape[-dims:]
         codes = unpack_codes(packed, ctx.bits)
-        if ctx.native is not None and not torch.compiler.is_compiling():
+        if ctx.native is not None and _native.plain_eager(grad_y):
             return _pool_backward_native(grad_y.contiguous(), codes, ctx), None, None, None, None, None, None
         dtype = _index_dtype(in_shape)
         code = codes[: math.prod(ctx.y_shape)].view(ctx.y_shape).to(dtype)
