@@ -317,7 +317,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, print torch.profiler operator tables of 10 iterations")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc: keep freed memory in the process (no page faults of reused blocks in the timings)")
+                        help="glibc: keep freed blocks of up to 32 MiB in the process (no page faults of reused "
+                             "blocks in the timings)")
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.batch_scale < 1:
