@@ -425,7 +425,7 @@ def test_native_sign_kernels_compute_the_torch_ops_bits(negative_slope, numel, t
     with torch_threads(threads):
         packed = sign_bits(x, leaky)
         grad_x = sign_bits_backward(grad, packed, negative_slope)
-    monkeypatch.setattr(xconv._bits, "_native_for", lambda tensor: None)  # the torch-op code
+    monkeypatch.setattr(xconv._native, "kernels_for", lambda tensor: None)  # the torch-op code
     want = sign_bits(x, leaky)
     assert torch.equal(packed, want)
     want_x = sign_bits_backward(grad, want, negative_slope)

@@ -58,13 +58,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
-def _native_for(x: torch.Tensor):
-    """The C kernels where they apply to ``x`` (CPU, fp32, contiguous, not empty, kernels loaded), else None."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0:
-        return _native.kernels()
-    return None
-
-
 def _sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
     """The 1-bit (leaky) ReLU's mask of ``x [*]``, packed by :func:`pack_bits` (``uint8 [ceil(numel / 8)]``):
     where ``x > 0`` (``leaky``), else where ``x <= 0`` is false (a NaN passes the gradient, as in
@@ -74,7 +67,7 @@ def _sign_bits(x: torch.Tensor, leaky: bool) -> torch.Tensor:
     recomputed the mask and its packing from the saved BatchNorm input inside the BatchNorm backward
     kernel, in code that does not vectorise (``results/bench/README.md``, "torch.compile"). Contiguous
     fp32 CPU tensors run :mod:`xconv._native`'s C kernel (one pass; the same bits as the torch ops)."""
-    lib = _native_for(x)
+    lib = _native.kernels_for(x)
     if lib is None:
         return pack_bits(x > 0 if leaky else (x <= 0).logical_not_())
     packed = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
@@ -119,7 +112,7 @@ def _sign_bits_backward(grad: torch.Tensor, packed: torch.Tensor, negative_slope
     mask of its input: ``grad`` where the mask is set, else 0 (``negative_slope`` None) or
     ``negative_slope * grad``. A custom op, so that compiled code runs these vectorised kernels too
     (inductor's unpacking, fused into the next kernel, was slower: ``results/bench/README.md``)."""
-    lib = _native_for(grad)
+    lib = _native.kernels_for(grad)
     if lib is not None:  # one pass, the same values as aten's kernels below
         grad_x = torch.empty_like(grad)
         slope = 0.0 if negative_slope is None else negative_slope

@@ -108,6 +108,14 @@ def kernels() -> ctypes.CDLL | None:
     return lib
 
 
+def kernels_for(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The C kernels where they can work on ``x`` in place: a contiguous, non-empty fp32 CPU tensor and
+    kernels loaded; else None."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0:
+        return kernels()
+    return None
+
+
 def plain_eager(x: torch.Tensor) -> bool:
     """Whether ``x`` is a plain tensor computed eagerly, so that a C kernel may read and write its memory:
     not a subclass (FakeTensor), not traced (``torch.compile``, ``torch.jit.trace``), no dispatch mode

@@ -73,25 +73,31 @@ def _native_out_size(in_size, kernel, stride, padding, dilation, ceil_mode) -> t
 
 def _native_pool(x: torch.Tensor, kernel, stride, padding, dilation, ceil_mode):
     """``(kernels, (OH, OW))`` where the C kernels pool ``x`` as torch's CPU kernel would: eagerly on a
-    plain tensor (:func:`xconv._native.plain_eager`), 2-d windows, fp32 CPU input ``[B, C, H, W]`` or ``[C, H, W]`` in the contiguous layout (torch's
-    ``cpu_max_pool``; not also channels-last, whose kernel lays out the output otherwise), every
-    window with a position in the plane; else None."""
-    if (len(kernel) != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() not in (3, 4)
-            or x.numel() == 0 or not x.is_contiguous() or not _native.plain_eager(x)
+    plain tensor (:func:`xconv._native.plain_eager`), 2-d windows, fp32 CPU input ``[B, C, H, W]`` or
+    ``[C, H, W]`` in the contiguous layout (:func:`xconv._native.kernels_for`; torch's ``cpu_max_pool``;
+    not also channels-last, whose kernel lays out the output otherwise), every window with a position
+    in the plane; else None."""
+    if (len(kernel) != 2 or x.dim() not in (3, 4) or not _native.plain_eager(x)
             or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None
-    lib = _native.kernels()
+    lib = _native.kernels_for(x)
     out_size = lib and _native_out_size(tuple(x.shape[-2:]), kernel, stride, padding, dilation, ceil_mode)
     return (lib, out_size) if out_size else None
 
 
-def _pool_native(x, lib, out_size, kernel, stride, padding, dilation, per: int):
+def _flat(geometry) -> list[int]:
+    """``(kernel, stride, padding, dilation)`` pairs as the C kernels take them: ``kh, kw, sh, sw, ...``."""
+    return [v for pair in geometry for v in pair]
+
+
+def _pool_native(x, lib, out_size, geometry, per: int):
     """``(y, codes)``: the pool's output and its winners' codes (``uint8``, zero-padded to a multiple of
-    ``per``) by the C kernel, planes split across threads."""
+    ``per``) by the C kernel, planes split across threads; ``geometry``: ``(kernel, stride, padding,
+    dilation)``."""
     planes, (height, width) = math.prod(x.shape[:-2]), x.shape[-2:]
     y = x.new_empty((*x.shape[:-2], *out_size))
     codes = torch.zeros(-(-y.numel() // per) * per, dtype=torch.uint8)
-    geometry = [*kernel, *stride, *padding, *dilation]
+    geometry = _flat(geometry)
     _native.run_split(lambda p0, p1: lib.xconv_max_pool2d(x.data_ptr(), height, width, p0, p1, *out_size, *geometry,
                                                           y.data_ptr(), codes.data_ptr()),
                       planes, height * width)
@@ -103,7 +109,7 @@ def _pool_backward_native(grad_y, codes, ctx) -> torch.Tensor:
     lib, out_size = ctx.native
     planes, (height, width) = math.prod(ctx.x_shape[:-2]), ctx.x_shape[-2:]
     grad_x = grad_y.new_empty(ctx.x_shape)
-    geometry = [g for values in ctx.geometry for g in values]
+    geometry = _flat(ctx.geometry)
     _native.run_split(lambda p0, p1: lib.xconv_max_pool2d_backward(grad_y.data_ptr(), codes.data_ptr(), height, width,
                                                                    p0, p1, *out_size, *geometry, grad_x.data_ptr()),
                       planes, height * width)
@@ -136,7 +142,7 @@ class XMaxPoolFunction(torch.autograd.Function):
         bits = next(b for b in (2, 4, 8) if math.prod(kernel) <= 1 << b)
         native = _native_pool(x, kernel, stride, padding, dilation, ceil_mode)
         if native is not None:
-            y, codes = _pool_native(x, *native, kernel, stride, padding, dilation, 8 // bits)
+            y, codes = _pool_native(x, *native, (kernel, stride, padding, dilation), 8 // bits)
         else:
             y, index = _POOL[dims](x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
             in_shape, out_shape = x.shape[-dims:], y.shape[-dims:]
@@ -157,12 +163,12 @@ class XMaxPoolFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         refuse_double_backward(ctx.layer, "only window offsets")
         (packed,) = ctx.saved_tensors
-        kernel, stride, padding, dilation = ctx.geometry
-        dims = len(kernel)
-        in_shape, out_shape = ctx.x_shape[-dims:], ctx.y_shape[-dims:]
         codes = unpack_codes(packed, ctx.bits)
         if ctx.native is not None and _native.plain_eager(grad_y):
             return _pool_backward_native(grad_y.contiguous(), codes, ctx), None, None, None, None, None, None
+        kernel, stride, padding, dilation = ctx.geometry
+        dims = len(kernel)
+        in_shape, out_shape = ctx.x_shape[-dims:], ctx.y_shape[-dims:]
         dtype = _index_dtype(in_shape)
         code = codes[: math.prod(ctx.y_shape)].view(ctx.y_shape).to(dtype)
         index = 0

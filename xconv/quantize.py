@@ -105,8 +105,8 @@ def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor | int) -> torch.Ten
     Unbiased (``E = x``) for finite ``x``: a uniform 16-bit integer (stream ``key``,
     :mod:`xconv.rng`) is added to the magnitude bits of the fp32 value before they are cut to
     bfloat16's 16. Eagerly on plain CPU tensors (of at most 32 bits; :func:`xconv._native.plain_eager`)
-    :mod:`xconv._native`'s C kernel does it in one pass, with the same bits (a NaN as 0x7FC0; torch's conversions give 0x7FC0 or 0xFFFF,
-    by kernel).
+    :mod:`xconv._native`'s C kernel does it in one pass, with the same bits (a NaN as 0x7FC0; torch's
+    conversions give 0x7FC0 or 0xFFFF, by kernel).
     """
     if _native.plain_eager(x) and _native_applies(x.device, x.dtype, x.numel()):
         return _round_bf16_native(_native.kernels(), x, key)
